@@ -1,0 +1,3 @@
+from essa.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""Vision Transformer backbones: a timm name (DINOv2, MAE, supervised), a local weights file, or random init.
+
+Every backbone essa builds remembers how it was built (``model.essa_arch``: the timm name and the keyword
+arguments given to ``timm.create_model``), so that the weights files essa writes can describe themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from essa import export
+
+# Keyword arguments that change the input resolution only: weights built for one value load into another by
+# resampling, so a file's header never contradicts them.
+RESIZABLE_ARGS = ("img_size", "dynamic_img_size", "dynamic_img_pad")
+
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class BackboneError(ValueError):
+    """A backbone could not be built from what the user asked for."""
+
+
+def vit_names(pretrained: bool = False) -> list[str]:
+    """timm's Vision Transformer architectures (with pretrained tags when ``pretrained``)."""
+    return timm.list_models(module="vision_transformer", pretrained=pretrained)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    arch, _, tag = name.partition(".")
+    return arch, tag
+
+
+def _check_name(name: str) -> None:
+    arch, tag = _split_name(name)
+    archs = vit_names()
+    if arch not in archs:
+        close = difflib.get_close_matches(arch, archs, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise BackboneError(
+            f"unknown backbone {name!r}: not a timm Vision Transformer.{hint} "
+            f"Valid choices are the {len(archs)} names of timm.list_models(module='vision_transformer'), "
+            "e.g. vit_small_patch14_dinov2.lvd142m, vit_base_patch16_224.mae, vit_tiny_patch16_224."
+        )
+    if tag:
+        tags = [n.partition(".")[2] for n in vit_names(pretrained=True) if n.startswith(arch + ".")]
+        if tag not in tags:
+            raise BackboneError(
+                f"backbone {arch!r} has no pretrained tag {tag!r}; valid tags: {', '.join(tags) or 'none'}"
+            )
+
+
+def _hub_reachable() -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urllib.parse.urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=_HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable():
+    """Without a route to the Hub, use only the local cache: huggingface_hub would otherwise retry for a minute."""
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    if not saved and not _hub_reachable():
+        hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _offline_message(name: str, err: Exception) -> str:
+    return (
+        f"could not get the pretrained weights of {name!r}: the Hugging Face Hub is unreachable and they are not "
+        f"in the local cache ({type(err).__name__}). Use a local weights file instead: "
+        f"essa.backbones.create({_split_name(name)[0]!r}, weights='path/to/weights.safetensors') in Python, or "
+        "`--set backbone.weights=path/to/weights.safetensors` on the command line (safetensors, or a PyTorch "
+        "state dict loadable with weights_only=True). On a machine with internet, download once with "
+        f"timm.create_model({name!r}, pretrained=True) and copy ~/.cache/huggingface, or set HF_HUB_OFFLINE=1 "
+        "to use a populated cache."
+    )
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weights file: (state dict, safetensors header metadata or {})."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        return export.load_weights(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors come in many types
+        raise BackboneError(
+            f"could not read {str(path)!r} as a PyTorch state dict with weights_only=True ({err}). "
+            "Use a .safetensors file or a plain state dict of tensors."
+        ) from err
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneError(f"{str(path)!r} does not hold a state dict of tensors")
+    return obj, {}
+
+
+def _header_arch(meta: dict[str, str], path: Path) -> tuple[str | None, dict[str, Any]]:
+    name = meta.get("timm_name")
+    try:
+        args = json.loads(meta.get("model_args", "{}"))
+    except json.JSONDecodeError as err:
+        raise BackboneError(f"{str(path)!r}: header field model_args is not JSON: {err}") from err
+    return name, args
+
+
+def _resolve_arch(
+    name: str | None, kwargs: dict[str, Any], meta: dict[str, str], path: Path
+) -> tuple[str, dict[str, Any]]:
+    """Combine the user's name and arguments with a weights file's header; contradictions are errors."""
+    head_name, head_args = _header_arch(meta, path)
+    if name is None and head_name is None:
+        raise BackboneError(
+            f"{str(path)!r} does not say which architecture it holds (no timm_name in its header); "
+            "name it, e.g. essa.backbones.create('vit_small_patch14_dinov2', weights=...)"
+        )
+    if name is not None and head_name is not None and _split_name(name)[0] != _split_name(head_name)[0]:
+        raise BackboneError(
+            f"backbone name {name!r} contradicts the header of {str(path)!r}, which says timm_name="
+            f"{head_name!r}; leave the name out or give the matching one"
+        )
+    for key, value in kwargs.items():
+        if key in head_args and key not in RESIZABLE_ARGS and head_args[key] != value:
+            raise BackboneError(
+                f"argument {key}={value!r} contradicts the header of {str(path)!r}, which says "
+                f"{key}={head_args[key]!r} (header model_args: {json.dumps(head_args)})"
+            )
+    return name or head_name, {**head_args, **kwargs}
+
+
+def create(
+    name: str | None = None,
+    *,
+    pretrained: bool = False,
+    img_size: int | None = None,
+    weights: str | Path | None = None,
+    dynamic_img_size: bool = False,
+    num_classes: int = 0,
+    **model_args: Any,
+) -> VisionTransformer:
+    """Build a timm Vision Transformer.
+
+    Args:
+        name: a timm ViT name, with or without pretrained tag (``vit_small_patch14_dinov2.lvd142m``).
+            May be left out when ``weights`` is a file whose header names the architecture.
+        pretrained: load the tag's pretrained weights through timm / the Hugging Face Hub.
+        img_size: input size; position embeddings of loaded weights are resampled to it.
+        weights: a local weights file (safetensors, or a PyTorch state dict read with ``weights_only=True``).
+        dynamic_img_size: accept any input size at run time (multi-crop), resampling position embeddings.
+        num_classes: size of a classification head (0: none, the model returns pooled features).
+        model_args: further ``timm.create_model`` keyword arguments (``patch_size``, ``drop_path_rate``...).
+
+    Returns a ``VisionTransformer`` whose ``essa_arch`` attribute records ``timm_name`` and ``model_args``.
+    """
+    if pretrained and weights is not None:
+        raise BackboneError("give either pretrained=True or weights=PATH, not both")
+    kwargs = dict(model_args)
+    if img_size is not None:
+        kwargs["img_size"] = int(img_size)
+    if dynamic_img_size:
+        kwargs["dynamic_img_size"] = True
+
+    state_dict, meta = None, {}
+    if weights is not None:
+        state_dict, meta = read_state_dict(weights)
+        name, kwargs = _resolve_arch(name, kwargs, meta, Path(weights))
+    elif name is None:
+        raise BackboneError("give a backbone name (e.g. 'vit_small_patch14_dinov2.lvd142m') or weights=PATH")
+    _check_name(name)
+
+    if pretrained:
+        with _hub_offline_unless_reachable():
+            try:
+                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+            except OSError as err:  # huggingface_hub's "neither reachable nor cached" errors are OSErrors
+                raise BackboneError(_offline_message(name, err)) from err
+    else:
+        model = timm.create_model(_split_name(name)[0], pretrained=False, num_classes=num_classes, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise BackboneError(f"{name!r} built a {type(model).__name__}, not a timm VisionTransformer")
+
+    model.essa_arch = {"timm_name": _split_name(name)[0], "model_args": dict(kwargs)}
+    if state_dict is not None:
+        _load_into(model, state_dict, meta, Path(weights))
+    return model
+
+
+def _load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], meta: dict[str, str], path: Path):
+    from essa import tuners  # tuners import backbones' neighbours; import here to keep module load light
+
+    tuner = meta.get("essa_tuner")
+    if tuner:
+        # A file exported from a tuner that cannot fold into plain weights (VPT, AdaptFormer) keeps its modules.
+        tuners.apply(model, tuner, **json.loads(meta.get("essa_tuner_options", "{}")))
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    if model.num_classes == 0:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise BackboneError(
+            f"weights in {str(path)!r} do not fit {model.essa_arch['timm_name']} "
+            f"{json.dumps(model.essa_arch['model_args'])}: missing {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    if tuner:
+        tuners.bake(model)

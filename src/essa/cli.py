@@ -1,0 +1,42 @@
+"""The ``essa`` command. Thin: it parses arguments and calls the library.
+
+Each subcommand lives in a module with ``add_parser(subparsers)``, which registers the subcommand and sets
+``func`` (called with the parsed arguments, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import essa
+
+# Modules that each contribute one subcommand.
+COMMANDS = (
+    "essa.tuners.cli",
+)
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="essa", description="Efficient self-supervised adaptation of vision foundation models."
+    )
+    parser.add_argument("--version", action="version", version=f"essa {essa.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as err:
+        print(f"essa {args.command}: error: {err}", file=sys.stderr)
+        return 2

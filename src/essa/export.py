@@ -1,0 +1,58 @@
+"""Weights on disk: safetensors files that describe the architecture they hold.
+
+The header carries ``timm_name`` and ``model_args`` (JSON of ``timm.create_model`` keyword arguments), so
+``essa.backbones.create(weights=PATH)`` rebuilds the model with no other information.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import essa
+
+
+def arch_metadata(model: torch.nn.Module) -> dict[str, str]:
+    """Header fields describing ``model``'s architecture (empty when it was not built by essa)."""
+    arch = getattr(model, "essa_arch", None)
+    if not arch:
+        return {}
+    return {"timm_name": arch["timm_name"], "model_args": json.dumps(arch["model_args"], sort_keys=True)}
+
+
+def save_weights(
+    state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write tensors to a safetensors file atomically (a killed run never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "essa_version": essa.__version__, **(metadata or {})}
+    # safetensors refuses tensors that share memory or are not contiguous: store independent copies.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file: (tensors, header metadata)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"could not read {str(path)!r} as safetensors: {err}") from err

@@ -1,0 +1,106 @@
+"""The tuner interface and registry.
+
+A tuner is a dataclass of its options (so it serialises to JSON next to the weights) with three duties:
+``inject`` makes its parameters trainable in an already-frozen timm ViT (adding modules where it must),
+``fold`` turns the tuned model back into a plain timm ViT in place (mergeable tuners only), and
+``extra_state`` names the non-parameter tensors (buffers) that a saved tuner state must carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+REGISTRY: dict[str, type["Tuner"]] = {}
+
+
+class TunerError(ValueError):
+    """Bad tuner name or options."""
+
+
+def register(name: str):
+    """Class decorator: make a tuner dataclass available as ``apply(model, name, ...)``."""
+
+    def deco(cls):
+        cls = dataclasses.dataclass(cls)
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+class Tuner:
+    name: ClassVar[str]
+    #: False when the tuner adds computation that no plain ViT weight can express (its export keeps the modules).
+    mergeable: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        """Validate options that need no model (subclasses extend)."""
+
+    def inject(self, model: VisionTransformer) -> None:
+        raise NotImplementedError
+
+    def fold(self, model: VisionTransformer) -> None:
+        """Fold the tuner into plain weights in place. Tuners that only unfreeze existing weights do nothing."""
+
+    def extra_state(self, model: VisionTransformer) -> dict[str, torch.Tensor]:
+        """Buffers that belong to the tuner state (e.g. APLA's chosen rows)."""
+        return {}
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build(name: str, options: dict[str, Any]) -> Tuner:
+    """Instantiate a registered tuner, turning a bad name or option into an error that lists the valid ones."""
+    if name not in REGISTRY:
+        raise TunerError(f"unknown tuner {name!r}; valid choices: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TunerError(
+            f"tuner {name!r} has no option {', '.join(map(repr, unknown))}; valid options: "
+            f"{', '.join(fields) or 'none'}"
+        )
+    return cls(**options)
+
+
+def select_blocks(model: VisionTransformer, blocks: list[int] | None, tuner: str) -> list[int]:
+    """Validate a block-index option (None: every block)."""
+    depth = len(model.blocks)
+    if blocks is None:
+        return list(range(depth))
+    bad = [b for b in blocks if not isinstance(b, int) or not 0 <= b < depth]
+    if bad or not blocks:
+        raise TunerError(
+            f"{tuner}: blocks={blocks!r} is not a non-empty list of block indices; valid: 0..{depth - 1}"
+        )
+    return sorted(set(blocks))
+
+
+def positive_int(value: Any, option: str, tuner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TunerError(f"{tuner}: {option}={value!r} must be a positive integer")
+    return value
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def remove_hooks(module: nn.Module, fn) -> None:
+    """Drop every forward (pre-)hook of ``module`` that is the function ``fn``.
+
+    Hook-based tuners register plain module-level functions that read their state from the module they sit on,
+    so hooks survive ``copy.deepcopy`` and pickling, and can be found again here without handles.
+    """
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]

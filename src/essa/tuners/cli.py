@@ -1,0 +1,55 @@
+"""``essa tuners``: what each tuner trains on a given backbone."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tuners", help="table of trainable parameters per tuner for a backbone")
+    p.add_argument("--backbone", required=True, help="timm ViT name, e.g. vit_small_patch14_dinov2")
+    p.add_argument("--img-size", type=int, default=None, help="input size (changes position embeddings only)")
+    p.add_argument("--weights", default=None, help="local weights file whose header names the architecture")
+    p.add_argument(
+        "--options", default="{}", metavar="JSON",
+        help='tuner options as JSON by tuner, e.g. \'{"apla": {"r": 64}, "lora": {"r": 16}}\'',
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def parameter_table(backbone: str | None, img_size: int | None = None, weights: str | None = None,
+                    options: dict | None = None) -> list[dict]:
+    """One row per tuner: trainable parameters and their share of the backbone's parameters."""
+    from essa import backbones, tuners
+
+    options = options or {}
+    unknown = sorted(set(options) - set(tuners.names()))
+    if unknown:
+        raise tuners.TunerError(f"unknown tuner {unknown[0]!r} in --options; valid choices: {', '.join(tuners.names())}")
+    rows = []
+    for name in tuners.names():
+        model = backbones.create(backbone, img_size=img_size, weights=weights)
+        _, total = tuners.count_parameters(model)
+        tuners.apply(model, name, **options.get(name, {}))
+        trainable, _ = tuners.count_parameters(model)
+        rows.append({"tuner": name, "options": model.essa_tuner.options(), "trainable": trainable,
+                     "backbone": total, "percent": 100.0 * trainable / total})
+    return rows
+
+
+def run(args) -> int:
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--options is not JSON: {err}") from err
+    rows = parameter_table(args.backbone, args.img_size, args.weights, options)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'tuner':<12} {'trainable':>12} {'% of backbone':>14}  options")
+    for row in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        print(f"{row['tuner']:<12} {row['trainable']:>12,} {row['percent']:>13.3f}%  {opts}")
+    print(f"backbone {args.backbone or args.weights}: {rows[0]['backbone']:,} parameters")
+    return 0

@@ -1,0 +1,130 @@
+import argparse
+import time
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from essa import backbones, export
+from essa.backbones import BackboneError
+
+
+def test_random_backbone_records_its_architecture(make_vit, images):
+    model = make_vit()
+    assert model.essa_arch == {
+        "timm_name": "vit_tiny_patch16_224",
+        "model_args": {"img_size": 32, "patch_size": 8, "depth": 4},
+    }
+    assert model.num_classes == 0
+    assert model(images).shape == (2, 192)
+    assert model.patch_embed.grid_size == (4, 4)
+
+
+def test_dynamic_img_size_accepts_several_input_sizes(make_vit):
+    model = make_vit(dynamic_img_size=True).eval()
+    for size in (16, 32, 48):
+        tokens = model.forward_features(torch.randn(1, 3, size, size))
+        assert tokens.shape == (1, 1 + (size // 8) ** 2, 192)
+
+
+def test_pretrained_tag_is_stripped_from_the_recorded_name():
+    model = backbones.create("vit_small_patch14_dinov2.lvd142m", img_size=28, depth=1)
+    assert model.essa_arch["timm_name"] == "vit_small_patch14_dinov2"
+    assert model.patch_embed.grid_size == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("vit_smal", "unknown backbone 'vit_smal'"),
+        ("resnet50", "not a timm Vision Transformer"),
+        ("vit_small_patch14_dinov2.imagenet", "has no pretrained tag 'imagenet'; valid tags: lvd142m"),
+    ],
+)
+def test_bad_backbone_names_are_explained(name, fragment):
+    with pytest.raises(BackboneError, match=fragment) as info:
+        backbones.create(name)
+    assert "valid" in str(info.value).lower() or "Did you mean" in str(info.value)
+
+
+def test_pretrained_offline_fails_fast_with_instructions(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda: False)
+    start = time.monotonic()
+    with pytest.raises(BackboneError) as info:
+        backbones.create("vit_small_patch14_dinov2.lvd142m", pretrained=True)
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert "unreachable" in message and "weights=" in message and "backbone.weights=" in message
+
+
+def test_weights_file_round_trip_rebuilds_from_header(make_vit, images, tmp_path):
+    model = make_vit().eval()
+    path = export.save_weights(model.state_dict(), tmp_path / "w.safetensors", export.arch_metadata(model))
+    again = backbones.create(weights=path).eval()
+    assert again.essa_arch == model.essa_arch
+    assert torch.equal(again(images), model(images))
+
+
+def test_weights_resampled_to_a_new_img_size(make_vit, tmp_path):
+    model = make_vit()
+    path = export.save_weights(model.state_dict(), tmp_path / "w.safetensors", export.arch_metadata(model))
+    bigger = backbones.create(weights=path, img_size=64)
+    assert bigger.pos_embed.shape == (1, 1 + 8 * 8, 192)
+    assert bigger(torch.randn(1, 3, 64, 64)).shape == (1, 192)
+    # the class token's position embedding is carried over unchanged
+    assert torch.equal(bigger.pos_embed[:, 0], model.pos_embed[:, 0])
+
+
+def test_header_contradictions_show_both_sides(make_vit, tmp_path):
+    model = make_vit()
+    path = export.save_weights(model.state_dict(), tmp_path / "w.safetensors", export.arch_metadata(model))
+    with pytest.raises(BackboneError, match=r"vit_small_patch16_224.*timm_name='vit_tiny_patch16_224'"):
+        backbones.create("vit_small_patch16_224", weights=path)
+    with pytest.raises(BackboneError, match=r"patch_size=16 contradicts.*patch_size=8"):
+        backbones.create(weights=path, patch_size=16)
+
+
+def test_headerless_files_need_a_name(make_vit, tmp_path, images):
+    model = make_vit().eval()
+    path = tmp_path / "plain.safetensors"
+    save_file(model.state_dict(), str(path))
+    with pytest.raises(BackboneError, match="does not say which architecture"):
+        backbones.create(weights=path)
+    again = backbones.create("vit_tiny_patch16_224", weights=path, img_size=32, patch_size=8, depth=4).eval()
+    assert torch.equal(again(images), model(images))
+
+
+def test_pytorch_files_load_with_weights_only(make_vit, tmp_path, images):
+    model = make_vit().eval()
+    good = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, good)
+    again = backbones.create("vit_tiny_patch16_224", weights=good, img_size=32, patch_size=8, depth=4).eval()
+    assert torch.equal(again(images), model(images))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": model.state_dict(), "obj": argparse.Namespace(a=1)}, evil)
+    with pytest.raises(BackboneError, match="weights_only=True"):
+        backbones.create("vit_tiny_patch16_224", weights=evil, img_size=32, patch_size=8, depth=4)
+
+
+def test_weights_that_do_not_fit_are_reported(make_vit, tmp_path):
+    model = make_vit()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.3.")}
+    path = export.save_weights(state, tmp_path / "w.safetensors", export.arch_metadata(model))
+    with pytest.raises(BackboneError, match=r"missing \['blocks.3"):
+        backbones.create(weights=path)
+    with pytest.raises(BackboneError, match="does not exist"):
+        backbones.create(weights=tmp_path / "nope.safetensors")
+
+
+def test_shared_pretrained_model_loads_from_its_header(pretrained_path):
+    """The offline foundation model in ../shared/models loads as its README shows, with no name given."""
+    meta_model = backbones.create(weights=pretrained_path).eval()
+    assert meta_model.essa_arch == {"timm_name": "vit_tiny_patch16_224", "model_args": {"patch_size": 4, "img_size": 32}}
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, patch_size=4, img_size=32)
+    reference.load_state_dict(load_file(str(pretrained_path)))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(meta_model(x), reference.eval()(x))
