@@ -1,0 +1,80 @@
+"""One supervised training step (forward, backward, AdamW) per tuner, each configuration in a fresh process.
+
+    python benchmarks/tuner_step.py                       # ViT-S/16 and ViT-B/16 at 224 px, batch 16, CPU
+    python benchmarks/tuner_step.py --models vit_small_patch16_224 --batch-size 8 --steps 2
+
+Prints peak training memory and images/s per tuner, and each as a ratio to full fine-tuning measured in the same
+run, then checks the targets: APLA (whole W_O) >= 1.25x the throughput and <= 0.75x the memory of full; APLA r=64
+at least as fast as whole-W_O APLA; APLA faster than LoRA (r=8 on qkv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from essa.bench import ratio_table, run_in_fresh_process
+
+CONFIGS = [
+    ("full", "full", {}),
+    ("apla", "apla", {}),
+    ("apla r=64", "apla", {"r": 64}),
+    ("lora r=8", "lora", {"r": 8}),
+    ("bitfit", "bitfit", {}),
+    ("vpt deep 10", "vpt", {"tokens": 10}),
+    ("adaptformer", "adaptformer", {"bottleneck": 64}),
+    ("ssf", "ssf", {}),
+    ("linear", "linear", {}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+
+    rows = []
+    for model in args.models.split(","):
+        for label, tuner, options in CONFIGS:
+            result = run_in_fresh_process(
+                "essa.bench:supervised_step",
+                dict(backbone=model, tuner=tuner, options=options, img_size=args.img_size,
+                     batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device),
+            )
+            rows.append({"model": model, "label": label, **result})
+            print(f"  measured {model} {label}: {result['images_per_s']:.2f} img/s, {result['peak_mib']:.0f} MiB",
+                  flush=True)
+    ratio_table(rows, "full")
+
+    print(f"\nbatch {args.batch_size}, {args.img_size} px, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"device {args.device}")
+    print(f"| model | tuner | trainable params | peak memory (MiB) | images/s | memory vs full | speed vs full |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['label']} | {r['trainable']:,} | {r['peak_mib']:.0f} | {r['images_per_s']:.2f} "
+              f"| {r['peak_mib_ratio']:.2f}x | {r['images_per_s_ratio']:.2f}x |")
+
+    print("\ntargets:")
+    for model in args.models.split(","):
+        get = {r["label"]: r for r in rows if r["model"] == model}
+        checks = [
+            ("APLA throughput >= 1.25x full", get["apla"]["images_per_s_ratio"] >= 1.25),
+            ("APLA memory <= 0.75x full", get["apla"]["peak_mib_ratio"] <= 0.75),
+            ("APLA r=64 at least as fast as APLA", get["apla r=64"]["images_per_s"] >= get["apla"]["images_per_s"]),
+            ("APLA faster than LoRA r=8", get["apla"]["images_per_s"] > get["lora r=8"]["images_per_s"]),
+        ]
+        for text, ok in checks:
+            print(f"  {model}: {text}: {'met' if ok else 'NOT met'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
