@@ -1,0 +1,1 @@
+"""Evaluation of backbones and classifiers: features, weighted kNN, metrics."""

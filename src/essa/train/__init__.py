@@ -1,0 +1,1 @@
+"""Training loops (Lightning modules), reproducible loading and run directories."""

@@ -1,0 +1,130 @@
+"""Reproducible, resumable data loading.
+
+A run killed mid-epoch and resumed must see exactly the batches an uninterrupted run sees. Three pieces make that so:
+
+- :class:`EpochSampler` draws a seeded permutation per epoch and yields keys ``(epoch, index)``;
+- :class:`SeededDataset` seeds the random generators from ``(seed, epoch, index)`` before it transforms an item,
+  so random augmentation depends on neither the worker that runs it nor what ran before;
+- :class:`ResumableLoader` keeps its position in the epoch and saves it in Lightning checkpoints (Lightning
+  stores the ``state_dict`` of loaders that have one); on resume the sampler skips the batches already trained.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+Key = tuple[int, int]  # (epoch, index)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 steps): stable across processes and Python versions."""
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        x = (x ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class EpochSampler(Sampler[Key]):
+    """Seeded shuffle per epoch, sharded over ``num_replicas`` ranks, with a mid-epoch resume point.
+
+    Every rank draws the same permutation and takes every ``num_replicas``-th item of it; with ``drop_last`` the
+    permutation is cut to a multiple of ``num_replicas * batch_size`` so all ranks run the same number of steps.
+    """
+
+    def __init__(self, size: int, seed: int, batch_size: int, shuffle: bool = True, drop_last: bool = True,
+                 num_replicas: int = 1, rank: int = 0):
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.seed, self.batch_size = size, seed, batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank to skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, samples: int) -> None:
+        self.epoch, self._skip = epoch, (epoch, samples)
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        per_step = self.num_replicas * self.batch_size
+        if self.drop_last:
+            order = order[: len(order) // per_step * per_step]
+        return order[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+    def __iter__(self):
+        indices = self._indices()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = indices[self._skip[1] :]
+        self._skip = None
+        return iter([(self.epoch, i) for i in indices])
+
+
+class SeededDataset(Dataset):
+    """``transform(load(items[index]), generator_seeded_state)`` for keys ``(epoch, index)``.
+
+    ``load`` returns an input (e.g. a PIL image) or None for an unreadable item, which the collate function drops.
+    The output is ``(transform(input), key)``.
+    """
+
+    def __init__(self, items: Sequence[Any], load: Callable[[Any], Any], transform: Callable[[Any], Any], seed: int):
+        self.items, self.load, self.transform, self.seed = items, load, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: Key):
+        epoch, index = key
+        item = self.load(self.items[index])
+        if item is None:
+            return None
+        seed = mix_seed(self.seed, epoch, index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.transform(item), key
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position within the epoch is saved in checkpoints and restored on resume.
+
+    ``position`` counts the batches of the current epoch that were handed out; a consumer that reads ahead
+    (Lightning's fetcher prefetches one batch) sets it to the number it has finished before a checkpoint
+    (:class:`essa.train.run_dir.Checkpointing` does).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochSampler, **kwargs):
+        super().__init__(dataset, sampler=sampler, batch_size=sampler.batch_size, drop_last=sampler.drop_last,
+                         **kwargs)
+        self.position = 0
+        self._epoch = sampler.epoch
+
+    def __iter__(self):
+        sampler: EpochSampler = self.sampler
+        skip = sampler._skip
+        self._epoch = sampler.epoch
+        self.position = skip[1] // self.batch_size if skip and skip[0] == sampler.epoch else 0
+        for batch in super().__iter__():
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
