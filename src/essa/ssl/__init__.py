@@ -1,0 +1,34 @@
+"""Building blocks of the DINOv2-style SSA objective: pure pieces that know nothing about tuners.
+
+- ``heads.DINOHead(in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3)``: (..., in_dim) ->
+  (..., out_dim) prototype logits; ``cancel_last_layer_gradients()`` freezes the prototypes for a step.
+- ``losses.DINOv2Loss(out_dim, n_global=2, ...)``: DINO + iBOT + KoLeo terms and their weighted total, with the
+  centers as buffers.
+- ``masking.block_masks(n, grid, ratio=(0.1, 0.5), probability=0.5, generator=None)``: bool (n, H, W) iBOT masks;
+  ``masking.block_mask(grid, num_masked, rng)``: one (H, W) mask.
+- ``masking.forward_masked(vit, images, masks, mask_token)``: (B, prefix + N, D) tokens of a timm ViT whose masked
+  patches were replaced by ``mask_token``.
+- ``views.MultiCropTransform(n_global=2, n_local=8, global_size=224, local_size=98, ...)``: PIL image -> list of
+  crops; ``views.collate(samples, patch_size=..., n_global=2)``: crop-major batches and masks.
+- ``schedules.cosine(start, end, total_iters, warmup_iters=0, warmup_start=0)``: (total_iters,) array;
+  ``schedules.ssa_schedules(epochs, iters_per_epoch, lr, ...)``: ``SSASchedules`` of per-step arrays.
+"""
+
+from essa.ssl.heads import DINOHead
+from essa.ssl.losses import DINOv2Loss
+from essa.ssl.masking import block_mask, block_masks, forward_masked
+from essa.ssl.schedules import SSASchedules, cosine, ssa_schedules
+from essa.ssl.views import MultiCropTransform, collate
+
+__all__ = [
+    "DINOHead",
+    "DINOv2Loss",
+    "MultiCropTransform",
+    "SSASchedules",
+    "block_mask",
+    "block_masks",
+    "collate",
+    "cosine",
+    "forward_masked",
+    "ssa_schedules",
+]
