@@ -3,8 +3,18 @@ import torch
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
 
 
+class _Noisy(torch.utils.data.Dataset):
+    """Item i plus a random draw: equal across runs only if the draw is seeded per item."""
+
+    def __len__(self):
+        return 23
+
+    def __getitem__(self, i):
+        return i + torch.rand(1).item()
+
+
 def _loader(seed=0, workers=0):
-    data = SeededDataset(list(range(23)), load=lambda i: i, transform=lambda i: i + torch.rand(1).item(), seed=seed)
+    data = SeededDataset(_Noisy(), seed=seed)
     return ResumableLoader(data, EpochSampler(23, seed=seed, batch_size=4), num_workers=workers)
 
 

@@ -3,7 +3,7 @@
 A run killed mid-epoch and resumed must see exactly the batches an uninterrupted run sees. Three pieces make that so:
 
 - :class:`EpochSampler` draws a seeded permutation per epoch and yields keys ``(epoch, index)``;
-- :class:`SeededDataset` seeds the random generators from ``(seed, epoch, index)`` before it transforms an item,
+- :class:`SeededDataset` seeds the random generators from ``(seed, epoch, index)`` before it reads an item,
   so random augmentation depends on neither the worker that runs it nor what ran before;
 - :class:`ResumableLoader` keeps its position in the epoch and saves it in Lightning checkpoints (Lightning
   stores the ``state_dict`` of loaders that have one); on resume the sampler skips the batches already trained.
@@ -12,7 +12,6 @@ A run killed mid-epoch and resumed must see exactly the batches an uninterrupted
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -76,28 +75,22 @@ class EpochSampler(Sampler[Key]):
 
 
 class SeededDataset(Dataset):
-    """``transform(load(items[index]), generator_seeded_state)`` for keys ``(epoch, index)``.
+    """``(base[index], key)`` for keys ``(epoch, index)``, with torch / random / numpy seeded from
+    ``(seed, epoch, index)`` first, so that the random transforms inside ``base`` are reproducible."""
 
-    ``load`` returns an input (e.g. a PIL image) or None for an unreadable item, which the collate function drops.
-    The output is ``(transform(input), key)``.
-    """
-
-    def __init__(self, items: Sequence[Any], load: Callable[[Any], Any], transform: Callable[[Any], Any], seed: int):
-        self.items, self.load, self.transform, self.seed = items, load, transform, seed
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed = base, seed
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.base)
 
     def __getitem__(self, key: Key):
         epoch, index = key
-        item = self.load(self.items[index])
-        if item is None:
-            return None
         seed = mix_seed(self.seed, epoch, index)
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        return self.transform(item), key
+        return self.base[index], key
 
 
 class ResumableLoader(DataLoader):

@@ -1,0 +1,312 @@
+"""``essa adapt``: self-supervised adaptation (SSA) of a foundation ViT to unlabelled domain images.
+
+    essa.adapt(backbone={"name": "vit_small_patch14_dinov2.lvd142m"}, data={"root": "xrays/train"},
+               tuner={"name": "apla", "options": {"r": 64}}, out="runs/ssa-apla")
+
+The run directory gets ``config.yaml`` (resolved), ``metrics.csv``/``metrics.json`` (one row per epoch: loss terms,
+feature rank, kNN), ``checkpoints/{last,best}.ckpt``, and the adapted backbone: ``backbone.safetensors`` (merged
+plain timm weights of the teacher, architecture in the header) and ``tuner.safetensors`` (the tuner state).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from essa import backbones, config as config_mod, tuners
+from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
+from essa.train.run_dir import Checkpointing, RunDir
+
+
+@dataclass
+class BackboneConfig:
+    name: str | None = "vit_small_patch14_dinov2.lvd142m"
+    pretrained: bool = True
+    weights: str | None = None  # a local file; overrides pretrained
+    model_args: dict[str, Any] = field(default_factory=dict)  # more timm.create_model arguments (patch_size...)
+
+    def build(self, **kwargs):
+        kwargs = {**self.model_args, **kwargs}
+        if self.weights:
+            return backbones.create(self.name, weights=self.weights, **kwargs)
+        return backbones.create(self.name, pretrained=self.pretrained, **kwargs)
+
+
+@dataclass
+class TunerConfig:
+    name: str = "apla"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SSADataConfig:
+    root: str | None = None  # unlabelled images: a folder of any nesting (labels ignored)
+    val: str | None = None  # labelled images (one folder per class) for the kNN monitor
+    max_images: int | None = None  # a seeded subsample of root, for quick runs
+    num_workers: int = 2
+
+
+@dataclass
+class SSLConfig:
+    prototypes: int = 65536
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    n_global: int = 2
+    n_local: int = 8
+    global_size: int = 224
+    local_size: int | None = None  # None: 7/16 of global_size (98 for 224), rounded to the patch size
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    mask_probability: float = 0.5
+    student_temp: float = 0.1
+    teacher_temp: list[float] = field(default_factory=lambda: [0.04, 0.07])
+    teacher_temp_warmup_epochs: float = 30
+    center_momentum: float = 0.9
+    momentum: list[float] = field(default_factory=lambda: [0.994, 1.0])
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    freeze_prototypes_epochs: float = 1
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 300
+    batch_size: int = 64
+    lr: float | None = None  # None: 1e-4 for full SSA, 1e-3 for parameter-efficient tuners (reference)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-4])
+    grad_clip: float = 1.0
+
+    def resolved_lr(self, tuner: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if tuner == "full" else 1e-3
+
+
+@dataclass
+class MonitorConfig:
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    min_feature_rank: float = 1.01
+    collapse_patience: int = 50
+    checkpoint_every_n_steps: int = 50
+
+
+@dataclass
+class AdaptConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    data: SSADataConfig = field(default_factory=SSADataConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    seed: int = 0
+    out: str = "runs/adapt"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    accelerator: str = "auto"
+    devices: Any = 1
+
+    def validate(self) -> None:
+        if self.data.root is None:
+            raise config_mod.ConfigError("data.root is required: a folder of unlabelled images (--data)")
+        if self.optim.epochs < 1 or self.optim.batch_size < 1:
+            raise config_mod.ConfigError("optim.epochs and optim.batch_size must be at least 1")
+        tuners.base.build(self.tuner.name, self.tuner.options)  # a bad tuner fails before any work
+
+
+def _local_size(cfg: AdaptConfig, patch: int) -> int:
+    if cfg.ssl.local_size is not None:
+        return cfg.ssl.local_size
+    return max(patch, round(cfg.ssl.global_size * 7 / 16 / patch) * patch)
+
+
+def _precision(cfg: AdaptConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def _ssa_collate(samples, *, seed: int, **kwargs):
+    """Batch ``((views, label), key)`` samples; the masks are drawn from a generator seeded by the batch's first
+    key, so a resumed run draws the same masks."""
+    from essa.ssl import collate
+
+    generator = torch.Generator().manual_seed(mix_seed(seed, *samples[0][1]))
+    return collate([views for (views, _label), _key in samples], generator=generator, **kwargs)
+
+
+def build_loader(cfg: AdaptConfig, patch_size: int) -> ResumableLoader:
+    from essa import data
+    from essa.ssl import MultiCropTransform
+
+    source = data.open_source(cfg.data.root, labels=False)
+    records = list(source.records)
+    if cfg.data.max_images and len(records) > cfg.data.max_images:
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = sorted(torch.randperm(len(records), generator=g)[: cfg.data.max_images].tolist())
+        records = [records[i] for i in keep]
+    if len(records) < cfg.optim.batch_size:
+        raise ValueError(
+            f"{cfg.data.root} has {len(records)} images, fewer than one batch (optim.batch_size="
+            f"{cfg.optim.batch_size}); lower --batch-size"
+        )
+    ssl = cfg.ssl
+    transform = MultiCropTransform(
+        n_global=ssl.n_global, n_local=ssl.n_local, global_size=ssl.global_size,
+        local_size=_local_size(cfg, patch_size), global_scale=tuple(ssl.global_scale),
+        local_scale=tuple(ssl.local_scale),
+    )
+    # ImageDataset replaces an unreadable file by the next readable one and lists it in its report.
+    dataset = SeededDataset(data.ImageDataset(source, records, transform), cfg.seed)
+    sampler = EpochSampler(len(records), cfg.seed, cfg.optim.batch_size)
+    collate = functools.partial(_ssa_collate, seed=cfg.seed, patch_size=patch_size, n_global=ssl.n_global,
+                                mask_ratio=tuple(ssl.mask_ratio), mask_probability=ssl.mask_probability)
+    return ResumableLoader(dataset, sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                           persistent_workers=False)
+
+
+class _EpochEnd(L.Callback):
+    """After each epoch: kNN on the teacher's CLS features (when a labelled folder is given), the metrics row,
+    and the checkpoints (best by kNN balanced accuracy)."""
+
+    def __init__(self, cfg: AdaptConfig, run: RunDir, checkpointing: Checkpointing, knn_data):
+        self.cfg, self.run, self.checkpointing, self.knn_data = cfg, run, checkpointing, knn_data
+
+    def on_train_epoch_end(self, trainer, module):
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, **module.pop_epoch_means()}
+        if self.knn_data is not None:
+            row.update(knn_metrics(module.teacher.backbone, self.knn_data, self.cfg))
+        module.history = [r for r in module.history if r["epoch"] != row["epoch"]] + [row]
+        self.run.write_metrics(module.history)
+        self.checkpointing.epoch_end(trainer, row)
+
+
+def _labelled_images(cfg: AdaptConfig):
+    from essa import data
+
+    source = data.open_source(cfg.data.val)
+    if not source.classes or source.task == "multilabel":
+        raise ValueError(f"data.val {cfg.data.val!r} has no class folders: the kNN monitor needs labels")
+    return source
+
+
+@torch.no_grad()
+def teacher_features(backbone: nn.Module, source, img_size: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS features (N, D) and labels (N,) of a labelled source, at ``img_size``, in eval mode."""
+    from essa import data
+
+    dataset = data.ImageDataset(source, transform=data.transforms.eval_transform(img_size))
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        feats.append(backbone.forward_features(x.to(device))[:, 0].float().cpu())
+        labels.append(y)
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_metrics(backbone: nn.Module, source, cfg: AdaptConfig) -> dict[str, float]:
+    """Leave-one-out weighted kNN accuracy and balanced accuracy of the backbone's CLS features."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    from essa.evaluate.knn import knn_scores
+
+    feats, labels = teacher_features(backbone, source, cfg.ssl.global_size)
+    pred = knn_scores(feats, labels, k=cfg.monitor.knn_k, temperature=cfg.monitor.knn_temperature,
+                      num_classes=len(source.classes)).argmax(1)
+    return {"knn_acc": float(accuracy_score(labels, pred)), "knn_bal_acc": float(balanced_accuracy_score(labels, pred))}
+
+
+def _export(module, run: RunDir) -> dict[str, Path]:
+    """Merged teacher backbone (plain timm weights) and the teacher's tuner state."""
+    teacher = copy.deepcopy(module.teacher.backbone)
+    for s, t in zip(module.student.backbone.parameters(), teacher.parameters(), strict=True):
+        t.requires_grad_(s.requires_grad)  # the tuner state is what trains in the student
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the export header records non-mergeable tuners
+        backbone_path = tuners.save_merged(teacher, run.path / "backbone.safetensors")
+    return {"backbone": backbone_path, "tuner": tuners.save(teacher, run.path / "tuner.safetensors")}
+
+
+def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = False, overrides: list[str] | None = None,
+          trainer_kwargs: dict | None = None, **sections) -> dict[str, Any]:
+    """Run SSA. ``config``: an AdaptConfig, a YAML path, or None; ``sections`` override it by section
+    (``backbone={...}, tuner={...}, optim={"epochs": 2}``, or top-level keys such as ``out=...``).
+
+    Returns {"run_dir", "backbone", "tuner", "metrics"}.
+    """
+    cfg = resolve_config(config, overrides, sections)
+    run = RunDir(cfg.out)
+    if resume and (run.path / "config.yaml").exists():
+        saved = config_mod.load(AdaptConfig, run.path / "config.yaml")
+        if saved != cfg:
+            raise ValueError(f"--resume continues {run.path} with its own config.yaml; the given config differs: "
+                             f"leave the other options out or use another --out")
+    run.prepare(cfg, resume)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    backbone = cfg.backbone.build(img_size=cfg.ssl.global_size, dynamic_img_size=True)
+    tuners.apply(backbone, cfg.tuner.name, **cfg.tuner.options)
+    patch = backbone.patch_embed.patch_size[0]
+    loader = build_loader(cfg, patch)
+
+    from essa.train.ssa import SSAModule
+
+    module = SSAModule(cfg, backbone, iters_per_epoch=len(loader))
+    checkpointing = Checkpointing(run, cfg.monitor.checkpoint_every_n_steps,
+                                  monitor="knn_bal_acc" if cfg.data.val else None)
+    knn_data = _labelled_images(cfg) if cfg.data.val else None
+    trainer = L.Trainer(
+        max_epochs=cfg.optim.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        precision=_precision(cfg), gradient_clip_val=cfg.optim.grad_clip, logger=False,
+        enable_checkpointing=False, callbacks=[checkpointing, _EpochEnd(cfg, run, checkpointing, knn_data)],
+        num_sanity_val_steps=0, deterministic=False, enable_model_summary=False,
+        **(trainer_kwargs or {}),
+    )
+    with warnings.catch_warnings():
+        # the teacher stays in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
+        trainer.fit(module, train_dataloaders=loader,
+                    ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
+
+    if run.best.exists():
+        state = torch.load(run.best, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"], strict=False)
+    paths = _export(module, run)
+    return {"run_dir": run.path, **paths, "metrics": module.history}
+
+
+def resolve_config(config, overrides=None, sections=None) -> AdaptConfig:
+    if isinstance(config, AdaptConfig):
+        base = config_mod.to_dict(config)
+    elif config is not None:
+        base = config_mod.to_dict(config_mod.load(AdaptConfig, config))
+    else:
+        base = {}
+    for key, value in (sections or {}).items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    cfg = config_mod.from_dict(AdaptConfig, base)
+    if overrides:
+        data = config_mod.to_dict(cfg)
+        for text in overrides:
+            config_mod._set_dotted(data, *config_mod.parse_override(text))
+        cfg = config_mod.from_dict(AdaptConfig, data)
+    return cfg

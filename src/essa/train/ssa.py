@@ -1,0 +1,196 @@
+"""Self-supervised adaptation as a LightningModule: student and EMA teacher, DINO + iBOT + KoLeo.
+
+The tuner is applied to the backbone before this module sees it, so the student's frozen backbone weights are
+frozen for the whole run and the teacher shares them (:func:`essa.ssl.teacher.make_teacher`); the momentum
+update moves only the teacher's copies of what trains (tuner parameters, the head, the mask token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
+from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
+
+
+class CollapseError(RuntimeError):
+    """SSA diverged (non-finite loss) or collapsed (teacher features lost their rank)."""
+
+
+class Student(nn.Module):
+    """Backbone + DINO head + the iBOT mask token (timm ViTs have none)."""
+
+    def __init__(self, backbone: VisionTransformer, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of centred, L2-normalised features (B, D): 1 when all
+    rows point one way around their mean, up to min(B, D) when spread evenly; 0 when all rows are equal."""
+    x = nn.functional.normalize(features.float(), dim=1)
+    x = x - x.mean(0, keepdim=True)
+    if x.norm() < 1e-6:
+        return 0.0
+    s = torch.linalg.svdvals(x)
+    p = s / s.sum()
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+def _decay_groups(module: nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases, norms, tokens and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)
+    return [{"params": decay, "apply_decay": True}, {"params": no_decay, "apply_decay": False, "weight_decay": 0.0}]
+
+
+class SSAModule(L.LightningModule):
+    """One SSA run. ``cfg`` is an :class:`essa.adapt.AdaptConfig`; ``iters_per_epoch`` sizes the schedules."""
+
+    def __init__(self, cfg, backbone: VisionTransformer, iters_per_epoch: int):
+        super().__init__()
+        self.cfg = cfg
+        ssl = cfg.ssl
+        head = DINOHead(backbone.embed_dim, ssl.prototypes, ssl.head_hidden, ssl.head_bottleneck)
+        self.student = Student(backbone, head)
+        self.teacher = make_teacher(self.student)
+        self.loss = DINOv2Loss(ssl.prototypes, ssl.n_global, ssl.student_temp, ssl.center_momentum,
+                               ssl.dino_weight, ssl.ibot_weight, ssl.koleo_weight)
+        self.schedules = ssa_schedules(
+            cfg.optim.epochs, iters_per_epoch, cfg.optim.resolved_lr(cfg.tuner.name),
+            min_lr=cfg.optim.min_lr, warmup_epochs=cfg.optim.warmup_epochs,
+            weight_decay=tuple(cfg.optim.weight_decay), teacher_temp=tuple(ssl.teacher_temp),
+            teacher_temp_warmup_epochs=ssl.teacher_temp_warmup_epochs, teacher_momentum=tuple(ssl.momentum),
+            freeze_prototypes_epochs=ssl.freeze_prototypes_epochs,
+        )
+        self._ema = ema_pairs(self.student, self.teacher)
+        # Frozen backbone weights are rebuilt from the foundation model; checkpoints hold only what trains.
+        self.strict_loading = False
+        self._low_rank_steps = 0
+        self.history: list[dict] = []
+        self._sums: dict[str, float] = {}
+
+    # ----- what a checkpoint holds -------------------------------------------------------------------------
+    def frozen_keys(self) -> set[str]:
+        frozen = {id(p) for p in self.student.parameters() if not p.requires_grad}
+        return {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in frozen}
+
+    def frozen_fingerprint(self) -> float:
+        """A cheap checksum of the frozen weights: resuming onto a different foundation model is an error."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.student.parameters() if not p.requires_grad))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for key in self.frozen_keys():
+            checkpoint["state_dict"].pop(key, None)
+        checkpoint["essa"] = {"history": self.history, "sums": self._sums,
+                              "frozen_fingerprint": self.frozen_fingerprint(), "low_rank_steps": self._low_rank_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["essa"]
+        mine = self.frozen_fingerprint()
+        if not math.isclose(state["frozen_fingerprint"], mine, rel_tol=1e-9, abs_tol=1e-6):
+            raise RuntimeError(
+                "the checkpoint was trained from other frozen backbone weights than the ones built now "
+                f"(checksum {state['frozen_fingerprint']:.6g} vs {mine:.6g}): resume with the run's own config"
+            )
+        missing = set(self.state_dict()) - set(checkpoint["state_dict"]) - self.frozen_keys()
+        if missing:
+            raise RuntimeError(f"checkpoint lacks trainable state: {sorted(missing)[:5]}")
+        self.history, self._sums = state["history"], state["sums"]
+        self._low_rank_steps = state["low_rank_steps"]
+
+    # ----- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return torch.optim.AdamW(_decay_groups(self.student), lr=float(self.schedules.lr[0]), betas=(0.9, 0.999))
+
+    def on_train_epoch_start(self):
+        self.teacher.eval()  # Lightning puts every submodule in train mode; the teacher never drops paths
+
+    def _step_index(self) -> int:
+        return min(self.global_step, len(self.schedules) - 1)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._it = it = self._step_index()
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = float(self.schedules.lr[it])
+            if group["apply_decay"]:
+                group["weight_decay"] = float(self.schedules.weight_decay[it])
+
+    def on_after_backward(self):
+        if self.schedules.freeze_prototypes[self._it]:
+            self.student.head.cancel_last_layer_gradients()
+
+    def optimizer_step(self, *args, **kwargs):
+        # The teacher moves right after the student, before any callback's on_train_batch_end: a checkpoint
+        # saved there must hold the teacher of this step, or a resumed run would miss one momentum update.
+        super().optimizer_step(*args, **kwargs)
+        ema_update(*self._ema, float(self.schedules.teacher_momentum[self._it]))
+
+    # ----- the objective ------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        it = self._step_index()
+        prefix = self.student.backbone.num_prefix_tokens
+        flat_masks = masks.flatten(1)
+
+        with torch.no_grad():
+            t_tokens = self.teacher.backbone.forward_features(global_crops)
+            t_cls, t_patches = t_tokens[:, 0], t_tokens[:, prefix:][flat_masks]
+            t_out = self.teacher.head(torch.cat([t_cls, t_patches]))
+        s_tokens = forward_masked(self.student.backbone, global_crops, masks, self.student.mask_token)
+        s_cls, s_patches = s_tokens[:, 0], s_tokens[:, prefix:][flat_masks]
+        pieces = [s_cls, s_patches]
+        if local_crops is not None:
+            pieces.append(self.student.backbone.forward_features(local_crops)[:, 0])
+        s_out = self.student.head(torch.cat(pieces))
+        n_g, n_m = s_cls.shape[0], s_patches.shape[0]
+
+        terms = self.loss(
+            teacher_temp=float(self.schedules.teacher_temp[it]),
+            student_global=s_out[:n_g], teacher_global=t_out[:n_g],
+            student_local=s_out[n_g + n_m :] if local_crops is not None else None,
+            student_patches=s_out[n_g : n_g + n_m], teacher_patches=t_out[n_g:],
+            masks=masks, student_features=s_cls,
+        )
+        self._check_health(terms, t_cls)
+        for key, value in terms.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value.detach())
+        self._sums["steps"] = self._sums.get("steps", 0) + 1
+        self.log("loss", terms["total"].detach(), prog_bar=True)
+        return terms["total"]
+
+    def _check_health(self, terms: dict, teacher_cls: torch.Tensor) -> None:
+        monitor = self.cfg.monitor
+        bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v)}
+        if bad:
+            raise CollapseError(
+                f"SSA diverged at epoch {self.current_epoch}, step {self.global_step}: non-finite loss {bad}. "
+                "Lower optim.lr (or raise optim.warmup_epochs); the last good checkpoint is kept."
+            )
+        rank = effective_rank(teacher_cls)
+        self._sums["feature_rank"] = self._sums.get("feature_rank", 0.0) + rank
+        self._low_rank_steps = self._low_rank_steps + 1 if rank < monitor.min_feature_rank else 0
+        if self._low_rank_steps >= monitor.collapse_patience:
+            raise CollapseError(
+                f"SSA collapsed at epoch {self.current_epoch}, step {self.global_step}: the effective rank of the "
+                f"teacher's CLS features stayed below monitor.min_feature_rank={monitor.min_feature_rank} for "
+                f"{self._low_rank_steps} steps (now {rank:.3f}). Lower optim.lr or raise ssl.teacher_temp warm-up; "
+                "the last good checkpoint is kept."
+            )
+
+    def pop_epoch_means(self) -> dict[str, float]:
+        """Means of the logged terms over the epoch's steps, and reset."""
+        steps = self._sums.pop("steps", 0) or 1
+        means = {k: v / steps for k, v in self._sums.items()}
+        self._sums = {}
+        return means
