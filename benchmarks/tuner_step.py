@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from essa.bench import ratio_table, run_in_fresh_process
+from essa.bench import markdown_table, measure_grid
 
 CONFIGS = [
     ("full", "full", {}),
@@ -39,29 +39,14 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
-    rows = []
-    for model in args.models.split(","):
-        for label, tuner, options in CONFIGS:
-            result = run_in_fresh_process(
-                "essa.bench:supervised_step",
-                dict(backbone=model, tuner=tuner, options=options, img_size=args.img_size,
-                     batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device),
-            )
-            rows.append({"model": model, "label": label, **result})
-            print(f"  measured {model} {label}: {result['images_per_s']:.2f} img/s, {result['peak_mib']:.0f} MiB",
-                  flush=True)
-    ratio_table(rows, "full")
-
+    models = args.models.split(",")
+    rows = measure_grid("essa.bench:supervised_step", models, CONFIGS, img_size=args.img_size,
+                        batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device)
     print(f"\nbatch {args.batch_size}, {args.img_size} px, {args.steps} timed steps after {args.warmup} warm-up, "
           f"device {args.device}")
-    print(f"| model | tuner | trainable params | peak memory (MiB) | images/s | memory vs full | speed vs full |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['model']} | {r['label']} | {r['trainable']:,} | {r['peak_mib']:.0f} | {r['images_per_s']:.2f} "
-              f"| {r['peak_mib_ratio']:.2f}x | {r['images_per_s_ratio']:.2f}x |")
-
+    print(markdown_table(rows))
     print("\ntargets:")
-    for model in args.models.split(","):
+    for model in models:
         get = {r["label"]: r for r in rows if r["model"] == model}
         checks = [
             ("APLA throughput >= 1.25x full", get["apla"]["images_per_s_ratio"] >= 1.25),

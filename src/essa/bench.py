@@ -95,6 +95,62 @@ def supervised_step(
     return {"peak_mib": meter.peak_mib(), **timing, "trainable": trainable, "total": total}
 
 
+def ssa_step(
+    backbone: str,
+    tuner: str,
+    options: dict | None = None,
+    global_size: int = 224,
+    local_size: int = 98,
+    n_local: int = 8,
+    batch_size: int = 4,
+    prototypes: int = 65536,
+    warmup: int = 1,
+    steps: int = 2,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """One SSA step of the full objective (student on 2 masked global + ``n_local`` local crops, teacher on the
+    global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, momentum update) on random images."""
+    from essa import tuners
+    from essa.adapt import resolve_config
+    from essa.ssl import block_masks
+    from essa.ssl.teacher import ema_update
+    from essa.train.ssa import SSAModule
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    cfg = resolve_config(None, sections={
+        "backbone": {"name": backbone, "pretrained": False}, "tuner": {"name": tuner, "options": options or {}},
+        "data": {"root": "unused"}, "ssl": {"prototypes": prototypes, "global_size": global_size,
+                                            "local_size": local_size, "n_local": n_local},
+    })
+    meter = MemoryMeter(dev)
+    model = cfg.backbone.build(img_size=global_size, dynamic_img_size=True)
+    tuners.apply(model, tuner, **(options or {}))
+    module = SSAModule(cfg, model, iters_per_epoch=100).to(dev)
+    module._it = 0
+    opt = module.configure_optimizers()
+    grid = global_size // model.patch_embed.patch_size[0]
+    batch = {
+        "global_crops": torch.randn(2 * batch_size, 3, global_size, global_size, device=dev),
+        "local_crops": torch.randn(n_local * batch_size, 3, local_size, local_size, device=dev) if n_local else None,
+        "masks": block_masks(2 * batch_size, (grid, grid), generator=torch.Generator().manual_seed(0)).to(dev),
+    }
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.optim.grad_clip)
+        opt.step()
+        ema_update(*module._ema, 0.996)
+
+    timing = time_steps(step, batch_size, dev, warmup, steps)
+    trainable, total = tuners.count_parameters(model)
+    return {"peak_mib": meter.peak_mib(), **timing, "trainable": trainable, "total": total}
+
+
 def run_in_fresh_process(target: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """Call ``module:function(**kwargs)`` in a new Python process and return its result dict."""
     cmd = [sys.executable, "-m", "essa.bench", target, json.dumps(kwargs)]
@@ -103,6 +159,27 @@ def run_in_fresh_process(target: str, kwargs: dict[str, Any], timeout: float | N
         if line.startswith(_RESULT_PREFIX):
             return json.loads(line[len(_RESULT_PREFIX):])
     raise RuntimeError(f"benchmark {target} {kwargs} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def measure_grid(target: str, models: list[str], configs: list[tuple[str, str, dict]], **kwargs) -> list[dict]:
+    """Run ``target`` once per model and (label, tuner, options) config, each in a fresh process; rows carry
+    ``<key>_ratio`` against the ``full`` row of the same model."""
+    rows = []
+    for model in models:
+        for label, tuner, options in configs:
+            result = run_in_fresh_process(target, dict(backbone=model, tuner=tuner, options=options, **kwargs))
+            rows.append({"model": model, "label": label, **result})
+            print(f"  measured {model} {label}: {result['images_per_s']:.3f} img/s, {result['peak_mib']:.0f} MiB",
+                  flush=True)
+    return ratio_table(rows, "full")
+
+
+def markdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
+    lines = [f"| model | {tuner_header} | trainable backbone params | peak memory (MiB) | images/s | memory vs full "
+             "| speed vs full |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['label']} | {r['trainable']:,} | {r['peak_mib']:.0f} | {r['images_per_s']:.3f} "
+              f"| {r['peak_mib_ratio']:.2f}x | {r['images_per_s_ratio']:.2f}x |" for r in rows]
+    return "\n".join(lines)
 
 
 def ratio_table(rows: list[dict], reference: str, keys=("peak_mib", "images_per_s")) -> list[dict]:

@@ -1,0 +1,64 @@
+"""One SSA step of the full DINOv2 objective per tuner, each configuration in a fresh process.
+
+    python benchmarks/ssa_step.py                          # ViT-S/14 and ViT-B/14, 224/98 px, 2+8 crops, batch 4
+    python benchmarks/ssa_step.py --models vit_small_patch14_dinov2 --batch-size 2 --prototypes 4096
+
+A step: student on 2 masked global crops and 8 local crops, teacher on the 2 global crops, DINO + iBOT + KoLeo,
+backward, gradient clipping, AdamW, momentum update. Prints peak training memory and images/s per tuner and the
+ratio of each to full SSA measured in the same run, then checks the targets (ahead of the reference 0.60x memory,
+1.25x throughput): APLA-SSA at most 0.55x the peak memory and at least 1.35x the throughput of full SSA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from essa.bench import markdown_table, measure_grid
+
+CONFIGS = [
+    ("full", "full", {}),
+    ("apla", "apla", {}),
+    ("apla r=64", "apla", {"r": 64}),
+    ("lora r=8", "lora", {"r": 8}),
+    ("bitfit", "bitfit", {}),
+    ("vpt deep 10", "vpt", {"tokens": 10}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vit_small_patch14_dinov2,vit_base_patch14_dinov2")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=98)
+    parser.add_argument("--n-local", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--prototypes", type=int, default=65536)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+
+    models = args.models.split(",")
+    rows = measure_grid("essa.bench:ssa_step", models, CONFIGS, global_size=args.global_size,
+                        local_size=args.local_size, n_local=args.n_local, batch_size=args.batch_size,
+                        prototypes=args.prototypes, steps=args.steps, warmup=args.warmup, device=args.device)
+    print(f"\nbatch {args.batch_size} images (2 x {args.global_size} px + {args.n_local} x {args.local_size} px "
+          f"crops each), {args.prototypes} prototypes, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"device {args.device}")
+    print(markdown_table(rows, "SSA tuner"))
+    print("\ntargets:")
+    for model in models:
+        apla = next(r for r in rows if r["model"] == model and r["label"] == "apla")
+        print(f"  {model}: APLA memory <= 0.55x full: {'met' if apla['peak_mib_ratio'] <= 0.55 else 'NOT met'} "
+              f"({apla['peak_mib_ratio']:.2f}x)")
+        print(f"  {model}: APLA throughput >= 1.35x full: "
+              f"{'met' if apla['images_per_s_ratio'] >= 1.35 else 'NOT met'} ({apla['images_per_s_ratio']:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
