@@ -15,6 +15,7 @@ import essa
 # Modules that each contribute one subcommand.
 COMMANDS = (
     "essa.tuners.cli",
+    "essa.data.cli",
     "essa.train.cli",
 )
 

@@ -33,6 +33,8 @@ def overrides(args, mapping: dict[str, str]) -> list[str]:
             out.append(f"{key}={value}")
     if args.weights:
         out.append("backbone.pretrained=false")
+        if args.backbone is None:
+            out.append("backbone.name=null")  # the weights file's header names the architecture
     out += [f"tuner.options.{opt}" for opt in args.tuner_opt]
     return out + list(args.set)
 
