@@ -37,12 +37,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the grid; best throughput is kept")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
     models = args.models.split(",")
-    rows = measure_grid("essa.bench:ssa_step", models, CONFIGS, global_size=args.global_size,
-                        local_size=args.local_size, n_local=args.n_local, batch_size=args.batch_size,
+    rows = measure_grid("essa.bench:ssa_step", models, CONFIGS, repeats=args.repeats,
+                        global_size=args.global_size, local_size=args.local_size, n_local=args.n_local, batch_size=args.batch_size,
                         prototypes=args.prototypes, steps=args.steps, warmup=args.warmup, device=args.device)
     print(f"\nbatch {args.batch_size} images (2 x {args.global_size} px + {args.n_local} x {args.local_size} px "
           f"crops each), {args.prototypes} prototypes, {args.steps} timed steps after {args.warmup} warm-up, "

@@ -36,12 +36,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the grid; best throughput is kept")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
     models = args.models.split(",")
-    rows = measure_grid("essa.bench:supervised_step", models, CONFIGS, img_size=args.img_size,
-                        batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device)
+    rows = measure_grid("essa.bench:supervised_step", models, CONFIGS, repeats=args.repeats,
+                        img_size=args.img_size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device)
     print(f"\nbatch {args.batch_size}, {args.img_size} px, {args.steps} timed steps after {args.warmup} warm-up, "
           f"device {args.device}")
     print(markdown_table(rows))

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from essa.config import ConfigError, load
+from essa.config import ConfigError, load, resolve
 
 
 @dataclass
@@ -18,10 +18,10 @@ class Outer:
     options: dict = field(default_factory=dict)
 
 
-def test_file_then_flags_then_overrides(tmp_path):
+def test_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: a\ninner:\n  lr: 1\n  sizes: [3]\n")
-    cfg = load(Outer, path, overrides=["inner.sizes=[5, 6]", "options={r: 64}"], values={"name": "b"})
+    cfg = load(Outer, path, overrides=["name=b", "inner.sizes=[5, 6]", "options={r: 64}"])
     assert cfg == Outer(name="b", inner=Inner(lr=1.0, sizes=[5, 6]), options={"r": 64})
     assert isinstance(cfg.inner.lr, float)
 
@@ -48,3 +48,11 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load(Outer, bad)
+
+
+def test_resolve_merges_sections_into_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 1\n")
+    cfg = resolve(Outer, path, sections={"inner": {"sizes": [7]}, "name": "s"}, overrides=["inner.lr=2"])
+    assert cfg == Outer(name="s", inner=Inner(lr=2.0, sizes=[7]))
+    assert resolve(Outer, cfg) == cfg

@@ -23,29 +23,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from essa import backbones, config as config_mod, tuners
+from essa import config as config_mod, tuners
+from essa.config import BackboneConfig, TunerConfig
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
 from essa.train.run_dir import Checkpointing, RunDir
-
-
-@dataclass
-class BackboneConfig:
-    name: str | None = "vit_small_patch14_dinov2.lvd142m"
-    pretrained: bool = True
-    weights: str | None = None  # a local file; overrides pretrained
-    model_args: dict[str, Any] = field(default_factory=dict)  # more timm.create_model arguments (patch_size...)
-
-    def build(self, **kwargs):
-        kwargs = {**self.model_args, **kwargs}
-        if self.weights:
-            return backbones.create(self.name, weights=self.weights, **kwargs)
-        return backbones.create(self.name, pretrained=self.pretrained, **kwargs)
-
-
-@dataclass
-class TunerConfig:
-    name: str = "apla"
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,30 +184,14 @@ def _labelled_images(cfg: AdaptConfig):
     return source
 
 
-@torch.no_grad()
-def teacher_features(backbone: nn.Module, source, img_size: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLS features (N, D) and labels (N,) of a labelled source, at ``img_size``, in eval mode."""
-    from essa import data
-
-    dataset = data.ImageDataset(source, transform=data.transforms.eval_transform(img_size))
-    device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        feats.append(backbone.forward_features(x.to(device))[:, 0].float().cpu())
-        labels.append(y)
-    backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
-
-
 def knn_metrics(backbone: nn.Module, source, cfg: AdaptConfig) -> dict[str, float]:
     """Leave-one-out weighted kNN accuracy and balanced accuracy of the backbone's CLS features."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
+    from essa.evaluate.features import cls_features
     from essa.evaluate.knn import knn_scores
 
-    feats, labels = teacher_features(backbone, source, cfg.ssl.global_size)
+    feats, labels, _ = cls_features(backbone, source, img_size=cfg.ssl.global_size)
     pred = knn_scores(feats, labels, k=cfg.monitor.knn_k, temperature=cfg.monitor.knn_temperature,
                       num_classes=len(source.classes)).argmax(1)
     return {"knn_acc": float(accuracy_score(labels, pred)), "knn_bal_acc": float(balanced_accuracy_score(labels, pred))}
@@ -291,22 +256,6 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     return {"run_dir": run.path, **paths, "metrics": module.history}
 
 
-def resolve_config(config, overrides=None, sections=None) -> AdaptConfig:
-    if isinstance(config, AdaptConfig):
-        base = config_mod.to_dict(config)
-    elif config is not None:
-        base = config_mod.to_dict(config_mod.load(AdaptConfig, config))
-    else:
-        base = {}
-    for key, value in (sections or {}).items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    cfg = config_mod.from_dict(AdaptConfig, base)
-    if overrides:
-        data = config_mod.to_dict(cfg)
-        for text in overrides:
-            config_mod._set_dotted(data, *config_mod.parse_override(text))
-        cfg = config_mod.from_dict(AdaptConfig, data)
-    return cfg
+def resolve_config(config=None, overrides=None, sections=None) -> AdaptConfig:
+    """An AdaptConfig from an instance, a YAML path or the defaults, then sections, then ``key=value`` overrides."""
+    return config_mod.resolve(AdaptConfig, config, sections, overrides)

@@ -23,6 +23,32 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config's schema."""
 
 
+@dataclasses.dataclass
+class BackboneConfig:
+    """The backbone section shared by every command: a timm name, its pretrained weights or a local file."""
+
+    name: str | None = "vit_small_patch14_dinov2.lvd142m"
+    pretrained: bool = True
+    weights: str | None = None  # a local file; overrides pretrained
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # more timm.create_model arguments
+
+    def build(self, **kwargs):
+        from essa import backbones  # configs load without importing torch and timm
+
+        kwargs = {**self.model_args, **kwargs}
+        if self.weights:
+            return backbones.create(self.name, weights=self.weights, **kwargs)
+        return backbones.create(self.name, pretrained=self.pretrained, **kwargs)
+
+
+@dataclasses.dataclass
+class TunerConfig:
+    """The tuner section: a name of ``essa.tuners.names()`` and its options."""
+
+    name: str = "apla"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -99,7 +125,7 @@ def to_dict(obj) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
     for key in keys[:-1]:
@@ -119,25 +145,40 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: value is not YAML: {err}") from err
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-         values: dict[str, Any] | None = None) -> T:
-    """Config from defaults < YAML file < ``values`` (dotted keys from flags) < ``overrides`` (``key=value``)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    for dotted, value in (values or {}).items():
-        if value is not None:
-            _set_dotted(data, dotted, value)
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (not yet validated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Config from defaults < YAML file < ``overrides`` (``key=value``)."""
+    return resolve(cls, path, overrides=overrides)
+
+
+def resolve(cls: type[T], config: T | str | Path | None = None, sections: dict[str, Any] | None = None,
+            overrides: list[str] | None = None) -> T:
+    """A config from an instance, a YAML path or the defaults, then ``sections`` (a dict per section merged into
+    it, or top-level values), then ``key=value`` overrides; validated at the end."""
+    if isinstance(config, cls):
+        data = to_dict(config)
+    else:
+        data = read_yaml(config) if config is not None else {}
+    for key, value in (sections or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
     for text in overrides or []:
-        _set_dotted(data, *parse_override(text))
+        set_dotted(data, *parse_override(text))
     return from_dict(cls, data)
 
 
