@@ -160,7 +160,7 @@ def create(
     img_size: int | None = None,
     weights: str | Path | None = None,
     dynamic_img_size: bool = False,
-    num_classes: int = 0,
+    num_classes: int | None = None,
     **model_args: Any,
 ) -> VisionTransformer:
     """Build a timm Vision Transformer.
@@ -172,10 +172,12 @@ def create(
         img_size: input size; position embeddings of loaded weights are resampled to it.
         weights: a local weights file (safetensors, or a PyTorch state dict read with ``weights_only=True``).
         dynamic_img_size: accept any input size at run time (multi-crop), resampling position embeddings.
-        num_classes: size of a classification head (0: none, the model returns pooled features).
+        num_classes: size of a classification head (0: none, the model returns pooled features). None: the
+            ``num_classes`` in the header of ``weights`` (a classifier export), else 0.
         model_args: further ``timm.create_model`` keyword arguments (``patch_size``, ``drop_path_rate``...).
 
-    Returns a ``VisionTransformer`` whose ``essa_arch`` attribute records ``timm_name`` and ``model_args``.
+    Returns a ``VisionTransformer`` whose ``essa_arch`` attribute records ``timm_name`` and ``model_args``
+    (with ``num_classes`` when the model has a head, so that a classifier's weights file rebuilds its head).
     """
     if pretrained and weights is not None:
         raise BackboneError("give either pretrained=True or weights=PATH, not both")
@@ -192,6 +194,8 @@ def create(
     elif name is None:
         raise BackboneError("give a backbone name (e.g. 'vit_small_patch14_dinov2.lvd142m') or weights=PATH")
     _check_name(name)
+    header_classes = kwargs.pop("num_classes", 0)
+    num_classes = header_classes if num_classes is None else num_classes
 
     if pretrained:
         with _hub_offline_unless_reachable():
@@ -204,7 +208,8 @@ def create(
     if not isinstance(model, VisionTransformer):
         raise BackboneError(f"{name!r} built a {type(model).__name__}, not a timm VisionTransformer")
 
-    model.essa_arch = {"timm_name": _split_name(name)[0], "model_args": dict(kwargs)}
+    model.essa_arch = {"timm_name": _split_name(name)[0],
+                       "model_args": {**kwargs, "num_classes": num_classes} if num_classes else dict(kwargs)}
     if state_dict is not None:
         _load_into(model, state_dict, meta, Path(weights))
     return model

@@ -17,6 +17,7 @@ COMMANDS = (
     "essa.tuners.cli",
     "essa.data.cli",
     "essa.train.cli",
+    "essa.evaluate.cli",
 )
 
 

@@ -1,6 +1,10 @@
-"""``essa adapt``: the command-line face of :func:`essa.adapt.adapt`."""
+"""``essa adapt`` and ``essa finetune``: the command-line faces of :func:`essa.adapt.adapt` and
+:func:`essa.finetune.finetune`."""
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 from essa import config as config_mod
 
@@ -10,7 +14,7 @@ def add_common(p) -> None:
     p.add_argument("--config", help="YAML config file; flags and --set override it")
     p.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch14_dinov2.lvd142m")
     p.add_argument("--weights", help="local backbone weights (safetensors or PyTorch state dict)")
-    p.add_argument("--data", help="image folder")
+    p.add_argument("--data", help="images: a folder (finetune: also a .csv manifest or a MedMNIST .npz)")
     p.add_argument("--tuner", help="tuner name (essa tuners lists them)")
     p.add_argument("--tuner-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="tuner option, repeatable, e.g. --tuner-opt r=64")
@@ -35,8 +39,24 @@ def overrides(args, mapping: dict[str, str]) -> list[str]:
         out.append("backbone.pretrained=false")
         if args.backbone is None:
             out.append("backbone.name=null")  # the weights file's header names the architecture
-    out += [f"tuner.options.{opt}" for opt in args.tuner_opt]
+    out += [f"tuner.options.{opt}" for opt in getattr(args, "tuner_opt", [])]
     return out + list(args.set)
+
+
+def config_path(args) -> str | Path | None:
+    """``--config``, or with ``--resume`` and no ``--config`` the run's own ``OUT/config.yaml``."""
+    if args.resume and args.config is None and args.out:
+        saved = Path(args.out) / "config.yaml"
+        return saved if saved.exists() else None
+    return args.config
+
+
+def int_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (an argparse type)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
 def add_parser(sub) -> None:
@@ -44,6 +64,17 @@ def add_parser(sub) -> None:
     add_common(p)
     p.add_argument("--val", help="labelled image folder (one folder per class) for the kNN monitor")
     p.set_defaults(func=run_adapt)
+
+    p = sub.add_parser("finetune", help="supervised adaptation of a (self-supervised adapted) backbone to a "
+                                        "labelled task, over seeds, with test metrics")
+    add_common(p)
+    p.add_argument("--seeds", type=int_list, help="training seeds, e.g. 0,1,2 (one run directory each); "
+                                                  "--seed N is the same as --seeds N")
+    p.add_argument("--task", help="binary, multiclass, multilabel or ordinal (default: what the data says)")
+    p.add_argument("--metric", help="primary metric (default: auc for binary and multilabel, kappa for ordinal, "
+                                    "balanced_accuracy for multiclass)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 for full, 1e-3 for other tuners)")
+    p.set_defaults(func=run_finetune)
 
 
 ADAPT_FLAGS = {
@@ -56,17 +87,30 @@ ADAPT_FLAGS = {
 def run_adapt(args) -> int:
     from essa.adapt import AdaptConfig, adapt
 
-    path = args.config
-    if args.resume and path is None and args.out:
-        from pathlib import Path
-
-        saved = Path(args.out) / "config.yaml"
-        path = saved if saved.exists() else None
-    cfg = config_mod.load(AdaptConfig, path, overrides=overrides(args, ADAPT_FLAGS))
+    cfg = config_mod.load(AdaptConfig, config_path(args), overrides=overrides(args, ADAPT_FLAGS))
     result = adapt(cfg, resume=args.resume)
     last = result["metrics"][-1] if result["metrics"] else {}
     print(f"adapted backbone: {result['backbone']}")
     print(f"tuner state:      {result['tuner']}")
     if "knn_bal_acc" in last:
         print(f"kNN balanced accuracy (last epoch): {last['knn_bal_acc']:.4f}")
+    return 0
+
+
+FINETUNE_FLAGS = {
+    "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "tuner": "tuner.name",
+    "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.lr", "img_size": "img_size",
+    "seeds": "seeds", "task": "task", "metric": "metric", "out": "out",
+}
+
+
+def run_finetune(args) -> int:
+    from essa.finetune import FinetuneConfig, finetune
+
+    if args.seed is not None and args.seeds is None:
+        args.seeds = [args.seed]
+    cfg = config_mod.load(FinetuneConfig, config_path(args), overrides=overrides(args, FINETUNE_FLAGS))
+    result = finetune(cfg, resume=args.resume)
+    print(result["table"])
+    print(f"run directory: {result['run_dir']} (summary.json, seed_N/metrics.json, seed_N/classifier.safetensors)")
     return 0

@@ -1,18 +1,22 @@
 """The run directory every command writes: resolved config, metrics (CSV and JSON), checkpoints, exports.
 
 Checkpoints are written atomically (temporary file, then rename), so a run killed while saving keeps the
-previous checkpoint whole.
+previous checkpoint whole. Checkpoints of a tuned model leave its frozen weights out (:func:`drop_frozen`): a
+resumed run rebuilds them from the foundation model, and a checksum refuses a resume onto other weights.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from essa import config as config_mod
 
@@ -89,3 +93,59 @@ class Checkpointing(Callback):
 
     def load_state_dict(self, state):
         self.best_value = state["best_value"]
+
+
+class EpochEnd(Callback):
+    """After each training epoch: one history row (epoch, step, ``module.pop_epoch_means()`` and ``metrics_fn(module)``,
+    e.g. validation metrics), the metrics files, and the checkpoints (best by the ``Checkpointing`` monitor)."""
+
+    def __init__(self, run: RunDir, checkpointing: Checkpointing, metrics_fn):
+        self.run, self.checkpointing, self.metrics_fn = run, checkpointing, metrics_fn
+
+    def on_train_epoch_end(self, trainer, module):
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, **module.pop_epoch_means(),
+               **self.metrics_fn(module)}
+        # a resumed run may redo the epoch end that a kill interrupted
+        module.history = [r for r in module.history if r["epoch"] != row["epoch"]] + [row]
+        self.run.write_metrics(module.history)
+        self.checkpointing.epoch_end(trainer, row)
+
+
+def frozen_keys(owner: nn.Module, trained: nn.Module) -> set[str]:
+    """Names in ``owner.state_dict()`` of the parameters of ``trained`` (a submodule) that do not train."""
+    frozen = {id(p) for p in trained.parameters() if not p.requires_grad}
+    return {n for n, p in owner.named_parameters(remove_duplicate=False) if id(p) in frozen}
+
+
+def frozen_checksum(trained: nn.Module) -> float:
+    """A cheap checksum of the frozen weights of ``trained``."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in trained.parameters() if not p.requires_grad))
+
+
+def drop_frozen(checkpoint: dict, owner: nn.Module, trained: nn.Module) -> None:
+    """Leave the frozen weights of ``trained`` out of a Lightning checkpoint of ``owner``; record their checksum."""
+    for key in frozen_keys(owner, trained):
+        checkpoint["state_dict"].pop(key, None)
+    checkpoint["frozen_checksum"] = frozen_checksum(trained)
+
+
+def check_trainable_state(checkpoint: dict, owner: nn.Module, trained: nn.Module, what: str) -> None:
+    """Refuse a checkpoint (``what`` names it) trained from other frozen weights than ``trained`` has, or whose
+    trainable tensors are missing or have other shapes (e.g. a head for another number of classes)."""
+    mine = frozen_checksum(trained)
+    theirs = checkpoint["frozen_checksum"]
+    if not math.isclose(theirs, mine, rel_tol=1e-9, abs_tol=1e-6):
+        raise ValueError(
+            f"{what} was trained from other frozen backbone weights than the ones built now (checksum "
+            f"{theirs:.6g} vs {mine:.6g}): resume with the run's own config"
+        )
+    own, state = owner.state_dict(), checkpoint["state_dict"]
+    missing = sorted(set(own) - set(state) - frozen_keys(owner, trained))
+    if missing:
+        raise ValueError(f"{what} lacks trainable tensors {missing[:5]}: it is not a checkpoint of this model")
+    wrong = [f"{k} is {tuple(state[k].shape)} there but {tuple(own[k].shape)} here"
+             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{what} does not fit the model: {'; '.join(wrong[:3])}; the checkpoint belongs to another "
+                         "architecture or number of classes (resume with the run's own config and data)")

@@ -1,0 +1,269 @@
+"""``essa finetune``: supervised adaptation (SA) of a ViT to a labelled task with any tuner, over one or more seeds.
+
+    from essa.finetune import finetune
+    finetune(backbone={"weights": "runs/ssa-apla/backbone.safetensors"}, tuner={"name": "apla", "options": {"r": 64}},
+             data={"root": "../shared/data/medmnist/breastmnist.npz"}, seeds=[0, 1, 2], out="runs/sa-apla")
+
+The recipe (method.md, "Supervised stage"): a new linear head on the CLS token (``head.pool: avg``: on the mean of
+the patch tokens instead); AdamW with weight decay 1e-5 (none on biases, norms and tokens); a linear warm-up over
+``optim.warmup_steps`` (500 in the reference, at most a fifth of the run) then a cosine to ``optim.min_lr``;
+gradient clipping 1.0; resize, random-resized crop and horizontal flip; the checkpoint with the best primary metric
+on the val split is tested on the test split. Default lr: 1e-4 for the ``full`` tuner, 1e-3 for every other
+(``linear``, ``apla``, ``lora``...), as in SSA. ``head.class_weights`` weights the loss by inverse class frequency.
+
+Every seed sees the same splits (``data.split_seed``) and trains in its own run directory. Output in ``OUT``:
+``config.yaml``; ``summary.json`` / ``summary.csv`` (mean ± std over seeds of each test metric, the peak training
+memory and the training images/s); ``duplicates.json`` (when the scan ran); and per seed ``seed_N/``:
+``config.yaml`` (``seeds: [N]``), ``metrics.json`` / ``metrics.csv`` (a row per epoch with the mean training loss,
+lr and validation metrics; a last row with ``split: test``: the epoch and step of the best checkpoint, its test
+metrics with their 95 % bootstrap intervals, ``peak_memory_mib``, ``images_per_s``, ``train_seconds``),
+``test_predictions.csv``, ``test_confusion_matrix.png``, ``checkpoints/{last,best}.ckpt``, and
+``classifier.safetensors``: the merged plain timm classifier, which ``essa.backbones.create(weights=...)`` rebuilds
+with its head. A re-run skips finished seeds.
+
+Peak memory: on CUDA the allocator's peak; on CPU the peak resident memory minus the resident memory at the seed's
+start (the first seed of a process also counts one-off library allocations; ``essa bench`` measures each
+configuration in a fresh process for comparisons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from essa import config as config_mod, data, tuners
+from essa.adapt import _precision
+from essa.bench import MemoryMeter
+from essa.config import BackboneConfig, ConfigError, TunerConfig
+from essa.evaluate import metrics
+from essa.evaluate.features import classifier_scores
+from essa.evaluate.run import (
+    CLASSIFIER_FILE, RESOURCES, format_table, mean_std_column, report_predictions, summarise, write_summary,
+)
+from essa.ssl.schedules import cosine
+from essa.task import Task, TaskDataConfig, check_task_key, load_task
+from essa.train.classify import ClassifierModule, class_weights
+from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset
+from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state
+
+#: Pooling of the tokens the head reads, as timm's ``global_pool``.
+POOLS = ("token", "avg")
+#: The warm-up never takes more than this fraction of the run, so that a short run still trains at its peak lr.
+MAX_WARMUP_FRACTION = 0.2
+
+
+@dataclass
+class HeadConfig:
+    pool: str = "token"  # token: the CLS token (reference); avg: the mean of the patch tokens
+    class_weights: bool = False  # weight the loss by inverse class frequency in the train split
+
+
+@dataclass
+class AugmentConfig:
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # area range of the random-resized crop
+    hflip: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float | None = None  # None: 1e-4 for the full tuner, 1e-3 for the others
+    min_lr: float = 1e-6
+    warmup_steps: int = 500
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+
+    def resolved_lr(self, tuner: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if tuner == "full" else 1e-3
+
+
+@dataclass
+class FinetuneConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    task: str | None = None  # None: the data source's hint (binary, multiclass, multilabel, ordinal)
+    metric: str | None = None  # the primary metric (None: kappa for ordinal, auc for binary and multilabel,
+    #                            balanced_accuracy for multiclass)
+    seeds: list[int] = field(default_factory=lambda: [0])  # training seeds (head init, batch order, augmentation)
+    img_size: int = 224
+    bootstrap: int = 1000  # resamples of the test metrics' 95 % intervals
+    checkpoint_every_n_steps: int = 50
+    out: str = "runs/finetune"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    accelerator: str = "auto"
+    devices: Any = 1
+
+    def validate(self) -> None:
+        check_task_key(self.task)
+        if self.optim.epochs < 1 or self.optim.batch_size < 1:
+            raise ConfigError("optim.epochs and optim.batch_size must be at least 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds={self.seeds} must be a non-empty list of distinct integers")
+        if self.head.pool not in POOLS:
+            raise ConfigError(f"head.pool={self.head.pool!r}; valid choices: {', '.join(POOLS)}")
+        tuners.base.build(self.tuner.name, self.tuner.options)  # a bad tuner fails before any work
+
+
+def resolve_config(config=None, overrides=None, sections=None) -> FinetuneConfig:
+    """A FinetuneConfig from an instance, a YAML path or the defaults, then sections, then ``key=value`` overrides."""
+    return config_mod.resolve(FinetuneConfig, config, sections, overrides)
+
+
+def build_classifier(cfg: FinetuneConfig, num_classes: int):
+    """The backbone with a new head of ``num_classes`` outputs and the tuner applied (head trainable)."""
+    pool = {"global_pool": cfg.head.pool}
+    if cfg.head.pool == "avg":
+        pool["fc_norm"] = False  # keep the final norm before pooling, where the pretrained weights have it
+    model = cfg.backbone.build(img_size=cfg.img_size, num_classes=num_classes, **pool)
+    return tuners.apply(model, cfg.tuner.name, **cfg.tuner.options)
+
+
+def build_loader(cfg: FinetuneConfig, task: Task, seed: int) -> ResumableLoader:
+    """The train split with the training augmentation, in a seeded order that a resumed run continues exactly."""
+    records = task.splits["train"]
+    if len(records) < cfg.optim.batch_size:
+        raise ValueError(f"the train split of {cfg.data.root} has {len(records)} images, fewer than one batch "
+                         f"(optim.batch_size={cfg.optim.batch_size}); lower --batch-size")
+    transform = data.transforms.train_transform(cfg.img_size, scale=tuple(cfg.augment.scale), hflip=cfg.augment.hflip)
+    dataset = SeededDataset(data.ImageDataset(task.source, records, transform), seed)
+    sampler = EpochSampler(len(records), seed, cfg.optim.batch_size)
+    return ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers, persistent_workers=False)
+
+
+def lr_schedule(optim: OptimConfig, tuner: str, total_steps: int) -> np.ndarray:
+    """(total_steps,) lr: linear warm-up from 0 over ``optim.warmup_steps`` (at most MAX_WARMUP_FRACTION of the run),
+    then a cosine from the tuner's lr to ``optim.min_lr``."""
+    warmup = min(optim.warmup_steps, math.floor(MAX_WARMUP_FRACTION * total_steps))
+    return cosine(optim.resolved_lr(tuner), optim.min_lr, total_steps, warmup_iters=warmup)
+
+
+def _restart_cpu_peak() -> None:
+    """Make the next peak resident memory this seed's own: free what earlier seeds left in the heap (glibc keeps
+    freed memory resident, where the next seed would reuse it unseen), then restart the kernel's high-water mark
+    (Linux ``clear_refs``; it also resets ``ru_maxrss``, which MemoryMeter reads on CPU)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):  # not glibc, or not Linux: the peak then covers the process so far
+        pass
+
+
+def _test_row(run: RunDir) -> dict | None:
+    """The final test row of a finished seed run, else None."""
+    path = run.path / "metrics.json"
+    if not (run.path / CLASSIFIER_FILE).is_file() or not path.is_file():
+        return None
+    rows = json.loads(path.read_text())
+    return rows[-1] if rows and rows[-1].get("split") == "test" else None
+
+
+def _val_metrics(module, cfg: FinetuneConfig, task: Task) -> dict[str, Any]:
+    out = classifier_scores(module.model, task.source, task.splits["val"], task=task.task, img_size=cfg.img_size,
+                            batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
+    return {"split": "val", **metrics.compute(task.task, out.labels, out.values, task.num_classes)}
+
+
+def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume: bool,
+                trainer_kwargs: dict | None) -> dict:
+    """Train one seed in ``run``, test its best checkpoint and export it; returns the test row."""
+    run.prepare(cfg, resume)
+    L.seed_everything(seed, workers=True, verbose=False)
+    checkpointing = Checkpointing(run, cfg.checkpoint_every_n_steps, monitor=task.primary)
+    trainer = L.Trainer(
+        max_epochs=cfg.optim.epochs, accelerator=cfg.accelerator, devices=cfg.devices, precision=_precision(cfg),
+        gradient_clip_val=cfg.optim.grad_clip, logger=False, enable_checkpointing=False,
+        callbacks=[checkpointing, EpochEnd(run, checkpointing, lambda m: _val_metrics(m, cfg, task))],
+        num_sanity_val_steps=0, deterministic=False, enable_model_summary=False, **(trainer_kwargs or {}),
+    )
+    device = trainer.strategy.root_device
+    if device.type == "cpu":
+        _restart_cpu_peak()
+    meter = MemoryMeter(device)  # before the model exists: its weights count as training memory
+    model = build_classifier(cfg, task.num_classes)
+    loader = build_loader(cfg, task, seed)
+    loss_weights = None
+    if cfg.head.class_weights:
+        loss_weights = class_weights([r.label for r in task.splits["train"]], task.num_classes,
+                                     multilabel=task.task == "multilabel")
+    module = ClassifierModule(model, task.task, lr_schedule(cfg.optim, cfg.tuner.name, cfg.optim.epochs * len(loader)),
+                              cfg.optim.weight_decay, loss_weights)
+    trainer.fit(module, train_dataloaders=loader,
+                ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
+    peak = meter.peak_mib()
+
+    best = torch.load(run.best, map_location="cpu", weights_only=True)
+    check_trainable_state(best, module, module.model, str(run.best))
+    module.load_state_dict(best["state_dict"], strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the export header records non-mergeable tuners
+        tuners.save_merged(module.model, run.path / CLASSIFIER_FILE)
+    test = classifier_scores(module.model, task.source, task.splits["test"], task=task.task, img_size=cfg.img_size,
+                             batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
+    row = {
+        "epoch": best["epoch"], "step": best["global_step"], "split": "test",  # the tested (best) checkpoint's
+        **report_predictions(task, test, run.path, "test", bootstrap=cfg.bootstrap),
+        "peak_memory_mib": peak, "images_per_s": module.images_per_s, "train_seconds": module.timing["seconds"],
+    }
+    run.write_metrics(module.history + [row])  # the test row last: it marks the seed as finished
+    return row
+
+
+def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool = False,
+             overrides: list[str] | None = None, trainer_kwargs: dict | None = None, **sections) -> dict[str, Any]:
+    """Fine-tune and test one classifier per seed. ``config``: a FinetuneConfig, a YAML path, or None; ``sections``
+    override it by section (``optim={"epochs": 3}``) or top-level key (``seeds=[0, 1]``, ``out=...``).
+
+    Finished seeds (a test row in ``seed_N/metrics.json``) are read back, not trained again; ``resume`` continues
+    unfinished ones from their last checkpoint. A seed directory made with another config is an error.
+    Returns {"run_dir", "task", "seeds" (seed -> {"run_dir", "classifier", "test"}), "summary", "table"}.
+    """
+    cfg = resolve_config(config, overrides, sections)
+    out = Path(cfg.out)
+    runs = {seed: (dataclasses.replace(cfg, seeds=[seed]), RunDir(out / f"seed_{seed}")) for seed in cfg.seeds}
+    for seed_cfg, run in runs.values():
+        saved = run.path / "config.yaml"
+        if saved.exists() and config_mod.load(FinetuneConfig, saved) != seed_cfg:
+            raise ValueError(f"{run.path} was run with another config ({saved}); give the same options, "
+                             "or another --out")
+    task = load_task(cfg.data, cfg.task, cfg.metric)
+    out.mkdir(parents=True, exist_ok=True)
+    config_mod.dump(cfg, out / "config.yaml")
+    if task.duplicates is not None:
+        (out / "duplicates.json").write_text(json.dumps(task.duplicates.to_dict(), indent=2))
+    print(task.describe())
+
+    seeds = {}
+    for seed, (seed_cfg, run) in runs.items():
+        row = _test_row(run)
+        if row is None:
+            row = _train_seed(seed_cfg, seed, task, run, resume, trainer_kwargs)
+        else:
+            print(f"seed {seed}: finished before, read from {run.path / 'metrics.json'}")
+        seeds[seed] = {"run_dir": run.path, "classifier": run.path / CLASSIFIER_FILE, "test": row}
+
+    names = [*metrics.metric_names(task.task), *RESOURCES]
+    summary = {"task": task.task, "primary_metric": task.primary, "seeds": cfg.seeds,
+               **summarise({f"seed_{s}": r["test"] for s, r in seeds.items()}, names)}
+    write_summary(out, summary)
+    table = format_table({f"{cfg.tuner.name} (mean ± std)": mean_std_column(summary)}, task.primary)
+    return {"run_dir": out, "task": task, "seeds": seeds, "summary": summary, "table": table}

@@ -1,0 +1,109 @@
+"""Supervised adaptation as a LightningModule: a timm ViT classifier (tuner already applied) and its loss.
+
+Single-label tasks (multiclass, binary, ordinal) train C logits with cross-entropy; multilabel tasks train one
+logit per label with binary cross-entropy. Checkpoints hold only what trains (the tuner and the head), as in SSA.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from essa.train.run_dir import check_trainable_state, drop_frozen
+from essa.train.ssa import _decay_groups
+
+
+def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Tensor:
+    """Loss weights from the training labels: (C,) ``N / (C * n_c)`` per class (inverse frequency, mean 1 over
+    the images), or for multilabel (L,) ``negatives / positives`` per label (BCE ``pos_weight``)."""
+    if multilabel:
+        positives = torch.zeros(num_classes)
+        for label in labels:
+            positives[list(label)] += 1
+        return (len(labels) - positives) / positives.clamp_min(1)
+    counts = torch.bincount(torch.tensor(labels), minlength=num_classes).float()
+    return len(labels) / (num_classes * counts.clamp_min(1))
+
+
+class ClassifierModule(L.LightningModule):
+    """One fine-tuning run of ``model`` (a timm ViT with a head of C outputs).
+
+    Args:
+        task: one of ``essa.evaluate.metrics.TASKS``.
+        lr: (total_steps,) learning rate of each optimisation step.
+        weight_decay: AdamW weight decay of matrices (none on biases, norms and tokens).
+        class_weights: (C,) cross-entropy class weights, or (L,) multilabel positive weights; None: unweighted.
+    """
+
+    def __init__(self, model: VisionTransformer, task: str, lr: np.ndarray, weight_decay: float,
+                 class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.model, self.task = model, task
+        self.lr_schedule, self.weight_decay = lr, weight_decay
+        # Not persistent: rebuilt from the training split, so checkpoints hold only what trains.
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.strict_loading = False  # frozen backbone weights are rebuilt from the foundation model
+        self.history: list[dict] = []
+        self._sums: dict[str, float] = {}
+        self.timing = {"images": 0, "seconds": 0.0}  # training steps only (no data loading, no validation)
+
+    # ----- what a checkpoint holds -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop_frozen(checkpoint, self, self.model)
+        checkpoint["essa"] = {"history": self.history, "sums": self._sums, "timing": self.timing}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_trainable_state(checkpoint, self, self.model, "the checkpoint")
+        state = checkpoint["essa"]
+        self.history, self._sums, self.timing = state["history"], state["sums"], state["timing"]
+
+    # ----- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return torch.optim.AdamW(_decay_groups(self.model), lr=float(self.lr_schedule[0]),
+                                 weight_decay=self.weight_decay)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        step = min(self.global_step, len(self.lr_schedule) - 1)
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = float(self.lr_schedule[step])
+        self._start = time.perf_counter()
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Counted here, before any callback's on_train_batch_end, so that a checkpoint saved there counts this step.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timing["seconds"] += time.perf_counter() - self._start
+        self.timing["images"] += self._batch_images
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss of (B, C) logits against (B,) class indices or (B, L) 0/1 multilabel targets."""
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=self.class_weights)
+        return F.cross_entropy(logits.float(), targets, weight=self.class_weights)
+
+    def training_step(self, batch, batch_idx):
+        (x, y), _keys = batch
+        loss = self.loss(self.model(x), y)
+        self._batch_images = x.shape[0]
+        self._sums["train_loss"] = self._sums.get("train_loss", 0.0) + float(loss.detach())
+        self._sums["steps"] = self._sums.get("steps", 0) + 1
+        self.log("loss", loss.detach(), prog_bar=True)
+        return loss
+
+    def pop_epoch_means(self) -> dict[str, float]:
+        """The epoch's mean training loss and the current learning rate; resets the sums."""
+        steps = self._sums.pop("steps", 0) or 1
+        means = {k: v / steps for k, v in self._sums.items()}
+        self._sums = {}
+        return {**means, "lr": float(self.lr_schedule[min(self.global_step, len(self.lr_schedule)) - 1])}
+
+    @property
+    def images_per_s(self) -> float:
+        """Training throughput: images per second of optimisation steps (forward, backward, optimizer)."""
+        return self.timing["images"] / self.timing["seconds"] if self.timing["seconds"] else float("nan")
