@@ -114,7 +114,7 @@ def ssa_step(
     """One SSA step of the full objective (student on 2 masked global + ``n_local`` local crops, teacher on the
     global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, momentum update) on random images."""
     from essa import tuners
-    from essa.adapt import resolve_config
+    from essa.adaptation import resolve_config
     from essa.ssl import block_masks
     from essa.ssl.teacher import ema_update
     from essa.train.ssa import SSAModule

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class BackboneConfig:
     """The backbone section shared by every command: a timm name, its pretrained weights or a local file."""
 
-    name: str | None = "vit_small_patch14_dinov2.lvd142m"
+    name: str | None = None  # e.g. vit_small_patch14_dinov2.lvd142m; may be left out with a weights file
     pretrained: bool = True
     weights: str | None = None  # a local file; overrides pretrained
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # more timm.create_model arguments

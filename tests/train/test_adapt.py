@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from essa import backbones, tuners
-from essa.adapt import AdaptConfig, adapt, build_loader, resolve_config
+from essa.adaptation import AdaptConfig, adapt, build_loader, resolve_config
 from essa.train.ssa import CollapseError, SSAModule
 from tests.conftest import SHARED
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from essa import tuners
-from essa.finetune import MAX_WARMUP_FRACTION, OptimConfig, lr_schedule
+from essa.finetuning import MAX_WARMUP_FRACTION, OptimConfig, lr_schedule
 from essa.train.classify import ClassifierModule, class_weights
 
 

@@ -17,7 +17,7 @@ import torch
 from essa import backbones, config as config_mod, data
 from essa.cli import main
 from essa.evaluate.run import evaluate
-from essa.finetune import finetune, resolve_config
+from essa.finetuning import finetune, resolve_config
 from tests.conftest import SHARED
 
 BREAST = SHARED / "data" / "medmnist" / "breastmnist.npz"

@@ -1,5 +1,5 @@
-"""``essa adapt`` and ``essa finetune``: the command-line faces of :func:`essa.adapt.adapt` and
-:func:`essa.finetune.finetune`."""
+"""``essa adapt`` and ``essa finetune``: the command-line faces of :func:`essa.adaptation.adapt` and
+:func:`essa.finetuning.finetune`."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ ADAPT_FLAGS = {
 
 
 def run_adapt(args) -> int:
-    from essa.adapt import AdaptConfig, adapt
+    from essa.adaptation import AdaptConfig, adapt
 
     cfg = config_mod.load(AdaptConfig, config_path(args), overrides=overrides(args, ADAPT_FLAGS))
     result = adapt(cfg, resume=args.resume)
@@ -105,7 +105,7 @@ FINETUNE_FLAGS = {
 
 
 def run_finetune(args) -> int:
-    from essa.finetune import FinetuneConfig, finetune
+    from essa.finetuning import FinetuneConfig, finetune
 
     if args.seed is not None and args.seeds is None:
         args.seeds = [args.seed]

@@ -7,8 +7,6 @@ update moves only the teacher's copies of what trains (tuner parameters, the hea
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 from torch import nn
@@ -16,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
+from essa.train.run_dir import check_trainable_state, drop_frozen
 
 
 class CollapseError(RuntimeError):
@@ -54,7 +53,7 @@ def _decay_groups(module: nn.Module) -> list[dict]:
 
 
 class SSAModule(L.LightningModule):
-    """One SSA run. ``cfg`` is an :class:`essa.adapt.AdaptConfig`; ``iters_per_epoch`` sizes the schedules."""
+    """One SSA run. ``cfg`` is an :class:`essa.adaptation.AdaptConfig`; ``iters_per_epoch`` sizes the schedules."""
 
     def __init__(self, cfg, backbone: VisionTransformer, iters_per_epoch: int):
         super().__init__()
@@ -73,39 +72,19 @@ class SSAModule(L.LightningModule):
             freeze_prototypes_epochs=ssl.freeze_prototypes_epochs,
         )
         self._ema = ema_pairs(self.student, self.teacher)
-        # Frozen backbone weights are rebuilt from the foundation model; checkpoints hold only what trains.
-        self.strict_loading = False
+        self.strict_loading = False  # checkpoints leave the frozen weights out
         self._low_rank_steps = 0
         self.history: list[dict] = []
         self._sums: dict[str, float] = {}
 
-    # ----- what a checkpoint holds -------------------------------------------------------------------------
-    def frozen_keys(self) -> set[str]:
-        frozen = {id(p) for p in self.student.parameters() if not p.requires_grad}
-        return {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in frozen}
-
-    def frozen_fingerprint(self) -> float:
-        """A cheap checksum of the frozen weights: resuming onto a different foundation model is an error."""
-        with torch.no_grad():
-            return float(sum(p.double().sum() for p in self.student.parameters() if not p.requires_grad))
-
+    # ----- what a checkpoint holds: only what trains (frozen weights are rebuilt from the foundation model) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        for key in self.frozen_keys():
-            checkpoint["state_dict"].pop(key, None)
-        checkpoint["essa"] = {"history": self.history, "sums": self._sums,
-                              "frozen_fingerprint": self.frozen_fingerprint(), "low_rank_steps": self._low_rank_steps}
+        drop_frozen(checkpoint, self, self.student)
+        checkpoint["essa"] = {"history": self.history, "sums": self._sums, "low_rank_steps": self._low_rank_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_trainable_state(checkpoint, self, self.student, "the checkpoint")
         state = checkpoint["essa"]
-        mine = self.frozen_fingerprint()
-        if not math.isclose(state["frozen_fingerprint"], mine, rel_tol=1e-9, abs_tol=1e-6):
-            raise RuntimeError(
-                "the checkpoint was trained from other frozen backbone weights than the ones built now "
-                f"(checksum {state['frozen_fingerprint']:.6g} vs {mine:.6g}): resume with the run's own config"
-            )
-        missing = set(self.state_dict()) - set(checkpoint["state_dict"]) - self.frozen_keys()
-        if missing:
-            raise RuntimeError(f"checkpoint lacks trainable state: {sorted(missing)[:5]}")
         self.history, self._sums = state["history"], state["sums"]
         self._low_rank_steps = state["low_rank_steps"]
 

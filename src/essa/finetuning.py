@@ -1,6 +1,6 @@
 """``essa finetune``: supervised adaptation (SA) of a ViT to a labelled task with any tuner, over one or more seeds.
 
-    from essa.finetune import finetune
+    from essa.finetuning import finetune
     finetune(backbone={"weights": "runs/ssa-apla/backbone.safetensors"}, tuner={"name": "apla", "options": {"r": 64}},
              data={"root": "../shared/data/medmnist/breastmnist.npz"}, seeds=[0, 1, 2], out="runs/sa-apla")
 
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from essa import config as config_mod, data, tuners
-from essa.adapt import _precision
+from essa.adaptation import _precision
 from essa.bench import MemoryMeter
 from essa.config import BackboneConfig, ConfigError, TunerConfig
 from essa.evaluate import metrics

@@ -11,9 +11,7 @@ plain timm weights of the teacher, architecture in the header) and ``tuner.safet
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from torch import nn
 from essa import config as config_mod, tuners
 from essa.config import BackboneConfig, TunerConfig
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
-from essa.train.run_dir import Checkpointing, RunDir
+from essa.train.run_dir import Checkpointing, EpochEnd, RunDir
 
 
 @dataclass
@@ -159,22 +157,6 @@ def build_loader(cfg: AdaptConfig, patch_size: int) -> ResumableLoader:
                            persistent_workers=False)
 
 
-class _EpochEnd(L.Callback):
-    """After each epoch: kNN on the teacher's CLS features (when a labelled folder is given), the metrics row,
-    and the checkpoints (best by kNN balanced accuracy)."""
-
-    def __init__(self, cfg: AdaptConfig, run: RunDir, checkpointing: Checkpointing, knn_data):
-        self.cfg, self.run, self.checkpointing, self.knn_data = cfg, run, checkpointing, knn_data
-
-    def on_train_epoch_end(self, trainer, module):
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, **module.pop_epoch_means()}
-        if self.knn_data is not None:
-            row.update(knn_metrics(module.teacher.backbone, self.knn_data, self.cfg))
-        module.history = [r for r in module.history if r["epoch"] != row["epoch"]] + [row]
-        self.run.write_metrics(module.history)
-        self.checkpointing.epoch_end(trainer, row)
-
-
 def _labelled_images(cfg: AdaptConfig):
     from essa import data
 
@@ -236,10 +218,13 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     checkpointing = Checkpointing(run, cfg.monitor.checkpoint_every_n_steps,
                                   monitor="knn_bal_acc" if cfg.data.val else None)
     knn_data = _labelled_images(cfg) if cfg.data.val else None
+    # after each epoch: kNN on the teacher's CLS features (best checkpoint by its balanced accuracy)
+    epoch_end = EpochEnd(run, checkpointing,
+                         lambda m: knn_metrics(m.teacher.backbone, knn_data, cfg) if knn_data is not None else {})
     trainer = L.Trainer(
         max_epochs=cfg.optim.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
         precision=_precision(cfg), gradient_clip_val=cfg.optim.grad_clip, logger=False,
-        enable_checkpointing=False, callbacks=[checkpointing, _EpochEnd(cfg, run, checkpointing, knn_data)],
+        enable_checkpointing=False, callbacks=[checkpointing, epoch_end],
         num_sanity_val_steps=0, deterministic=False, enable_model_summary=False,
         **(trainer_kwargs or {}),
     )
