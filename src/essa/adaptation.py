@@ -24,6 +24,7 @@ from torch import nn
 from essa import config as config_mod, tuners
 from essa.config import BackboneConfig, TunerConfig
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
+from essa.train.optim import precision
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir
 
 
@@ -69,11 +70,6 @@ class OptimConfig:
     weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-4])
     grad_clip: float = 1.0
 
-    def resolved_lr(self, tuner: str) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1e-4 if tuner == "full" else 1e-3
-
 
 @dataclass
 class MonitorConfig:
@@ -110,12 +106,6 @@ def _local_size(cfg: AdaptConfig, patch: int) -> int:
     if cfg.ssl.local_size is not None:
         return cfg.ssl.local_size
     return max(patch, round(cfg.ssl.global_size * 7 / 16 / patch) * patch)
-
-
-def _precision(cfg: AdaptConfig) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
 def _ssa_collate(samples, *, seed: int, **kwargs):
@@ -223,7 +213,7 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
                          lambda m: knn_metrics(m.teacher.backbone, knn_data, cfg) if knn_data is not None else {})
     trainer = L.Trainer(
         max_epochs=cfg.optim.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-        precision=_precision(cfg), gradient_clip_val=cfg.optim.grad_clip, logger=False,
+        precision=precision(cfg.precision), gradient_clip_val=cfg.optim.grad_clip, logger=False,
         enable_checkpointing=False, callbacks=[checkpointing, epoch_end],
         num_sanity_val_steps=0, deterministic=False, enable_model_summary=False,
         **(trainer_kwargs or {}),

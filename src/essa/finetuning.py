@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from essa import config as config_mod, data, tuners
-from essa.adaptation import _precision
+from essa.train.optim import default_lr, precision
 from essa.bench import MemoryMeter
 from essa.config import BackboneConfig, ConfigError, TunerConfig
 from essa.evaluate import metrics
@@ -85,11 +85,6 @@ class OptimConfig:
     warmup_steps: int = 500
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
-
-    def resolved_lr(self, tuner: str) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1e-4 if tuner == "full" else 1e-3
 
 
 @dataclass
@@ -153,7 +148,7 @@ def lr_schedule(optim: OptimConfig, tuner: str, total_steps: int) -> np.ndarray:
     """(total_steps,) lr: linear warm-up from 0 over ``optim.warmup_steps`` (at most MAX_WARMUP_FRACTION of the run),
     then a cosine from the tuner's lr to ``optim.min_lr``."""
     warmup = min(optim.warmup_steps, math.floor(MAX_WARMUP_FRACTION * total_steps))
-    return cosine(optim.resolved_lr(tuner), optim.min_lr, total_steps, warmup_iters=warmup)
+    return cosine(default_lr(tuner, optim.lr), optim.min_lr, total_steps, warmup_iters=warmup)
 
 
 def _restart_cpu_peak() -> None:
@@ -190,7 +185,8 @@ def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume:
     L.seed_everything(seed, workers=True, verbose=False)
     checkpointing = Checkpointing(run, cfg.checkpoint_every_n_steps, monitor=task.primary)
     trainer = L.Trainer(
-        max_epochs=cfg.optim.epochs, accelerator=cfg.accelerator, devices=cfg.devices, precision=_precision(cfg),
+        max_epochs=cfg.optim.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        precision=precision(cfg.precision),
         gradient_clip_val=cfg.optim.grad_clip, logger=False, enable_checkpointing=False,
         callbacks=[checkpointing, EpochEnd(run, checkpointing, lambda m: _val_metrics(m, cfg, task))],
         num_sanity_val_steps=0, deterministic=False, enable_model_summary=False, **(trainer_kwargs or {}),

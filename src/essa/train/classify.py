@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from essa.train.run_dir import check_trainable_state, drop_frozen
-from essa.train.ssa import _decay_groups
+from essa.train.optim import decay_groups
 
 
 def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Tensor:
@@ -64,7 +64,7 @@ class ClassifierModule(L.LightningModule):
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return torch.optim.AdamW(_decay_groups(self.model), lr=float(self.lr_schedule[0]),
+        return torch.optim.AdamW(decay_groups(self.model), lr=float(self.lr_schedule[0]),
                                  weight_decay=self.weight_decay)
 
     def on_train_batch_start(self, batch, batch_idx):

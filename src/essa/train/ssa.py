@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
+from essa.train.optim import decay_groups, default_lr
 from essa.train.run_dir import check_trainable_state, drop_frozen
 
 
@@ -42,16 +43,6 @@ def effective_rank(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
-def _decay_groups(module: nn.Module) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases, norms, tokens and other 1-D parameters."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)
-    return [{"params": decay, "apply_decay": True}, {"params": no_decay, "apply_decay": False, "weight_decay": 0.0}]
-
-
 class SSAModule(L.LightningModule):
     """One SSA run. ``cfg`` is an :class:`essa.adaptation.AdaptConfig`; ``iters_per_epoch`` sizes the schedules."""
 
@@ -65,7 +56,7 @@ class SSAModule(L.LightningModule):
         self.loss = DINOv2Loss(ssl.prototypes, ssl.n_global, ssl.student_temp, ssl.center_momentum,
                                ssl.dino_weight, ssl.ibot_weight, ssl.koleo_weight)
         self.schedules = ssa_schedules(
-            cfg.optim.epochs, iters_per_epoch, cfg.optim.resolved_lr(cfg.tuner.name),
+            cfg.optim.epochs, iters_per_epoch, default_lr(cfg.tuner.name, cfg.optim.lr),
             min_lr=cfg.optim.min_lr, warmup_epochs=cfg.optim.warmup_epochs,
             weight_decay=tuple(cfg.optim.weight_decay), teacher_temp=tuple(ssl.teacher_temp),
             teacher_temp_warmup_epochs=ssl.teacher_temp_warmup_epochs, teacher_momentum=tuple(ssl.momentum),
@@ -90,7 +81,7 @@ class SSAModule(L.LightningModule):
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return torch.optim.AdamW(_decay_groups(self.student), lr=float(self.schedules.lr[0]), betas=(0.9, 0.999))
+        return torch.optim.AdamW(decay_groups(self.student), lr=float(self.schedules.lr[0]), betas=(0.9, 0.999))
 
     def on_train_epoch_start(self):
         self.teacher.eval()  # Lightning puts every submodule in train mode; the teacher never drops paths
