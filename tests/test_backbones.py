@@ -128,3 +128,24 @@ def test_shared_pretrained_model_loads_from_its_header(pretrained_path):
     reference.load_state_dict(load_file(str(pretrained_path)))
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(meta_model(x), reference.eval()(x))
+
+
+def test_token_avg_head_reads_cls_and_mean_patch_tokens_and_reloads(make_vit, images, tmp_path):
+    from essa import tuners
+
+    model = make_vit(num_classes=3, global_pool="token+avg").eval()
+    assert isinstance(model, backbones.TokenAvgViT) and model.head.weight.shape == (3, 2 * 192)
+    tokens = model.forward_features(images)  # after the final norm
+    features = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1)
+    torch.testing.assert_close(model(images), features @ model.head.weight.T + model.head.bias)
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), features)
+
+    tuners.apply(model, "apla", r=16)
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight_rows.normal_()  # a trained tuner, merged into the export
+    path = tuners.save_merged(model, tmp_path / "classifier.safetensors")
+    loaded = backbones.create(weights=path).eval()
+    assert isinstance(loaded, backbones.TokenAvgViT) and loaded.global_pool == "token+avg"
+    torch.testing.assert_close(loaded(images), model(images))
+    with pytest.raises(BackboneError, match="keeps its pooling"):
+        loaded.reset_classifier(2, global_pool="avg")

@@ -27,9 +27,40 @@ RESIZABLE_ARGS = ("img_size", "dynamic_img_size", "dynamic_img_pad")
 
 _HUB_PROBE_TIMEOUT_S = 3.0
 
+#: essa's own ``global_pool``: the CLS token concatenated with the mean of the patch tokens (2 x embed_dim features).
+TOKEN_AVG_POOL = "token+avg"
+
 
 class BackboneError(ValueError):
     """A backbone could not be built from what the user asked for."""
+
+
+class TokenAvgViT(VisionTransformer):
+    """A timm ViT whose head reads the CLS token concatenated with the mean of the patch tokens, both after the
+    final norm (where pretrained weights have it). Built by ``create(..., global_pool="token+avg")``: the class of
+    a timm-built model is swapped, so its parameters and state-dict keys stay timm's; only the head is 2 x wider."""
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        if (pool_type or self.global_pool) != TOKEN_AVG_POOL:
+            return super().pool(x, pool_type)
+        return torch.cat([x[:, 0], x[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None and global_pool != TOKEN_AVG_POOL:
+            raise BackboneError(f"a {TOKEN_AVG_POOL} model keeps its pooling; got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.head = torch.nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else torch.nn.Identity()
+        if num_classes > 0:  # as timm initialises a new head
+            torch.nn.init.trunc_normal_(self.head.weight, std=0.02)
+            torch.nn.init.zeros_(self.head.bias)
+
+
+def _token_avg(model: VisionTransformer, num_classes: int) -> TokenAvgViT:
+    model.__class__ = TokenAvgViT
+    model.global_pool = TOKEN_AVG_POOL
+    model.head_hidden_size = 2 * model.embed_dim
+    model.reset_classifier(num_classes)
+    return model
 
 
 def vit_names(pretrained: bool = False) -> list[str]:
@@ -174,7 +205,9 @@ def create(
         dynamic_img_size: accept any input size at run time (multi-crop), resampling position embeddings.
         num_classes: size of a classification head (0: none, the model returns pooled features). None: the
             ``num_classes`` in the header of ``weights`` (a classifier export), else 0.
-        model_args: further ``timm.create_model`` keyword arguments (``patch_size``, ``drop_path_rate``...).
+        model_args: further ``timm.create_model`` keyword arguments (``patch_size``, ``drop_path_rate``...), and
+            ``global_pool="token+avg"``: a head on the CLS token concatenated with the mean patch token
+            (:class:`TokenAvgViT`).
 
     Returns a ``VisionTransformer`` whose ``essa_arch`` attribute records ``timm_name`` and ``model_args``
     (with ``num_classes`` when the model has a head, so that a classifier's weights file rebuilds its head).
@@ -196,17 +229,21 @@ def create(
     _check_name(name)
     header_classes = kwargs.pop("num_classes", 0)
     num_classes = header_classes if num_classes is None else num_classes
+    token_avg = kwargs.get("global_pool") == TOKEN_AVG_POOL
+    timm_kwargs = {**kwargs, "global_pool": "token", "fc_norm": False} if token_avg else kwargs
 
     if pretrained:
         with _hub_offline_unless_reachable():
             try:
-                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
             except OSError as err:  # huggingface_hub's "neither reachable nor cached" errors are OSErrors
                 raise BackboneError(_offline_message(name, err)) from err
     else:
-        model = timm.create_model(_split_name(name)[0], pretrained=False, num_classes=num_classes, **kwargs)
+        model = timm.create_model(_split_name(name)[0], pretrained=False, num_classes=num_classes, **timm_kwargs)
     if not isinstance(model, VisionTransformer):
         raise BackboneError(f"{name!r} built a {type(model).__name__}, not a timm VisionTransformer")
+    if token_avg:
+        model = _token_avg(model, num_classes)
 
     model.essa_arch = {"timm_name": _split_name(name)[0],
                        "model_args": {**kwargs, "num_classes": num_classes} if num_classes else dict(kwargs)}

@@ -5,7 +5,8 @@
              data={"root": "../shared/data/medmnist/breastmnist.npz"}, seeds=[0, 1, 2], out="runs/sa-apla")
 
 The recipe (method.md, "Supervised stage"): a new linear head on the CLS token (``head.pool: avg``: on the mean of
-the patch tokens instead); AdamW with weight decay 1e-5 (none on biases, norms and tokens); a linear warm-up over
+the patch tokens instead; ``token+avg``: on both, concatenated); AdamW with weight decay 1e-5 (none on biases, norms
+and tokens); a linear warm-up over
 ``optim.warmup_steps`` (500 in the reference, at most a fifth of the run) then a cosine to ``optim.min_lr``;
 gradient clipping 1.0; resize, random-resized crop and horizontal flip; the checkpoint with the best primary metric
 on the val split is tested on the test split. Default lr: 1e-4 for the ``full`` tuner, 1e-3 for every other
@@ -43,7 +44,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from essa import config as config_mod, data, tuners
+from essa import backbones, config as config_mod, data, tuners
 from essa.train.optim import default_lr, precision
 from essa.bench import MemoryMeter
 from essa.config import BackboneConfig, ConfigError, TunerConfig
@@ -58,15 +59,15 @@ from essa.train.classify import ClassifierModule, class_weights
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state
 
-#: Pooling of the tokens the head reads, as timm's ``global_pool``.
-POOLS = ("token", "avg")
+#: Pooling of the tokens the head reads: timm's ``global_pool`` values, and essa's CLS + mean of the patch tokens.
+POOLS = ("token", "avg", backbones.TOKEN_AVG_POOL)
 #: The warm-up never takes more than this fraction of the run, so that a short run still trains at its peak lr.
 MAX_WARMUP_FRACTION = 0.2
 
 
 @dataclass
 class HeadConfig:
-    pool: str = "token"  # token: the CLS token (reference); avg: the mean of the patch tokens
+    pool: str = "token"  # token: the CLS token (reference); avg: the mean of the patch tokens; token+avg: both
     class_weights: bool = False  # weight the loss by inverse class frequency in the train split
 
 

@@ -131,7 +131,7 @@ def test_seeds_are_summarised_by_the_cli_and_a_rerun_skips_finished_seeds(tmp_pa
     given = tmp_path / "given.yaml"
     config_mod.dump(resolve_config(sections=_sections(tmp_path / "unused", optim={"epochs": 1})), given)
     out = tmp_path / "run"
-    argv = ["finetune", "--config", str(given), "--seeds", "0,1", "--out", str(out), "--set", "head.pool=avg"]
+    argv = ["finetune", "--config", str(given), "--seeds", "0,1", "--out", str(out), "--set", "head.pool=token+avg"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -151,7 +151,7 @@ def test_seeds_are_summarised_by_the_cli_and_a_rerun_skips_finished_seeds(tmp_pa
         assert next(csv.DictReader(f)) == {"metric": "accuracy", **{
             k: str(v) for k, v in summary["metrics"]["accuracy"].items()}}
     assert config_mod.read_yaml(out / "seed_1" / "config.yaml")["seeds"] == [1]
-    assert backbones.create(weights=out / "seed_0" / "classifier.safetensors").global_pool == "avg"
+    assert backbones.create(weights=out / "seed_0" / "classifier.safetensors").global_pool == "token+avg"
 
     stamp = (out / "seed_0" / "classifier.safetensors").stat().st_mtime_ns
     assert main(argv) == 0
