@@ -61,3 +61,13 @@ def test_a_split_without_a_class_is_an_error(tmp_path):
             shutil.copy(path, tmp_path / split / cls / path.name)
     with pytest.raises(DataError, match=r"the test split of .* has no images of class 'malignant' \(1\)"):
         load_task(TaskDataConfig(root=str(tmp_path), val=0.34, duplicates="skip", num_workers=0))
+
+
+def test_max_train_subsamples_only_the_train_split():
+    whole = load_task(_cfg("retinamnist.npz", duplicates="skip"))
+    task = load_task(_cfg("retinamnist.npz", duplicates="skip", max_train=200))
+    assert [len(task.splits[s]) for s in ("train", "val", "test")] == [200, 120, 400]
+    assert task.splits["val"] == whole.splits["val"] and task.splits["test"] == whole.splits["test"]
+    assert {r.path for r in task.splits["train"]} < {r.path for r in whole.splits["train"]}
+    with pytest.raises(ConfigError, match="data.max_train=0 must be at least 1"):
+        from_dict(TaskDataConfig, {"max_train": 0})

@@ -34,6 +34,7 @@ class TaskDataConfig:
     test: float = 0.1
     split_seed: int = 0
     official: bool = True  # keep the source's own splits
+    max_train: int | None = None  # a seeded, stratified subsample of the train split (val and test stay whole)
     duplicates: str = "report"  # skip | report | drop | error (exact duplicates, essa.data.find_duplicates)
     duplicate_scope: str = "across"  # the policy acts on groups across splits, or on all groups
     num_workers: int = 2
@@ -41,6 +42,8 @@ class TaskDataConfig:
     def validate(self) -> None:
         if self.duplicates not in DUPLICATE_POLICIES:
             raise ConfigError(f"data.duplicates={self.duplicates!r}; valid choices: {', '.join(DUPLICATE_POLICIES)}")
+        if self.max_train is not None and self.max_train < 1:
+            raise ConfigError(f"data.max_train={self.max_train} must be at least 1 (or null: the whole train split)")
         if self.duplicate_scope not in SCOPES:
             raise ConfigError(f"data.duplicate_scope={self.duplicate_scope!r}; valid choices: {', '.join(SCOPES)}")
 
@@ -118,7 +121,8 @@ def _check_classes(task: str, classes: list[str], splits: dict[str, list[Record]
 
 def load_task(cfg: TaskDataConfig, task: str | None = None, metric: str | None = None) -> Task:
     """Open ``cfg.root``, decide the task type (``task``, else the source's hint) and the primary metric (``metric``,
-    else the task's), split it with ``cfg.split_seed``, apply the duplicate policy and check every split."""
+    else the task's), split it with ``cfg.split_seed``, apply the duplicate policy, subsample the train split to
+    ``cfg.max_train`` images (seeded by ``cfg.split_seed``) and check every split."""
     if cfg.root is None:
         raise ConfigError("data.root is required: a labelled dataset (--data), e.g. a folder with one subfolder per "
                           "class, a .csv manifest or a MedMNIST .npz")
@@ -135,5 +139,8 @@ def load_task(cfg: TaskDataConfig, task: str | None = None, metric: str | None =
                                       workers=cfg.num_workers)
         kept = {r.path for r in report.records}  # paths are unique within a source
         splits = {name: [r for r in records if r.path in kept] for name, records in splits.items()}
+    if cfg.max_train is not None:
+        splits["train"] = data.subsample(splits["train"], cfg.max_train, cfg.split_seed,
+                                         stratify=chosen != "multilabel")
     _check_classes(chosen, source.classes, splits, cfg)
     return Task(source, chosen, list(source.classes), primary, splits, report)

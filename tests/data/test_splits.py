@@ -74,3 +74,18 @@ def test_busi_without_official_split(shared_data):
     result = data.split(source.records, val=0.15, test=0.15, seed=0)
     assert {k: len(v) for k, v in result.items()} == {"train": 546, "val": 117, "test": 117}
     assert Counter(r.label for r in result["test"]) == {0: 66, 1: 31, 2: 20}  # 437 / 210 / 133
+
+
+def test_subsample_keeps_class_shares_groups_and_order():
+    pool = records(100, (70, 30))
+    kept = data.subsample(pool, 20, seed=0)
+    assert len(kept) == 20 and Counter(r.label for r in kept) == {0: 14, 1: 6}
+    assert [r.path for r in kept] == [r.path for r in pool if r in kept]  # input order kept
+    assert [r.path for r in kept] == [r.path for r in data.subsample(pool, 20, seed=0)]
+    assert [r.path for r in kept] != [r.path for r in data.subsample(pool, 20, seed=1)]
+    grouped = data.subsample(records(100, (70, 30), groups=5), 40, seed=2)
+    sizes = Counter(r.group for r in grouped)
+    assert set(sizes.values()) == {5} and len(grouped) == 40  # whole groups only
+    assert data.subsample(pool, 500) == pool
+    with pytest.raises(data.DataError, match="at least 1 record"):
+        data.subsample(pool, 0)

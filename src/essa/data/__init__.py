@@ -26,6 +26,7 @@ API:
   and NIfTI ``window=(centre, width)``, ``percentiles=(low, high)``, ``axis``; MedMNIST name ``size``, ``root``.
 - ``split(records, val=0.1, test=0.1, seed=0, *, stratify=True, official=True) -> {"train", "val", "test"}``:
   seeded, stratified, grouped by ``record.group``; official splits kept, missing ones carved from train.
+  ``subsample(records, n, seed=0, *, stratify=True)``: a seeded, stratified, grouped subset of about ``n``.
 - ``find_duplicates(source, records=None, *, near=False, threshold=2, policy="report", scope="all", workers=0)
   -> DuplicateReport`` (``groups`` with ``splits``, ``records`` after the policy, ``dropped``, ``unreadable``,
   ``summary()``); policy ``report`` / ``drop`` (keep the test copy, else val, else train) / ``error``.
@@ -50,9 +51,10 @@ from essa.data.files import Decode
 from essa.data.inspect import dataset_card, format_card
 from essa.data.records import DataError, Record
 from essa.data.source import Source
-from essa.data.splits import split
+from essa.data.splits import split, subsample
 
 __all__ = [
     "DataError", "Decode", "DiskCache", "DuplicateGroup", "DuplicateReport", "ImageDataset", "Record", "Source",
-    "dataset_card", "find_duplicates", "format_card", "open_source", "split", "transforms",
+    "dataset_card", "find_duplicates", "format_card", "open_source", "split", "subsample",
+    "transforms",
 ]

@@ -60,6 +60,17 @@ def _carve(pool: list[Record], fractions: dict[str, float], seed: int, stratify:
     return assigned
 
 
+def subsample(records: list[Record], n: int, seed: int = 0, *, stratify: bool = True) -> list[Record]:
+    """A seeded subset of about ``n`` records (exactly ``n`` without groups) that keeps each class's share and
+    each group whole, in their original order; all records when there are at most ``n``."""
+    if n < 1:
+        raise DataError(f"a subsample needs at least 1 record, got n={n}")
+    if len(records) <= n:
+        return list(records)
+    kept = {id(r) for r in _carve(records, {"kept": n / len(records)}, seed, stratify)["kept"]}
+    return [r for r in records if id(r) in kept]
+
+
 def _check_groups(splits: dict[str, list[Record]]) -> None:
     where = defaultdict(set)
     for name, records in splits.items():
