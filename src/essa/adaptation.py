@@ -4,7 +4,8 @@
                tuner={"name": "apla", "options": {"r": 64}}, out="runs/ssa-apla")
 
 The run directory gets ``config.yaml`` (resolved), ``metrics.csv``/``metrics.json`` (one row per epoch: loss terms,
-feature rank, kNN), ``checkpoints/{last,best}.ckpt``, and the adapted backbone: ``backbone.safetensors`` (merged
+feature rank, kNN), ``checkpoints/{last,best}.ckpt``, ``resources.json`` (trainable parameters, peak training memory,
+training images/s), and the adapted backbone: ``backbone.safetensors`` (merged
 plain timm weights of the teacher, architecture in the header) and ``tuner.safetensors`` (the tuner state).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +26,50 @@ from torch import nn
 from essa import config as config_mod, tuners
 from essa.config import BackboneConfig, TunerConfig
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
+from essa.bench import MemoryMeter
 from essa.train.optim import precision
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir
 
 
+#: What a finished run measured: backbone trainable parameters, DINO head parameters, peak training memory (MiB;
+#: of the last session when resumed), training images/s and seconds (summed over sessions).
+RESOURCES_FILE = "resources.json"
+#: Splits of a labelled task (``essa.task``) that ``data.split`` and ``data.val_split`` can name.
+SPLITS = ("train", "val", "test")
+
+
 @dataclass
 class SSADataConfig:
-    root: str | None = None  # unlabelled images: a folder of any nesting (labels ignored)
+    root: str | None = None  # unlabelled images: a folder of any nesting (labels ignored); with split: a task
     val: str | None = None  # labelled images (one folder per class) for the kNN monitor
+    # With ``split``, root is read as a labelled task (what ``essa finetune --data`` reads), split as
+    # ``essa finetune`` splits it with the same ``splits`` options (essa.task.TaskDataConfig keys: val, test,
+    # split_seed, max_train, duplicates...), and SSA sees only that split's images (labels ignored), e.g. train:
+    # never the test images. ``val_split`` names the split whose labelled images feed the kNN monitor.
+    split: str | None = None
+    val_split: str | None = None
+    splits: dict[str, Any] = field(default_factory=dict)
     max_images: int | None = None  # a seeded subsample of root, for quick runs
     num_workers: int = 2
+
+    def validate(self) -> None:
+        for key in ("split", "val_split"):
+            if getattr(self, key) not in (None, *SPLITS):
+                raise config_mod.ConfigError(f"data.{key}={getattr(self, key)!r}; valid choices: {', '.join(SPLITS)}")
+        if self.split is None and (self.val_split is not None or self.splits):
+            raise config_mod.ConfigError("data.val_split and data.splits need data.split (e.g. data.split=train): "
+                                         "they describe how the labelled task in data.root is split")
+        if self.val is not None and self.val_split is not None:
+            raise config_mod.ConfigError("give data.val (a labelled folder) or data.val_split (a split of data.root) "
+                                         "for the kNN monitor, not both")
+        self.task_data()  # bad split options fail before any work
+
+    def task_data(self):
+        """The TaskDataConfig that splits ``root`` (with ``split``)."""
+        from essa.task import TaskDataConfig
+
+        return config_mod.from_dict(TaskDataConfig, {**self.splits, "root": self.root,
+                                                     "num_workers": self.num_workers})
 
 
 @dataclass
@@ -117,12 +153,25 @@ def _ssa_collate(samples, *, seed: int, **kwargs):
     return collate([views for (views, _label), _key in samples], generator=generator, **kwargs)
 
 
-def build_loader(cfg: AdaptConfig, patch_size: int) -> ResumableLoader:
+def _task(cfg: AdaptConfig):
+    """The labelled task that ``data.split`` and ``data.val_split`` name splits of, or None."""
+    from essa.task import load_task
+
+    return load_task(cfg.data.task_data()) if cfg.data.split else None
+
+
+def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoader:
+    """Multi-crop views of ``data.root``'s images, or with ``data.split`` of that split of ``task`` (default: the
+    task ``data`` describes)."""
     from essa import data
     from essa.ssl import MultiCropTransform
 
-    source = data.open_source(cfg.data.root, labels=False)
-    records = list(source.records)
+    if cfg.data.split:
+        task = task or _task(cfg)
+        source, records = task.source, list(task.splits[cfg.data.split])
+    else:
+        source = data.open_source(cfg.data.root, labels=False)
+        records = list(source.records)
     if cfg.data.max_images and len(records) > cfg.data.max_images:
         g = torch.Generator().manual_seed(cfg.seed)
         keep = sorted(torch.randperm(len(records), generator=g)[: cfg.data.max_images].tolist())
@@ -147,23 +196,32 @@ def build_loader(cfg: AdaptConfig, patch_size: int) -> ResumableLoader:
                            persistent_workers=False)
 
 
-def _labelled_images(cfg: AdaptConfig):
+def _labelled_images(cfg: AdaptConfig, task=None):
+    """(source, records) of the kNN monitor: ``data.val``, or the ``data.val_split`` split of ``task``; or None."""
     from essa import data
 
+    if cfg.data.val_split:
+        if task.task == "multilabel":
+            raise ValueError(f"{cfg.data.root} is multilabel: the kNN monitor needs one class per image")
+        return task.source, task.splits[cfg.data.val_split]
+    if not cfg.data.val:
+        return None
     source = data.open_source(cfg.data.val)
     if not source.classes or source.task == "multilabel":
         raise ValueError(f"data.val {cfg.data.val!r} has no class folders: the kNN monitor needs labels")
-    return source
+    return source, list(source.records)
 
 
-def knn_metrics(backbone: nn.Module, source, cfg: AdaptConfig) -> dict[str, float]:
-    """Leave-one-out weighted kNN accuracy and balanced accuracy of the backbone's CLS features."""
+def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig) -> dict[str, float]:
+    """Leave-one-out weighted kNN accuracy and balanced accuracy of the backbone's CLS features on ``labelled``
+    (source, records)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     from essa.evaluate.features import cls_features
     from essa.evaluate.knn import knn_scores
 
-    feats, labels, _ = cls_features(backbone, source, img_size=cfg.ssl.global_size)
+    source, records = labelled
+    feats, labels, _ = cls_features(backbone, source, records, img_size=cfg.ssl.global_size)
     pred = knn_scores(feats, labels, k=cfg.monitor.knn_k, temperature=cfg.monitor.knn_temperature,
                       num_classes=len(source.classes)).argmax(1)
     return {"knn_acc": float(accuracy_score(labels, pred)), "knn_bal_acc": float(balanced_accuracy_score(labels, pred))}
@@ -197,17 +255,21 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     run.prepare(cfg, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    # before the model exists: its weights count as training memory
+    cuda = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    meter = MemoryMeter(torch.device("cuda" if cuda else "cpu"), restart=True)
     backbone = cfg.backbone.build(img_size=cfg.ssl.global_size, dynamic_img_size=True)
     tuners.apply(backbone, cfg.tuner.name, **cfg.tuner.options)
     patch = backbone.patch_embed.patch_size[0]
-    loader = build_loader(cfg, patch)
+    task = _task(cfg)
+    loader = build_loader(cfg, patch, task)
 
     from essa.train.ssa import SSAModule
 
     module = SSAModule(cfg, backbone, iters_per_epoch=len(loader))
+    knn_data = _labelled_images(cfg, task)
     checkpointing = Checkpointing(run, cfg.monitor.checkpoint_every_n_steps,
-                                  monitor="knn_bal_acc" if cfg.data.val else None)
-    knn_data = _labelled_images(cfg) if cfg.data.val else None
+                                  monitor="knn_bal_acc" if knn_data is not None else None)
     # after each epoch: kNN on the teacher's CLS features (best checkpoint by its balanced accuracy)
     epoch_end = EpochEnd(run, checkpointing,
                          lambda m: knn_metrics(m.teacher.backbone, knn_data, cfg) if knn_data is not None else {})
@@ -227,8 +289,15 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     if run.best.exists():
         state = torch.load(run.best, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"], strict=False)
+    resources = {
+        "trainable_params": tuners.count_parameters(module.student.backbone)[0],
+        "head_params": sum(p.numel() for p in module.student.head.parameters()),
+        "peak_memory_mib": meter.peak_mib(), "images_per_s": module.images_per_s,
+        "train_seconds": module.timing["seconds"],
+    }
+    (run.path / RESOURCES_FILE).write_text(json.dumps(resources, indent=2))
     paths = _export(module, run)
-    return {"run_dir": run.path, **paths, "metrics": module.history}
+    return {"run_dir": run.path, **paths, "metrics": module.history, "resources": resources}
 
 
 def resolve_config(config=None, overrides=None, sections=None) -> AdaptConfig:

@@ -17,7 +17,8 @@ Every seed sees the same splits (``data.split_seed``) and trains in its own run 
 memory and the training images/s); ``duplicates.json`` (when the scan ran); and per seed ``seed_N/``:
 ``config.yaml`` (``seeds: [N]``), ``metrics.json`` / ``metrics.csv`` (a row per epoch with the mean training loss,
 lr and validation metrics; a last row with ``split: test``: the epoch and step of the best checkpoint, its test
-metrics with their 95 % bootstrap intervals, ``peak_memory_mib``, ``images_per_s``, ``train_seconds``),
+metrics with their 95 % bootstrap intervals, ``peak_memory_mib``, ``images_per_s``, ``train_seconds``,
+``trainable_params``),
 ``test_predictions.csv``, ``test_confusion_matrix.png``, ``checkpoints/{last,best}.ckpt``, and
 ``classifier.safetensors``: the merged plain timm classifier, which ``essa.backbones.create(weights=...)`` rebuilds
 with its head. A re-run skips finished seeds.
@@ -29,10 +30,7 @@ configuration in a fresh process for comparisons).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
-import gc
 import json
 import math
 import warnings
@@ -152,18 +150,6 @@ def lr_schedule(optim: OptimConfig, tuner: str, total_steps: int) -> np.ndarray:
     return cosine(default_lr(tuner, optim.lr), optim.min_lr, total_steps, warmup_iters=warmup)
 
 
-def _restart_cpu_peak() -> None:
-    """Make the next peak resident memory this seed's own: free what earlier seeds left in the heap (glibc keeps
-    freed memory resident, where the next seed would reuse it unseen), then restart the kernel's high-water mark
-    (Linux ``clear_refs``; it also resets ``ru_maxrss``, which MemoryMeter reads on CPU)."""
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except (OSError, AttributeError):  # not glibc, or not Linux: the peak then covers the process so far
-        pass
-
-
 def _test_row(run: RunDir) -> dict | None:
     """The final test row of a finished seed run, else None."""
     path = run.path / "metrics.json"
@@ -192,10 +178,8 @@ def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume:
         callbacks=[checkpointing, EpochEnd(run, checkpointing, lambda m: _val_metrics(m, cfg, task))],
         num_sanity_val_steps=0, deterministic=False, enable_model_summary=False, **(trainer_kwargs or {}),
     )
-    device = trainer.strategy.root_device
-    if device.type == "cpu":
-        _restart_cpu_peak()
-    meter = MemoryMeter(device)  # before the model exists: its weights count as training memory
+    # before the model exists: its weights count as training memory; each seed measures its own peak
+    meter = MemoryMeter(trainer.strategy.root_device, restart=True)
     model = build_classifier(cfg, task.num_classes)
     loader = build_loader(cfg, task, seed)
     loss_weights = None
@@ -220,6 +204,7 @@ def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume:
         "epoch": best["epoch"], "step": best["global_step"], "split": "test",  # the tested (best) checkpoint's
         **report_predictions(task, test, run.path, "test", bootstrap=cfg.bootstrap),
         "peak_memory_mib": peak, "images_per_s": module.images_per_s, "train_seconds": module.timing["seconds"],
+        "trainable_params": tuners.count_parameters(module.model)[0],
     }
     run.write_metrics(module.history + [row])  # the test row last: it marks the seed as finished
     return row

@@ -1,6 +1,7 @@
 """End-to-end SSA on real chest X-rays with a tiny ViT: runs, logs kNN, resumes after a kill, exports."""
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -94,6 +95,11 @@ def test_two_epochs_log_knn_and_the_export_reproduces_the_teacher(folders, tmp_p
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,step")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["tuner"] == {"name": "apla", "options": {"r": 16}}
+    resources = json.loads((run / "resources.json").read_text())
+    assert resources == result["resources"]
+    assert resources["trainable_params"] == 2 * (16 * 192 + 16)  # 16 rows of W_O and its bias, in 2 blocks
+    assert resources["head_params"] > 0 and resources["peak_memory_mib"] > 0
+    assert resources["images_per_s"] > 0 and resources["train_seconds"] > 0
 
     exported = backbones.create(weights=result["backbone"]).eval()
     x = torch.randn(3, 3, 32, 32)
@@ -158,6 +164,34 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(fold
         adapt(cfg)
     good = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert good["global_step"] == 1
+
+
+BREAST = SHARED / "data" / "medmnist" / "breastmnist.npz"
+
+
+@pytest.mark.skipif(not BREAST.is_file(), reason=f"shared BreastMNIST not found at {BREAST}")
+def test_ssa_on_the_train_split_of_a_task_monitors_knn_on_its_val_split(tmp_path):
+    from essa.task import load_task
+
+    splits = {"max_train": 40, "duplicates": "skip"}
+    cfg = resolve_config(None, sections={
+        **copy.deepcopy(TINY), "out": str(tmp_path / "run"), "optim": {"epochs": 1, "batch_size": 8},
+        "data": {"root": str(BREAST), "split": "train", "val_split": "val", "splits": splits, "num_workers": 0},
+    })
+    task = load_task(cfg.data.task_data())
+    loader = build_loader(cfg, 8)
+    assert loader.dataset.base.records == task.splits["train"] and len(task.splits["train"]) == 40
+    assert not {r.path for r in task.splits["train"]} & {r.path for r in task.splits["test"]}
+    result = adapt(cfg)
+    assert 0.0 <= result["metrics"][0]["knn_bal_acc"] <= 1.0  # leave-one-out kNN on the 78 val images
+    assert (result["run_dir"] / "checkpoints" / "best.ckpt").exists()
+    with pytest.raises(ValueError, match="data.val_split and data.splits need data.split"):
+        resolve_config(None, sections={"data": {"root": str(BREAST), "val_split": "val"}})
+    with pytest.raises(ValueError, match="data.split='tests'; valid choices: train, val, test"):
+        resolve_config(None, sections={"data": {"root": str(BREAST), "split": "tests"}})
+    with pytest.raises(ValueError, match="unknown config key max_images"):
+        resolve_config(None, sections={"data": {"root": str(BREAST), "split": "train",
+                                                "splits": {"max_images": 3}}})
 
 
 def test_bad_input_is_explained(folders, tmp_path):

@@ -6,8 +6,6 @@ logit per label with binary cross-entropy. Checkpoints hold only what trains (th
 
 from __future__ import annotations
 
-import time
-
 import lightning as L
 import numpy as np
 import torch
@@ -16,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from essa.train.run_dir import check_trainable_state, drop_frozen
 from essa.train.optim import decay_groups
+from essa.train.timing import StepTiming
 
 
 def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Tensor:
@@ -30,7 +29,7 @@ def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Ten
     return len(labels) / (num_classes * counts.clamp_min(1))
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(StepTiming, L.LightningModule):
     """One fine-tuning run of ``model`` (a timm ViT with a head of C outputs).
 
     Args:
@@ -71,15 +70,12 @@ class ClassifierModule(L.LightningModule):
         step = min(self.global_step, len(self.lr_schedule) - 1)
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = float(self.lr_schedule[step])
-        self._start = time.perf_counter()
+        (x, _y), _keys = batch
+        self.start_step(len(x))
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        # Counted here, before any callback's on_train_batch_end, so that a checkpoint saved there counts this step.
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timing["seconds"] += time.perf_counter() - self._start
-        self.timing["images"] += self._batch_images
+        self.end_step()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss of (B, C) logits against (B,) class indices or (B, L) 0/1 multilabel targets."""
@@ -90,7 +86,6 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         (x, y), _keys = batch
         loss = self.loss(self.model(x), y)
-        self._batch_images = x.shape[0]
         self._sums["train_loss"] = self._sums.get("train_loss", 0.0) + float(loss.detach())
         self._sums["steps"] = self._sums.get("steps", 0) + 1
         self.log("loss", loss.detach(), prog_bar=True)
@@ -102,8 +97,3 @@ class ClassifierModule(L.LightningModule):
         means = {k: v / steps for k, v in self._sums.items()}
         self._sums = {}
         return {**means, "lr": float(self.lr_schedule[min(self.global_step, len(self.lr_schedule)) - 1])}
-
-    @property
-    def images_per_s(self) -> float:
-        """Training throughput: images per second of optimisation steps (forward, backward, optimizer)."""
-        return self.timing["images"] / self.timing["seconds"] if self.timing["seconds"] else float("nan")

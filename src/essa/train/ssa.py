@@ -16,6 +16,7 @@ from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
 from essa.train.optim import decay_groups, default_lr
 from essa.train.run_dir import check_trainable_state, drop_frozen
+from essa.train.timing import StepTiming
 
 
 class CollapseError(RuntimeError):
@@ -43,7 +44,7 @@ def effective_rank(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
-class SSAModule(L.LightningModule):
+class SSAModule(StepTiming, L.LightningModule):
     """One SSA run. ``cfg`` is an :class:`essa.adaptation.AdaptConfig`; ``iters_per_epoch`` sizes the schedules."""
 
     def __init__(self, cfg, backbone: VisionTransformer, iters_per_epoch: int):
@@ -67,17 +68,20 @@ class SSAModule(L.LightningModule):
         self._low_rank_steps = 0
         self.history: list[dict] = []
         self._sums: dict[str, float] = {}
+        self.timing = {"images": 0, "seconds": 0.0}  # optimisation steps only (no data loading, no kNN)
 
     # ----- what a checkpoint holds: only what trains (frozen weights are rebuilt from the foundation model) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         drop_frozen(checkpoint, self, self.student)
-        checkpoint["essa"] = {"history": self.history, "sums": self._sums, "low_rank_steps": self._low_rank_steps}
+        checkpoint["essa"] = {"history": self.history, "sums": self._sums, "low_rank_steps": self._low_rank_steps,
+                              "timing": self.timing}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_trainable_state(checkpoint, self, self.student, "the checkpoint")
         state = checkpoint["essa"]
         self.history, self._sums = state["history"], state["sums"]
         self._low_rank_steps = state["low_rank_steps"]
+        self.timing = state["timing"]
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -95,6 +99,7 @@ class SSAModule(L.LightningModule):
             group["lr"] = float(self.schedules.lr[it])
             if group["apply_decay"]:
                 group["weight_decay"] = float(self.schedules.weight_decay[it])
+        self.start_step(len(batch["global_crops"]) // self.cfg.ssl.n_global)  # images, each with all its crops
 
     def on_after_backward(self):
         if self.schedules.freeze_prototypes[self._it]:
@@ -105,6 +110,7 @@ class SSAModule(L.LightningModule):
         # saved there must hold the teacher of this step, or a resumed run would miss one momentum update.
         super().optimizer_step(*args, **kwargs)
         ema_update(*self._ema, float(self.schedules.teacher_momentum[self._it]))
+        self.end_step()
 
     # ----- the objective ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

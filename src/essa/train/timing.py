@@ -1,0 +1,30 @@
+"""Training throughput of a LightningModule: the images and seconds of its optimisation steps."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class StepTiming:
+    """Mixin: ``self.timing`` counts images and seconds of optimisation steps only (forward, backward, optimizer;
+    no data loading, no validation). Call :meth:`start_step` when a batch starts and :meth:`end_step` right after
+    the optimizer step, before any callback's ``on_train_batch_end``, so that a checkpoint saved there counts the
+    step; keep ``self.timing`` in checkpoints so a resumed run goes on counting."""
+
+    timing: dict
+
+    def start_step(self, images: int) -> None:
+        self._step_images, self._step_start = images, time.perf_counter()
+
+    def end_step(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timing["seconds"] += time.perf_counter() - self._step_start
+        self.timing["images"] += self._step_images
+
+    @property
+    def images_per_s(self) -> float:
+        """Training throughput: images per second of optimisation steps."""
+        return self.timing["images"] / self.timing["seconds"] if self.timing["seconds"] else float("nan")
