@@ -1,0 +1,283 @@
+import base64
+import copy
+import math
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from essa.report import cell_summary, verdict, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EVIL_NAME = r"<script>alert(1)</script> derm/x=1 $\bad$"  # html, a path and invalid matplotlib math
+
+
+def seeds(metric, values, **other):
+    """Per-seed metric dicts: ``metric`` takes ``values``; every key of ``other`` its own list of the same length."""
+    return {str(i): {metric: v, **{k: vs[i] for k, vs in other.items()}} for i, v in enumerate(values)}
+
+
+def resources(params, memory, speed):
+    return {"trainable_params": params, "peak_memory_mib": memory, "images_per_s": speed, "train_seconds": 10.0}
+
+
+def cell(ssa, finetune, seed_metrics, status="done", ssa_res=None, ft_res=None, error=None):
+    return {"ssa": ssa, "finetune": finetune, "status": status, "error": error, "seeds": seed_metrics,
+            "ssa_resources": ssa_res, "finetune_resources": ft_res}
+
+
+FULL_SSA = resources(21_669_514, 1765.0, 0.26)
+APLA_SSA = resources(1_774_080, 1100.0, 0.40)
+FT = resources(21_669_514, 1384.0, 3.2)
+
+# Known answers for the verdict, fine-tuning "full": apla-SSA beats no-SSA by 0.10 with stds 0.01 -> helped;
+# "linear": lora-SSA is 0.02 above no-SSA with stds 0.05 -> within noise; "apla": apla-SSA is 0.20 below -> hurt.
+PNEUMONIA_CELLS = [
+    cell("none", "full", seeds("auc", [0.80, 0.82, 0.81], balanced_accuracy=[0.70, 0.72, 0.74],
+                               auc_ci_low=[0.7, 0.7, 0.7]), ft_res=FT),
+    cell("apla", "full", seeds("auc", [0.90, 0.91, 0.92], balanced_accuracy=[0.80, 0.80, 0.83]),
+         ssa_res=APLA_SSA, ft_res=FT),
+    cell("full", "full", seeds("auc", [0.85, 0.70, 0.95], balanced_accuracy=[0.75, 0.70, 0.80]),
+         ssa_res=FULL_SSA, ft_res=FT),
+    cell("none", "linear", seeds("auc", [0.70, 0.75, 0.80], balanced_accuracy=[0.6, 0.6, 0.6])),
+    cell("lora r=8", "linear", seeds("auc", [0.72, 0.77, 0.82], balanced_accuracy=[0.6, 0.6, 0.6])),
+    cell("full", "linear", seeds("auc", [math.nan], balanced_accuracy=[0.5]), status="partial"),
+    cell("none", "apla", seeds("auc", [0.80, 0.81, 0.82], balanced_accuracy=[0.7, 0.7, 0.7])),
+    cell("apla", "apla", seeds("auc", [0.60, 0.61, 0.62], balanced_accuracy=[0.5, 0.5, 0.5]), ssa_res=APLA_SSA),
+    cell("full", "apla", {}, status="failed", error="CUDA out of memory.\nTried to allocate 2 GiB | retry"),
+    cell("lora r=8", "full", {}, status="pending"),
+]
+# One seed per cell: no noise estimate.
+DERM_CELLS = [
+    cell("none", "full", seeds("balanced_accuracy", [0.61], accuracy=[0.7]), ft_res=FT),
+    cell("apla r=64", "full", seeds("balanced_accuracy", [0.66], accuracy=[0.72]), ssa_res=APLA_SSA, ft_res=FT),
+]
+
+
+def make_results():
+    return {
+        "name": "quickstart",
+        "backbone": "vit_small_patch14_dinov2.lvd142m",
+        "wall_seconds": 612.3,
+        "budget": {"img_size": 112, "batch_size": 32, "ssa_epochs": 5, "seeds": [0, 1, 2]},
+        "notes": ["SSA uses the train split only", "learning rates from method.md"],
+        "datasets": [
+            {"name": "pneumonia", "task": "binary", "primary_metric": "auc",
+             "description": "chest_xray_pneumonia: binary, train 300 / val 50 / test 624 images",
+             "cells": copy.deepcopy(PNEUMONIA_CELLS),
+             "probes": [{"backbone": "pretrained", "method": "knn", "metrics": {"auc": 0.8, "balanced_accuracy": 0.7}},
+                        {"backbone": "ssa apla", "method": "linear_probe", "metrics": {"auc": 0.85}}],
+             "ssa_curves": {"full": [{"epoch": e, "loss": 9 - e, "knn_bal_acc": 0.6 + 0.01 * e} for e in range(3)],
+                            "apla": [{"epoch": e, "loss": 8 - e, "knn_bal_acc": 0.62 + 0.02 * e} for e in range(3)],
+                            "lora r=8": [{"epoch": 0, "loss": 7.0}]}},
+            {"name": EVIL_NAME, "task": "multiclass", "primary_metric": "balanced_accuracy",
+             "description": "derm images", "cells": copy.deepcopy(DERM_CELLS), "probes": [],
+             "ssa_curves": {"apla r=64": [{"epoch": e, "loss": 5.0 - e} for e in range(3)]}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    results = make_results()
+    return out, results, write_report(results, out)
+
+
+def table_rows(markdown, first_header):
+    """The body rows (lists of cell texts) of every markdown table whose first header cell is ``first_header``."""
+    tables, current = [], None
+    for line in markdown.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            if current is None:
+                current = [] if cells[0] == first_header else "skip"
+                if current != "skip":
+                    tables.append(current)
+            elif current != "skip":
+                current.append(cells)
+        elif not line.startswith("|---"):
+            current = None
+    return tables
+
+
+def expected(values, n_shown=True):
+    values = np.asarray(values, dtype=float)
+    text = f"{values.mean():.4f}" + (f" ± {values.std(ddof=1):.4f}" if len(values) >= 2 else "")
+    return f"{text} (n={len(values)})" if n_shown else text
+
+
+def test_files_and_figures(report):
+    out, _, paths = report
+    assert paths["markdown"] == out / "report.md" and paths["markdown"].is_file()
+    assert paths["html"] == out / "report.html" and paths["html"].is_file()
+    names = sorted(p.name for p in paths["figures"])
+    assert names == ["pneumonia_metric_vs_memory.png", "pneumonia_ssa_curves.png",
+                     "script_alert_1_script_derm_x_1_bad_metric_vs_memory.png",
+                     "script_alert_1_script_derm_x_1_bad_ssa_curves.png"]
+    for path in paths["figures"]:
+        assert path.parent == out / "figures"
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        with Image.open(path) as image:
+            assert image.width > 100 and image.height > 100
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_header(report):
+    _, _, paths = report
+    md = paths["markdown"].read_text()
+    assert "# Study report: quickstart" in md
+    assert "Backbone: vit_small_patch14_dinov2.lvd142m" in md
+    assert "Total wall time: 10 min 12 s" in md
+    assert "Cells: 9 done, 1 partial, 1 pending, 1 failed (of 12)" in md
+    for line in ["img_size: 112", "batch_size: 32", "ssa_epochs: 5", "seeds: 0, 1, 2",
+                 "- SSA uses the train split only", "- learning rates from method.md"]:
+        assert line in md
+
+
+def test_metric_table_one_row_per_cell_with_mean_std(report):
+    _, results, paths = report
+    md = paths["markdown"].read_text()
+    tables = table_rows(md, "SSA")  # per dataset: the metrics table, then the resources table
+    assert len(tables) == 4
+    for dataset, metrics_rows in zip(results["datasets"], tables[::2]):
+        assert [row[:2] for row in metrics_rows] == [[c["ssa"], c["finetune"]] for c in dataset["cells"]]
+    header = next(line for line in md.splitlines() if line.startswith("| SSA | fine-tuning | status | auc"))
+    assert header == "| SSA | fine-tuning | status | auc (primary) | balanced_accuracy |"  # no CI-bound column
+    rows = tables[0]
+    for row, c in zip(rows, PNEUMONIA_CELLS):
+        aucs = [s["auc"] for s in c["seeds"].values()]
+        bal = [s["balanced_accuracy"] for s in c["seeds"].values()]
+        if aucs:
+            assert row[3].strip("*") == expected(aucs)
+            assert row[4] == expected(bal, n_shown=False)
+        else:
+            assert row[3] == row[4] == "–"
+    assert rows[0][3] == "0.8100 ± 0.0100 (n=3)"
+    assert rows[5][2:4] == ["partial", "nan (n=1)"]  # a NaN seed shows, it is not dropped
+    assert rows[8][2].startswith("failed: CUDA out of memory. Tried to allocate 2 GiB \\| retry")
+    assert rows[9][2] == "pending"
+    assert tables[2][1][3] == "**0.6600 (n=1)**"  # one seed: no std
+
+
+def test_best_primary_in_bold(report):
+    _, _, paths = report
+    rows = table_rows(paths["markdown"].read_text(), "SSA")[0]
+    bold = [i for i, row in enumerate(rows) for text in row if text.startswith("**")]
+    assert bold == [1]  # apla -> full, mean 0.91
+    assert rows[1][3] == "**0.9100 ± 0.0100 (n=3)**"
+    assert "<strong>0.9100 ± 0.0100 (n=3)</strong>" in paths["html"].read_text()
+
+
+def test_resources_table(report):
+    _, _, paths = report
+    rows = table_rows(paths["markdown"].read_text(), "SSA")[1]
+    assert rows[1][2:] == ["1,774,080", "1,100", "0.40", "21,669,514", "1,384", "3.20"]
+    assert rows[0][2:5] == ["–", "–", "–"]  # no SSA
+    assert rows[3][2:] == ["–"] * 6  # no resources at all
+
+
+def test_probes_table(report):
+    _, _, paths = report
+    md = paths["markdown"].read_text()
+    assert table_rows(md, "backbone") == [[["pretrained", "knn", "0.8000", "0.7000"],
+                                           ["ssa apla", "linear_probe", "0.8500", "–"]]]
+
+
+def test_html_is_self_contained_and_escaped(report):
+    _, _, paths = report
+    page = paths["html"].read_text()
+    assert 'src="http' not in page and "<link" not in page and "<script" not in page
+    assert r"<h2>Dataset: &lt;script&gt;alert(1)&lt;/script&gt; derm/x=1 $\bad$</h2>" in page
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == len(paths["figures"]) == 4
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_SIGNATURE
+    assert page.count("<tr>") == 2 * (1 + 10) + 2 * (1 + 2) + (1 + 2)  # header + one row per cell or probe
+
+
+def test_figure_captions(report):
+    _, _, paths = report
+    md = paths["markdown"].read_text()
+    assert "![pneumonia_metric_vs_memory](figures/pneumonia_metric_vs_memory.png)" in md
+    assert "the larger of its SSA and fine-tuning peaks" in md
+    assert "Not shown (no finished seed or no memory measured): none → linear" in md
+    assert "Weighted-kNN balanced accuracy" in md and "Not shown (no knn_bal_acc values): lora r=8." in md
+    assert "no curve has kNN values" in md  # the second dataset plots its loss
+
+
+def test_verdict_known_cases():
+    results = make_results()
+    lines = verdict(results["datasets"][0])
+    assert lines[0] == "Best cell: SSA apla + fine-tuning full, auc 0.9100 ± 0.0100 (n=3)."
+    by_tuner = {line.split(":")[0]: line for line in lines[1:4]}
+    assert "SSA helped" in by_tuner["Fine-tuning full"] and "+0.1000" in by_tuner["Fine-tuning full"]
+    assert "within noise" in by_tuner["Fine-tuning linear"] and "helped" not in by_tuner["Fine-tuning linear"]
+    assert "SSA hurt" in by_tuner["Fine-tuning apla"] and "-0.2000" in by_tuner["Fine-tuning apla"]
+    apla_vs_full = [line for line in lines if "vs SSA full" in line]
+    assert len(apla_vs_full) == 1  # fine-tuning full; with apla fine-tuning the full-SSA cell failed
+    assert f"auc {0.91 - np.mean([0.85, 0.70, 0.95]):+.4f}" in apla_vs_full[0]
+    assert "within noise" in apla_vs_full[0]  # full SSA's std (0.126) covers the 0.077
+    assert f"SSA peak memory ×{1100 / 1765:.2f}" in apla_vs_full[0]
+    assert f"SSA throughput ×{0.40 / 0.26:.2f}" in apla_vs_full[0]
+
+    derm = verdict(results["datasets"][1])
+    assert "single seed: no noise estimate" in derm[1] and "+0.0500" in derm[1]
+
+
+def test_verdict_without_finished_cells():
+    dataset = {"name": "d", "primary_metric": "auc", "cells": [cell("none", "full", {}, status="pending")]}
+    assert verdict(dataset) == ["No cell has a finished seed with a auc value yet."]
+
+
+def test_cell_summary():
+    c = cell("apla", "full", seeds("auc", [0.9, 0.8, 0.7]))
+    mean, std, n = cell_summary(c, "auc")
+    assert (mean, n) == (pytest.approx(0.8), 3) and std == pytest.approx(np.std([0.9, 0.8, 0.7], ddof=1))
+    mean, std, n = cell_summary(cell("a", "b", seeds("auc", [0.9])), "auc")
+    assert mean == 0.9 and math.isnan(std) and n == 1
+    assert math.isnan(cell_summary(cell("a", "b", seeds("auc", [0.9, None])), "auc").mean)  # JSON null = NaN
+    assert cell_summary(cell("a", "b", {}), "auc")[2] == 0
+
+
+def test_second_call_overwrites(tmp_path):
+    results = make_results()
+    write_report(results, tmp_path)
+    pending = results["datasets"][0]["cells"][9]
+    pending.update(status="done", seeds=seeds("auc", [0.99, 0.97]))
+    results["datasets"][1]["name"] = "derm"
+    results["datasets"][1]["ssa_curves"] = {}
+    paths = write_report(results, tmp_path)
+    md = paths["markdown"].read_text()
+    assert "**0.9800 ± 0.0141 (n=2)**" in md and "Cells: 10 done, 1 partial, 0 pending, 1 failed" in md
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(p.name for p in paths["figures"])
+    assert "derm_ssa_curves.png" not in md  # no curves: no plot
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*"))
+
+
+def test_missing_required_key(tmp_path):
+    results = make_results()
+    del results["datasets"][0]["cells"][0]["finetune"]
+    with pytest.raises(ValueError, match="cell 0 of dataset 'pneumonia' lacks 'finetune'"):
+        write_report(results, tmp_path)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_interrupted_call_keeps_previous_report(tmp_path, monkeypatch):
+    results = make_results()
+    write_report(results, tmp_path)
+    before = (tmp_path / "report.md").read_text()
+
+    def fail(rows, path, **kwargs):
+        path.write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("essa.report.accuracy_vs_memory_png", fail)
+    results["datasets"][0]["cells"][9].update(status="done", seeds=seeds("auc", [0.99]))
+    with pytest.raises(KeyboardInterrupt):
+        write_report(results, tmp_path)
+    assert (tmp_path / "report.md").read_text() == before
+    assert (tmp_path / "figures" / "pneumonia_metric_vs_memory.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert not list(tmp_path.rglob("*.tmp"))
