@@ -18,6 +18,7 @@ COMMANDS = (
     "essa.data.cli",
     "essa.train.cli",
     "essa.evaluate.cli",
+    "essa.study",
 )
 
 

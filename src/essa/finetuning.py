@@ -150,7 +150,7 @@ def lr_schedule(optim: OptimConfig, tuner: str, total_steps: int) -> np.ndarray:
     return cosine(default_lr(tuner, optim.lr), optim.min_lr, total_steps, warmup_iters=warmup)
 
 
-def _test_row(run: RunDir) -> dict | None:
+def test_row(run: RunDir) -> dict | None:
     """The final test row of a finished seed run, else None."""
     path = run.path / "metrics.json"
     if not (run.path / CLASSIFIER_FILE).is_file() or not path.is_file():
@@ -211,12 +211,15 @@ def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume:
 
 
 def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool = False,
-             overrides: list[str] | None = None, trainer_kwargs: dict | None = None, **sections) -> dict[str, Any]:
+             overrides: list[str] | None = None, trainer_kwargs: dict | None = None, only: list[int] | None = None,
+             **sections) -> dict[str, Any]:
     """Fine-tune and test one classifier per seed. ``config``: a FinetuneConfig, a YAML path, or None; ``sections``
     override it by section (``optim={"epochs": 3}``) or top-level key (``seeds=[0, 1]``, ``out=...``).
 
     Finished seeds (a test row in ``seed_N/metrics.json``) are read back, not trained again; ``resume`` continues
-    unfinished ones from their last checkpoint. A seed directory made with another config is an error.
+    unfinished ones from their last checkpoint. A seed directory made with another config is an error. ``only``:
+    train only these of the config's seeds now (``essa run`` trains one seed per cell); the summary covers the
+    finished seeds.
     Returns {"run_dir", "task", "seeds" (seed -> {"run_dir", "classifier", "test"}), "summary", "table"}.
     """
     cfg = resolve_config(config, overrides, sections)
@@ -234,9 +237,13 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
         (out / "duplicates.json").write_text(json.dumps(task.duplicates.to_dict(), indent=2))
     print(task.describe())
 
+    if only is not None and not set(only) <= set(cfg.seeds):
+        raise ValueError(f"only={only} names seeds that are not in seeds={cfg.seeds}")
     seeds = {}
     for seed, (seed_cfg, run) in runs.items():
-        row = _test_row(run)
+        row = test_row(run)
+        if row is None and only is not None and seed not in only:
+            continue
         if row is None:
             row = _train_seed(seed_cfg, seed, task, run, resume, trainer_kwargs)
         else:
@@ -244,7 +251,7 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
         seeds[seed] = {"run_dir": run.path, "classifier": run.path / CLASSIFIER_FILE, "test": row}
 
     names = [*metrics.metric_names(task.task), *RESOURCES]
-    summary = {"task": task.task, "primary_metric": task.primary, "seeds": cfg.seeds,
+    summary = {"task": task.task, "primary_metric": task.primary, "seeds": list(seeds),
                **summarise({f"seed_{s}": r["test"] for s, r in seeds.items()}, names)}
     write_summary(out, summary)
     table = format_table({f"{cfg.tuner.name} (mean ± std)": mean_std_column(summary)}, task.primary)

@@ -1,0 +1,140 @@
+"""``essa run``: a tiny study end to end on real ultrasound images, killed midway, resumed, re-run."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from essa import study as study_mod
+from essa.cli import main
+from tests.conftest import REPO, SHARED
+
+BREAST = SHARED / "data" / "medmnist" / "breastmnist.npz"
+pytestmark = pytest.mark.skipif(not BREAST.is_file(), reason=f"shared BreastMNIST not found at {BREAST}")
+
+TINY = {
+    "name": "tiny",
+    "backbone": {"name": "vit_tiny_patch16_224", "pretrained": False, "model_args": {"patch_size": 8, "depth": 2}},
+    "data": {"num_workers": 0, "duplicates": "skip"},
+    "datasets": [{"name": "breast", "data": {"root": str(BREAST), "max_train": 48}}],
+    "img_size": 32,
+    "batch_size": 16,
+    "seeds": [0],
+    "ssa": {"epochs": 1, "tuners": ["none", {"name": "apla", "options": {"r": 16}}],
+            "config": {"ssl": {"prototypes": 256, "head_hidden": 128, "head_bottleneck": 64, "n_local": 2},
+                       "monitor": {"knn_k": 5, "checkpoint_every_n_steps": 1}}},
+    "finetune": {"epochs": 2, "tuners": ["full", "apla"], "config": {"checkpoint_every_n_steps": 1}},
+}
+
+
+def _write(tmp_path, **changes):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "out": str(tmp_path / "run"), **changes}))
+    return path
+
+
+def _table_rows(markdown: str, header: str) -> list[list[str]]:
+    """The body rows of the first markdown table after the line ``header``."""
+    lines = markdown[markdown.index(header):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.slow
+def test_a_study_killed_midway_resumes_writes_its_report_and_a_rerun_skips_every_cell(tmp_path, capsys):
+    config = _write(tmp_path)
+    run = tmp_path / "run" / "breast"
+    ssa_export = run / "ssa" / "apla_r16" / "backbone.safetensors"
+    first_finetune = run / "finetune" / "none__full" / "seed_0" / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "essa", "run", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not first_finetune.exists():  # SSA and probes finished; the first fine-tuning seed has a checkpoint
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the study did not reach its first fine-tuning checkpoint in 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stamp = ssa_export.stat().st_mtime_ns
+    cells = json.loads((tmp_path / "run" / "cells.json").read_text())
+    assert cells[(run / "ssa" / "apla_r16").as_posix()]["status"] == "done"
+    assert not (run / "finetune" / "none__full" / "seed_0" / "classifier.safetensors").exists()
+
+    assert main(["run", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "running: ssa" not in printed and "running: probe" not in printed  # finished cells are skipped
+    assert "running: finetune" in printed and ssa_export.stat().st_mtime_ns == stamp
+    assert re.search(r"\[study\] 7/7 done, 0 left", printed)
+
+    report = (tmp_path / "run" / "report.md").read_text()
+    rows = _table_rows(report, "### Test metrics")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("none", "full", "done"), ("none", "apla", "done"),
+                                                  ("apla r=16", "full", "done"), ("apla r=16", "apla", "done")]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for row, cell in zip(rows, results["datasets"][0]["cells"], strict=True):
+        auc = cell["seeds"]["0"]["auc"]
+        assert 0.0 <= auc <= 1.0 and row[3].strip("*") == f"{auc:.4f} (n=1)"
+        assert cell["finetune_resources"]["peak_memory_mib"] > 0 and cell["finetune_resources"]["images_per_s"] > 0
+        assert (cell["ssa_resources"] is None) == (cell["ssa"] == "none")
+    assert {(p["backbone"], p["method"]) for p in results["datasets"][0]["probes"]} == {
+        ("pretrained", "knn"), ("pretrained", "linear"), ("ssa apla r=16", "knn"), ("ssa apla r=16", "linear")}
+    assert len(results["datasets"][0]["ssa_curves"]["apla r=16"]) == 1  # one SSA epoch, with its kNN
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "apla r=16" in html
+
+    exports = [*run.rglob("backbone.safetensors"), *run.rglob("classifier.safetensors"), *run.rglob("metrics.json")]
+    stamps = {p: p.stat().st_mtime_ns for p in exports}
+    assert len(stamps) == 1 + 4 + 7  # the SSA export, four classifiers, and the metrics of every cell
+    assert main(["run", "--config", str(config)]) == 0
+    assert "running:" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_cells_and_their_configs(tmp_path):
+    study = study_mod.Study(_write(tmp_path, seeds=[0, 1], probes=["knn"]))
+    kinds = [c.kind for c in study.cells]
+    assert kinds == ["ssa", "probe", "probe"] + ["finetune"] * 8  # 2 SSA x 2 fine-tuning tuners x 2 seeds
+    ssa = study.adapt_sections(study.datasets[0], study_mod.TunerSpec("apla", {"r": 16}))
+    assert ssa["data"]["split"] == "train" and ssa["data"]["val_split"] == "val"
+    assert ssa["data"]["splits"] == {"duplicates": "skip", "max_train": 48}  # the fine-tuning cells' splits
+    assert ssa["ssl"]["global_size"] == 32 and ssa["ssl"]["prototypes"] == 256 and ssa["optim"]["epochs"] == 1
+    ft = study.finetune_sections(study.datasets[0], study_mod.TunerSpec("apla", {"r": 16}),
+                                 study_mod.TunerSpec("full"))
+    assert ft["backbone"]["weights"].endswith("breast/ssa/apla_r16/backbone.safetensors")
+    assert ft["data"] == {"num_workers": 0, "duplicates": "skip", "root": str(BREAST), "max_train": 48}
+    assert (ft["img_size"], ft["optim"]["epochs"], ft["seeds"]) == (32, 2, [0, 1])
+    assert study_mod.slug("apla r=64") == "apla_r64" and study_mod.slug("lora r=8 / qkv") == "lora_r8_qkv"
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"datasets": []}, "datasets is empty"),
+    ({"ssa": {"epochs": 1, "tuners": ["apla", {"name": "apla"}]}}, r"distinct tuners, got \['apla', 'apla'\]"),
+    ({"finetune": {"epochs": 1, "tuners": ["aplaa"]}}, "unknown tuner 'aplaa'"),
+    ({"probes": ["knn", "svm"]}, "unknown 'svm'; valid choices: knn, linear"),
+    ({"datasets": [{"name": "a", "root": "x"}]}, "unknown config key datasets\\[0\\].root"),
+    ({"seeds": []}, "non-empty list of distinct integers"),
+])
+def test_bad_study_configs_are_explained(tmp_path, changes, fragment):
+    with pytest.raises(ValueError, match=fragment):  # ConfigError, or TunerError for a bad tuner
+        study_mod.Study(_write(tmp_path, **changes))
+
+
+def test_the_command_lists_cells_and_explains_bad_input(tmp_path, capsys):
+    config = _write(tmp_path)
+    assert main(["run", "--config", str(config), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 7 and all(line.startswith("todo") for line in lines)
+    assert main(["run", "--config", str(config), "--set", "img_size=0"]) == 2
+    assert "img_size and batch_size must be at least 1" in capsys.readouterr().err
