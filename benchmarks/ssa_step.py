@@ -2,11 +2,15 @@
 
     python benchmarks/ssa_step.py                          # ViT-S/14 and ViT-B/14, 224/98 px, 2+8 crops, batch 4
     python benchmarks/ssa_step.py --models vit_small_patch14_dinov2 --batch-size 2 --prototypes 4096
+    python benchmarks/ssa_step.py --only apla --no-recompute --loss-chunk 0   # as before the memory work
 
 A step: student on 2 masked global crops and 8 local crops, teacher on the 2 global crops, DINO + iBOT + KoLeo,
-backward, gradient clipping, AdamW, momentum update. Prints peak training memory and images/s per tuner and the
-ratio of each to full SSA measured in the same run, then checks the targets (ahead of the reference 0.60x memory,
-1.25x throughput): APLA-SSA at most 0.55x the peak memory and at least 1.35x the throughput of full SSA.
+backward, gradient clipping, AdamW, momentum update, set up as ``essa adapt`` sets it up (frozen block stretches
+recomputed, optim.recompute_frozen; the loss scored 64 rows at a time). Prints peak training memory and images/s
+per tuner and the ratio of each to full SSA measured in the same run, where the memory goes (weights, gradients,
+AdamW states, activations kept for the backward pass, the rest: transients and allocator slack), then checks the
+targets (ahead of the reference 0.60x memory, 1.25x throughput): APLA-SSA (whole W_O) at most 0.55x the peak memory
+and at least 1.35x the throughput of full SSA, on each model.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from essa.bench import markdown_table, measure_grid
+from essa.bench import breakdown_table, markdown_table, measure_grid
 
 CONFIGS = [
     ("full", "full", {}),
@@ -39,6 +43,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", default=None, help="comma-separated labels to run (full is always run)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the grid; best throughput is kept")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="keep the activations of frozen stretches (optim.recompute_frozen=false)")
+    parser.add_argument("--loss-chunk", type=int, default=None,
+                        help="rows of (rows x prototypes) logits scored at a time (default: the loss's own, 64); "
+                             "0: all at once")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
@@ -46,20 +55,25 @@ def main() -> None:
     configs = [c for c in CONFIGS if args.only is None or c[0] in args.only.split(",") + ["full"]]
     rows = measure_grid("essa.bench:ssa_step", models, configs, repeats=args.repeats,
                         global_size=args.global_size, local_size=args.local_size, n_local=args.n_local, batch_size=args.batch_size,
-                        prototypes=args.prototypes, steps=args.steps, warmup=args.warmup, device=args.device)
+                        prototypes=args.prototypes, steps=args.steps, warmup=args.warmup, device=args.device,
+                        recompute_frozen=not args.no_recompute,
+                        loss_chunk="default" if args.loss_chunk is None else args.loss_chunk or None)
     print(f"\nbatch {args.batch_size} images (2 x {args.global_size} px + {args.n_local} x {args.local_size} px "
           f"crops each), {args.prototypes} prototypes, {args.steps} timed steps after {args.warmup} warm-up, "
-          f"device {args.device}")
+          f"device {args.device}, frozen stretches {'kept' if args.no_recompute else 'recomputed'}, loss chunk "
+          f"{'default' if args.loss_chunk is None else args.loss_chunk or 'none'}")
     print(markdown_table(rows, "SSA tuner"))
+    print("\nwhere the peak memory goes (MiB; weights count the teacher's own copies once):")
+    print(breakdown_table(rows, "SSA tuner"))
     # CPU seconds per image are robust to other load on a shared machine; on a GPU, wall-clock time is the cost.
     speed = "images_per_cpu_s" if args.device == "cpu" else "images_per_s"
-    print(f"\ntargets (speed measured as {speed}):")
+    print(f"\ntargets, APLA (whole W_O) against full SSA on the same model (speed measured as {speed}):")
     for model in models:
         apla = next((r for r in rows if r["model"] == model and r["label"] == "apla"), None)
         if apla is None:
             continue
         print(f"  {model}: APLA memory <= 0.55x full: {'met' if apla['peak_mib_ratio'] <= 0.55 else 'NOT met'} "
-              f"({apla['peak_mib_ratio']:.2f}x)")
+              f"({apla['peak_mib_ratio']:.3f}x)")
         print(f"  {model}: APLA throughput >= 1.35x full: "
               f"{'met' if apla[f'{speed}_ratio'] >= 1.35 else 'NOT met'} ({apla[f'{speed}_ratio']:.2f}x)")
     if args.json:

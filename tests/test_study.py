@@ -131,10 +131,24 @@ def test_bad_study_configs_are_explained(tmp_path, changes, fragment):
         study_mod.Study(_write(tmp_path, **changes))
 
 
-def test_the_command_lists_cells_and_explains_bad_input(tmp_path, capsys):
+def _run_args(*argv):
+    """The parsed ``essa run`` arguments of ``--config CONFIG *rest``."""
+    from essa.cli import build_parser
+
+    return build_parser().parse_args(["run", "--config", *map(str, argv)])
+
+
+def test_the_command_lists_cells_maps_scale_flags_and_explains_bad_input(tmp_path, capsys):
     config = _write(tmp_path)
     assert main(["run", "--config", str(config), "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 7 and all(line.startswith("todo") for line in lines)
+    study = study_mod.Study(config, overrides=study_mod._overrides(_run_args(
+        config, "--devices", "2", "--strategy", "ddp", "--accumulate-grad-batches", "2")))
+    assert study.distributed  # several processes: every cell in this one, Lightning starts the others
+    ssa = study.adapt_sections(study.datasets[0], study_mod.TunerSpec("apla"))
+    assert ssa["trainer"]["devices"] == 2 and ssa["trainer"]["strategy"] == "ddp"
+    ft = study.finetune_sections(study.datasets[0], study_mod.TunerSpec("none"), study_mod.TunerSpec("full"))
+    assert ft["trainer"]["accumulate_grad_batches"] == 2
     assert main(["run", "--config", str(config), "--set", "img_size=0"]) == 2
     assert "img_size and batch_size must be at least 1" in capsys.readouterr().err

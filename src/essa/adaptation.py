@@ -24,15 +24,16 @@ import torch
 from torch import nn
 
 from essa import config as config_mod, tuners
-from essa.config import BackboneConfig, TunerConfig
+from essa.config import BackboneConfig, TrainerConfig, TunerConfig
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
 from essa.bench import MemoryMeter
-from essa.train.optim import precision
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir
+from essa.train.trainer import build_trainer, full_weights, over_processes, prepare_backbones, shard, steps_per_epoch
 
 
 #: What a finished run measured: backbone trainable parameters, DINO head parameters, peak training memory (MiB;
-#: of the last session when resumed), training images/s and seconds (summed over sessions).
+#: of the last session when resumed; of process 0 in a distributed run), training images/s (of all processes
+#: together) and seconds (summed over sessions).
 RESOURCES_FILE = "resources.json"
 #: Splits of a labelled task (``essa.task``) that ``data.split`` and ``data.val_split`` can name.
 SPLITS = ("train", "val", "test")
@@ -105,6 +106,9 @@ class OptimConfig:
     warmup_epochs: float = 10
     weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-4])
     grad_clip: float = 1.0
+    # Recompute the student's frozen block stretches in the backward pass instead of keeping their activations
+    # (essa.train.memory.recompute_frozen): same numbers, less memory, one extra fc1 per block.
+    recompute_frozen: bool = True
 
 
 @dataclass
@@ -126,9 +130,7 @@ class AdaptConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     seed: int = 0
     out: str = "runs/adapt"
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    accelerator: str = "auto"
-    devices: Any = 1
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # devices, nodes, strategy, precision, memory
 
     def validate(self) -> None:
         if self.data.root is None:
@@ -221,7 +223,8 @@ def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig) -> dict[str, fl
     from essa.evaluate.knn import knn_scores
 
     source, records = labelled
-    feats, labels, _ = cls_features(backbone, source, records, img_size=cfg.ssl.global_size)
+    # every process extracts its share and gets all features: each computes the same kNN over the whole set
+    feats, labels, _ = cls_features(backbone, source, records, img_size=cfg.ssl.global_size, distributed=True)
     pred = knn_scores(feats, labels, k=cfg.monitor.knn_k, temperature=cfg.monitor.knn_temperature,
                       num_classes=len(source.classes)).argmax(1)
     return {"knn_acc": float(accuracy_score(labels, pred)), "knn_bal_acc": float(balanced_accuracy_score(labels, pred))}
@@ -255,48 +258,48 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     run.prepare(cfg, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    # before the model exists: its weights count as training memory
-    cuda = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    meter = MemoryMeter(torch.device("cuda" if cuda else "cpu"), restart=True)
-    backbone = cfg.backbone.build(img_size=cfg.ssl.global_size, dynamic_img_size=True)
-    tuners.apply(backbone, cfg.tuner.name, **cfg.tuner.options)
-    patch = backbone.patch_embed.patch_size[0]
     task = _task(cfg)
-    loader = build_loader(cfg, patch, task)
-
-    from essa.train.ssa import SSAModule
-
-    module = SSAModule(cfg, backbone, iters_per_epoch=len(loader))
     knn_data = _labelled_images(cfg, task)
     checkpointing = Checkpointing(run, cfg.monitor.checkpoint_every_n_steps,
                                   monitor="knn_bal_acc" if knn_data is not None else None)
     # after each epoch: kNN on the teacher's CLS features (best checkpoint by its balanced accuracy)
     epoch_end = EpochEnd(run, checkpointing,
                          lambda m: knn_metrics(m.teacher.backbone, knn_data, cfg) if knn_data is not None else {})
-    trainer = L.Trainer(
-        max_epochs=cfg.optim.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-        precision=precision(cfg.precision), gradient_clip_val=cfg.optim.grad_clip, logger=False,
-        enable_checkpointing=False, callbacks=[checkpointing, epoch_end],
-        num_sanity_val_steps=0, deterministic=False, enable_model_summary=False,
-        **(trainer_kwargs or {}),
-    )
+    trainer = build_trainer(cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
+                            callbacks=[checkpointing, epoch_end], trainer_kwargs=trainer_kwargs)
+    # before the model exists: its weights count as training memory
+    meter = MemoryMeter(trainer.strategy.root_device, restart=True)
+    backbone = cfg.backbone.build(img_size=cfg.ssl.global_size, dynamic_img_size=True)
+    tuners.apply(backbone, cfg.tuner.name, **cfg.tuner.options)
+    patch = backbone.patch_embed.patch_size[0]
+    loader = build_loader(cfg, patch, task)
+    shard(loader, trainer)
+
+    from essa.train.ssa import SSAModule
+
+    module = SSAModule(cfg, backbone, iters_per_epoch=steps_per_epoch(loader, trainer))
+    prepare_backbones(cfg.trainer, module.student.backbone, module.teacher.backbone)
     with warnings.catch_warnings():
         # the teacher stays in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
         trainer.fit(module, train_dataloaders=loader,
                     ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
 
-    if run.best.exists():
-        state = torch.load(run.best, map_location="cpu", weights_only=True)
-        module.load_state_dict(state["state_dict"], strict=False)
-    resources = {
-        "trainable_params": tuners.count_parameters(module.student.backbone)[0],
-        "head_params": sum(p.numel() for p in module.student.head.parameters()),
-        "peak_memory_mib": meter.peak_mib(), "images_per_s": module.images_per_s,
-        "train_seconds": module.timing["seconds"],
-    }
-    (run.path / RESOURCES_FILE).write_text(json.dumps(resources, indent=2))
-    paths = _export(module, run)
+    throughput = over_processes(trainer, {"images_per_s": module.images_per_s}, op="sum")  # of all processes
+    with full_weights(trainer, writeback=True):
+        if run.best.exists():
+            state = torch.load(run.best, map_location="cpu", weights_only=True)
+            module.load_state_dict(state["state_dict"], strict=False)
+        resources = {
+            "trainable_params": tuners.count_parameters(module.student.backbone)[0],
+            "head_params": sum(p.numel() for p in module.student.head.parameters()),
+            "peak_memory_mib": meter.peak_mib(), **throughput, "train_seconds": module.timing["seconds"],
+        }
+        paths = None
+        if trainer.is_global_zero:
+            (run.path / RESOURCES_FILE).write_text(json.dumps(resources, indent=2))
+            paths = _export(module, run)
+    paths = trainer.strategy.broadcast(paths)  # the other processes return once the files exist
     return {"run_dir": run.path, **paths, "metrics": module.history, "resources": resources}
 
 

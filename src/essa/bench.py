@@ -8,6 +8,7 @@ from model creation on; on CPU the peak resident set size minus the resident siz
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -61,6 +62,39 @@ class MemoryMeter:
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         return (peak - self.base) / 2**20
+
+
+def _mib(tensors) -> float:
+    """MiB of the distinct storages behind ``tensors`` (a tensor shared by two modules counts once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values()) / 2**20
+
+
+class SavedActivations:
+    """Context manager: MiB of the tensors autograd keeps for the backward pass while it is active (distinct
+    storages, parameters excluded; a checkpointed region counts only what it keeps: its inputs)."""
+
+    def __init__(self, parameters):
+        self._params = {p.untyped_storage().data_ptr() for p in parameters}
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._params:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def mib(self) -> float:
+        return sum(self._storages.values()) / 2**20
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
 
 
 def time_steps(step: Callable[[], None], images_per_step: int, device: torch.device, warmup: int, steps: int) -> dict:
@@ -129,9 +163,18 @@ def ssa_step(
     warmup: int = 1,
     steps: int = 2,
     device: str = "cpu",
+    recompute_frozen: bool = True,
+    loss_chunk: int | None | str = "default",
 ) -> dict[str, Any]:
     """One SSA step of the full objective (student on 2 masked global + ``n_local`` local crops, teacher on the
-    global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, momentum update) on random images."""
+    global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, momentum update) on random images,
+    set up as ``essa adapt`` sets it up (``optim.recompute_frozen``; the loss's ``chunk_size`` unless
+    ``loss_chunk`` is an int, or None for no chunking).
+
+    Besides the peak and the timing, the result breaks the memory down (MiB): ``weights_mib`` (student, teacher
+    and buffers; shared tensors once), ``grads_mib``, ``optimizer_mib`` (AdamW states), ``saved_mib`` (activations
+    kept for the backward pass in one step). The rest of the peak is transient: logits, softmaxes and gradients in
+    flight, and allocator slack."""
     from essa import tuners
     from essa.adaptation import resolve_config
     from essa.ssl import block_masks
@@ -144,13 +187,17 @@ def ssa_step(
         "backbone": {"name": backbone, "pretrained": False}, "tuner": {"name": tuner, "options": options or {}},
         "data": {"root": "unused"}, "ssl": {"prototypes": prototypes, "global_size": global_size,
                                             "local_size": local_size, "n_local": n_local},
+        "optim": {"recompute_frozen": recompute_frozen},
     })
     meter = MemoryMeter(dev)
     model = cfg.backbone.build(img_size=global_size, dynamic_img_size=True)
     tuners.apply(model, tuner, **(options or {}))
     module = SSAModule(cfg, model, iters_per_epoch=100).to(dev)
+    if loss_chunk != "default":
+        module.loss.chunk_size = loss_chunk
     module._it = 0
     opt = module.configure_optimizers()
+    saved = SavedActivations(module.parameters())
     grid = global_size // model.patch_embed.patch_size[0]
     batch = {
         "global_crops": torch.randn(2 * batch_size, 3, global_size, global_size, device=dev),
@@ -159,18 +206,26 @@ def ssa_step(
     }
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
-    def step():
+    def step(count_saved: bool = False):
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast, saved if count_saved else contextlib.nullcontext():
             loss = module.training_step(batch, 0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.optim.grad_clip)
         opt.step()
         ema_update(*module._ema, 0.996)
 
-    timing = time_steps(step, batch_size, dev, warmup, steps)
+    step(count_saved=True)  # the first step also counts what the backward pass keeps (unhooked steps are timed)
+    timing = time_steps(step, batch_size, dev, max(warmup - 1, 0), steps)
     trainable, total = tuners.count_parameters(model)
-    return {"peak_mib": meter.peak_mib(), **timing, "trainable": trainable, "total": total}
+    params = list(module.parameters())
+    breakdown = {
+        "weights_mib": _mib(params + list(module.buffers())),
+        "grads_mib": _mib(p.grad for p in params),
+        "optimizer_mib": _mib(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)),
+        "saved_mib": saved.mib,
+    }
+    return {"peak_mib": meter.peak_mib(), **timing, "trainable": trainable, "total": total, **breakdown}
 
 
 def run_in_fresh_process(target: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
@@ -209,6 +264,18 @@ def markdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
     lines += [f"| {r['model']} | {r['label']} | {r['trainable']:,} | {r['peak_mib']:.0f} | {r['images_per_s']:.3f} "
               f"| {r['images_per_cpu_s']:.3f} | {r['peak_mib_ratio']:.2f}x "
               f"| {r['images_per_s_ratio']:.2f}x / {r['images_per_cpu_s_ratio']:.2f}x |" for r in rows]
+    return "\n".join(lines)
+
+
+def breakdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
+    """Where each row's peak memory goes (rows of :func:`ssa_step`)."""
+    lines = [f"| model | {tuner_header} | peak (MiB) | weights | grads | AdamW states | saved activations "
+             "| transient + slack | memory vs full |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        parts = [r["weights_mib"], r["grads_mib"], r["optimizer_mib"], r["saved_mib"]]
+        lines.append(f"| {r['model']} | {r['label']} | {r['peak_mib']:.0f} | "
+                     + " | ".join(f"{v:.0f}" for v in parts)
+                     + f" | {r['peak_mib'] - sum(parts):.0f} | {r['peak_mib_ratio']:.2f}x |")
     return "\n".join(lines)
 
 

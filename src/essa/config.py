@@ -49,6 +49,47 @@ class TunerConfig:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+#: ``trainer.strategy`` values: Lightning's choice (one process per device, DDP when several), DistributedDataParallel
+#: (every process holds the whole model), FullyShardedDataParallel (parameters, gradients and optimizer state are
+#: sharded over the processes, block by block).
+STRATEGIES = ("auto", "ddp", "fsdp")
+#: ``trainer.precision`` values (Lightning's names); ``auto`` is bf16-mixed on GPU and 32-true on CPU.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """The trainer section shared by the training commands: where and how the steps run (essa.train.trainer builds
+    the Lightning Trainer from it). ``optim.batch_size`` is per process: a step trains on
+    ``batch_size * devices * num_nodes * accumulate_grad_batches`` images."""
+
+    accelerator: str = "auto"  # auto, cpu, gpu, cuda, mps
+    devices: Any = 1  # processes (devices) per node: a count, -1 for all, "auto", or a list of device indices
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimisation step
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (timm)
+    compile: bool = False  # torch.compile each transformer block
+
+    def validate(self) -> None:
+        devices = self.devices
+        valid_list = isinstance(devices, list) and devices and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+        valid_int = isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)
+        if not (valid_int or valid_list or devices == "auto"):
+            raise ConfigError(f"trainer.devices={devices!r}; valid: a count of at least 1, -1 (all devices), "
+                              "'auto', or a list of device indices such as [0, 1]")
+        if self.num_nodes < 1:
+            raise ConfigError(f"trainer.num_nodes={self.num_nodes} must be at least 1")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"trainer.strategy={self.strategy!r}; valid choices: {', '.join(STRATEGIES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
+        if self.accumulate_grad_batches < 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches={self.accumulate_grad_batches} must be at least 1")
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

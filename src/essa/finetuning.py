@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 from essa import backbones, config as config_mod, data, tuners
-from essa.train.optim import default_lr, precision
+from essa.train.optim import default_lr
 from essa.bench import MemoryMeter
-from essa.config import BackboneConfig, ConfigError, TunerConfig
+from essa.config import BackboneConfig, ConfigError, TrainerConfig, TunerConfig
 from essa.evaluate import metrics
 from essa.evaluate.features import classifier_scores
 from essa.evaluate.run import (
@@ -56,6 +56,9 @@ from essa.task import Task, TaskDataConfig, check_task_key, load_task
 from essa.train.classify import ClassifierModule, class_weights
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state
+from essa.train.trainer import (
+    build_trainer, full_weights, is_global_zero, over_processes, prepare_backbones, shard, steps_per_epoch,
+)
 
 #: Pooling of the tokens the head reads: timm's ``global_pool`` values, and essa's CLS + mean of the patch tokens.
 POOLS = ("token", "avg", backbones.TOKEN_AVG_POOL)
@@ -102,9 +105,7 @@ class FinetuneConfig:
     bootstrap: int = 1000  # resamples of the test metrics' 95 % intervals
     checkpoint_every_n_steps: int = 50
     out: str = "runs/finetune"
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    accelerator: str = "auto"
-    devices: Any = 1
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # devices, nodes, strategy, precision, memory
 
     def validate(self) -> None:
         check_task_key(self.task)
@@ -161,7 +162,7 @@ def test_row(run: RunDir) -> dict | None:
 
 def _val_metrics(module, cfg: FinetuneConfig, task: Task) -> dict[str, Any]:
     out = classifier_scores(module.model, task.source, task.splits["val"], task=task.task, img_size=cfg.img_size,
-                            batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
+                            batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers, distributed=True)
     return {"split": "val", **metrics.compute(task.task, out.labels, out.values, task.num_classes)}
 
 
@@ -171,43 +172,50 @@ def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume:
     run.prepare(cfg, resume)
     L.seed_everything(seed, workers=True, verbose=False)
     checkpointing = Checkpointing(run, cfg.checkpoint_every_n_steps, monitor=task.primary)
-    trainer = L.Trainer(
-        max_epochs=cfg.optim.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-        precision=precision(cfg.precision),
-        gradient_clip_val=cfg.optim.grad_clip, logger=False, enable_checkpointing=False,
+    trainer = build_trainer(
+        cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
         callbacks=[checkpointing, EpochEnd(run, checkpointing, lambda m: _val_metrics(m, cfg, task))],
-        num_sanity_val_steps=0, deterministic=False, enable_model_summary=False, **(trainer_kwargs or {}),
+        trainer_kwargs=trainer_kwargs,
     )
     # before the model exists: its weights count as training memory; each seed measures its own peak
     meter = MemoryMeter(trainer.strategy.root_device, restart=True)
     model = build_classifier(cfg, task.num_classes)
+    prepare_backbones(cfg.trainer, model)
     loader = build_loader(cfg, task, seed)
+    shard(loader, trainer)
     loss_weights = None
     if cfg.head.class_weights:
         loss_weights = class_weights([r.label for r in task.splits["train"]], task.num_classes,
                                      multilabel=task.task == "multilabel")
-    module = ClassifierModule(model, task.task, lr_schedule(cfg.optim, cfg.tuner.name, cfg.optim.epochs * len(loader)),
+    total_steps = cfg.optim.epochs * steps_per_epoch(loader, trainer)
+    module = ClassifierModule(model, task.task, lr_schedule(cfg.optim, cfg.tuner.name, total_steps),
                               cfg.optim.weight_decay, loss_weights)
     trainer.fit(module, train_dataloaders=loader,
                 ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
-    peak = meter.peak_mib()
+    peak = meter.peak_mib()  # of this process
+    throughput = over_processes(trainer, {"images_per_s": module.images_per_s}, op="sum")  # of all processes
 
     best = torch.load(run.best, map_location="cpu", weights_only=True)
-    check_trainable_state(best, module, module.model, str(run.best))
-    module.load_state_dict(best["state_dict"], strict=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the export header records non-mergeable tuners
-        tuners.save_merged(module.model, run.path / CLASSIFIER_FILE)
-    test = classifier_scores(module.model, task.source, task.splits["test"], task=task.task, img_size=cfg.img_size,
-                             batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
-    row = {
-        "epoch": best["epoch"], "step": best["global_step"], "split": "test",  # the tested (best) checkpoint's
-        **report_predictions(task, test, run.path, "test", bootstrap=cfg.bootstrap),
-        "peak_memory_mib": peak, "images_per_s": module.images_per_s, "train_seconds": module.timing["seconds"],
-        "trainable_params": tuners.count_parameters(module.model)[0],
-    }
-    run.write_metrics(module.history + [row])  # the test row last: it marks the seed as finished
-    return row
+    row = None
+    with full_weights(trainer, writeback=True):
+        check_trainable_state(best, module, module.model, str(run.best))
+        module.load_state_dict(best["state_dict"], strict=False)
+        # every process tests its share of the test split; process 0 writes the files
+        test = classifier_scores(module.model, task.source, task.splits["test"], task=task.task,
+                                 img_size=cfg.img_size, batch_size=cfg.optim.batch_size,
+                                 num_workers=cfg.data.num_workers, distributed=True)
+        if trainer.is_global_zero:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # the export header records non-mergeable tuners
+                tuners.save_merged(module.model, run.path / CLASSIFIER_FILE)
+            row = {
+                "epoch": best["epoch"], "step": best["global_step"], "split": "test",  # the tested (best) checkpoint's
+                **report_predictions(task, test, run.path, "test", bootstrap=cfg.bootstrap),
+                "peak_memory_mib": peak, **throughput, "train_seconds": module.timing["seconds"],
+                "trainable_params": tuners.count_parameters(module.model)[0],
+            }
+            run.write_metrics(module.history + [row])  # the test row last: it marks the seed as finished
+    return trainer.strategy.broadcast(row)  # the other processes return once the files exist
 
 
 def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool = False,
@@ -231,11 +239,12 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
             raise ValueError(f"{run.path} was run with another config ({saved}); give the same options, "
                              "or another --out")
     task = load_task(cfg.data, cfg.task, cfg.metric)
-    out.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(cfg, out / "config.yaml")
-    if task.duplicates is not None:
-        (out / "duplicates.json").write_text(json.dumps(task.duplicates.to_dict(), indent=2))
-    print(task.describe())
+    if is_global_zero():  # in a distributed run, process 0 writes and prints
+        out.mkdir(parents=True, exist_ok=True)
+        config_mod.dump(cfg, out / "config.yaml")
+        if task.duplicates is not None:
+            (out / "duplicates.json").write_text(json.dumps(task.duplicates.to_dict(), indent=2))
+        print(task.describe())
 
     if only is not None and not set(only) <= set(cfg.seeds):
         raise ValueError(f"only={only} names seeds that are not in seeds={cfg.seeds}")
@@ -253,6 +262,7 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
     names = [*metrics.metric_names(task.task), *RESOURCES]
     summary = {"task": task.task, "primary_metric": task.primary, "seeds": list(seeds),
                **summarise({f"seed_{s}": r["test"] for s, r in seeds.items()}, names)}
-    write_summary(out, summary)
+    if is_global_zero():
+        write_summary(out, summary)
     table = format_table({f"{cfg.tuner.name} (mean ± std)": mean_std_column(summary)}, task.primary)
     return {"run_dir": out, "task": task, "seeds": seeds, "summary": summary, "table": table}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from essa import config as config_mod, tuners
-from essa.config import BackboneConfig, ConfigError
+from essa.config import BackboneConfig, ConfigError, TrainerConfig
 
 #: The SSA "tuner" that skips SSA: fine-tuning starts from the foundation model.
 NO_SSA = "none"
@@ -91,6 +91,9 @@ class StudyConfig:
     ssa: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, tuners=[NO_SSA, "full", "apla"]))
     finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, tuners=["full", "apla"]))
     probes: list[str] = field(default_factory=lambda: list(PROBES))  # frozen features before and after SSA
+    # Devices, strategy, precision and memory options of every SSA and fine-tuning cell (a stage's config.trainer
+    # overrides them). Several devices or nodes run every cell in this process (Lightning starts the others).
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # Run each SSA and fine-tuning cell in a fresh process: on CPU its peak memory is then its own (in one process,
     # memory freed by earlier cells is reused unseen), and a crash or leak stays in that cell.
     fresh_process: bool = True
@@ -217,7 +220,7 @@ class Study:
             "optim": {"epochs": self.cfg.ssa.epochs, "batch_size": self.cfg.batch_size},
             "seed": self.cfg.ssa_seed, "out": str(self._ssa_dir(dataset, spec)),
         }
-        return deep_merge(self.cfg.ssa.config, own)
+        return deep_merge(self._stage_config(self.cfg.ssa), own)
 
     def finetune_sections(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec) -> dict:
         own = {
@@ -227,7 +230,19 @@ class Study:
             "seeds": list(self.cfg.seeds),
             "out": str(self._dir(dataset, "finetune", f"{slug(ssa.label)}__{slug(spec.label)}")),
         }
-        return deep_merge(self.cfg.finetune.config, own)
+        return deep_merge(self._stage_config(self.cfg.finetune), own)
+
+    def _stage_config(self, stage: StageConfig) -> dict:
+        return deep_merge({"trainer": dataclasses.asdict(self.cfg.trainer)}, stage.config)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the cells train over several processes (then they all run in this one, as Lightning needs)."""
+        import os
+
+        trainer = self.cfg.trainer
+        return (trainer.devices not in (1, [0]) or trainer.num_nodes != 1
+                or int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
     def probe_sections(self, dataset: DatasetSpec, ssa: TunerSpec) -> dict:
         protocols = [p for p in self.cfg.probes if p != "knn" or self._task(dataset).task != "multilabel"]
@@ -332,7 +347,7 @@ class Study:
             log(self.progress(state, cell))
             start = time.perf_counter()
             try:
-                if self.cfg.fresh_process and cell.kind != "probe":
+                if self.cfg.fresh_process and cell.kind != "probe" and not self.distributed:
                     _run_in_fresh_process(self.out / "config.yaml", cell.id)
                 else:
                     cell.run()
@@ -515,7 +530,7 @@ def run(config: StudyConfig | str | Path | None = None, *, overrides: list[str] 
 
 # ----- the command ----------------------------------------------------------------------------------------------
 def add_parser(sub) -> None:
-    from essa.train.cli import int_list
+    from essa.train.cli import add_scale_flags, int_list
 
     p = sub.add_parser("run", help="a whole study: datasets x SSA tuner x fine-tuning tuner x seeds, with a report")
     p.add_argument("--config", required=True, help="study YAML, e.g. examples/quickstart.yaml")
@@ -529,6 +544,7 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any study config key, repeatable, e.g. --set img_size=64 --set ssa.epochs=2")
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done, then exit")
+    add_scale_flags(p)
     p.set_defaults(func=run_command)
 
 
@@ -546,6 +562,9 @@ def _overrides(args) -> list[str]:
         out.append(f"seeds={args.seeds}")
     if args.out:
         out.append(f"out={args.out}")
+    from essa.train.cli import SCALE_FLAGS
+
+    out += [f"{key}={getattr(args, attr)}" for attr, key in SCALE_FLAGS.items() if getattr(args, attr) is not None]
     return out + list(args.set)
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from essa import data, export
@@ -41,24 +43,42 @@ def forward_images(
     img_size: int,
     batch_size: int = 64,
     num_workers: int = 0,
+    distributed: bool = False,
 ) -> Outputs:
     """``fn(model, x)`` for batches ``x`` (B, 3, img_size, img_size) of the eval view of ``records`` (default: all
-    of ``source``), with ``model`` in eval mode on its own device; its training mode is restored afterwards."""
+    of ``source``), with ``model`` in eval mode on its own device; its training mode is restored afterwards.
+
+    ``distributed``: when a torch.distributed process group runs, every process of it must call this; each computes
+    an equal block of the images (the last block padded with the last image, so that every process runs the same
+    batches: a sharded model gathers its weights batch by batch) and every process gets all outputs, in order.
+    """
     dataset = data.ImageDataset(source, records, transform=data.transforms.eval_transform(img_size))
+    rank, world = 0, 1
+    if distributed and dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    share = math.ceil(len(dataset) / world)
+    positions = [min(p, len(dataset) - 1) for p in range(rank * share, (rank + 1) * share)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     values, labels = [], []
     try:
-        for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        for x, y in torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, positions), batch_size=batch_size,
+                                                num_workers=num_workers):
             values.append(fn(model, x.to(device)).float().cpu())
             labels.append(y)
     finally:
         model.train(was_training)
-    out = Outputs(torch.cat(values), torch.cat(labels), dataset.records)
+    mine = (torch.cat(values), torch.cat(labels), {item["path"] for item in dataset.report})
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+    n = len(dataset)
+    out = Outputs(torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], dataset.records)
     # ImageDataset fills an unreadable image's row with the next readable image (and warns): drop those rows, so
     # that every row is the record it is listed as.
-    failed = {item["path"] for item in dataset.report}
+    failed = set().union(*(p[2] for p in parts))
     if failed:
         keep = [i for i, r in enumerate(dataset.records) if r.path not in failed]
         out = Outputs(out.values[keep], out.labels[keep], [dataset.records[i] for i in keep])
@@ -70,10 +90,10 @@ def _cls_token(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def cls_features(backbone: nn.Module, source: Source, records: list[Record] | None = None, *, img_size: int,
-                 batch_size: int = 64, num_workers: int = 0) -> Outputs:
+                 batch_size: int = 64, num_workers: int = 0, distributed: bool = False) -> Outputs:
     """CLS token features (N, D) of ``backbone.forward_features`` (a timm ViT, its head ignored)."""
     return forward_images(backbone, _cls_token, source, records, img_size=img_size, batch_size=batch_size,
-                          num_workers=num_workers)
+                          num_workers=num_workers, distributed=distributed)
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
@@ -86,10 +106,11 @@ def _scores(model: nn.Module, x: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def classifier_scores(model: nn.Module, source: Source, records: list[Record] | None = None, *, task: str,
-                      img_size: int, batch_size: int = 64, num_workers: int = 0) -> Outputs:
+                      img_size: int, batch_size: int = 64, num_workers: int = 0,
+                      distributed: bool = False) -> Outputs:
     """(N, C) class probabilities of a classifier (a timm ViT with its head)."""
     return forward_images(model, functools.partial(_scores, task=task), source, records, img_size=img_size,
-                          batch_size=batch_size, num_workers=num_workers)
+                          batch_size=batch_size, num_workers=num_workers, distributed=distributed)
 
 
 def cached_cls_features(backbone: nn.Module, source: Source, records: list[Record], path: str | Path,

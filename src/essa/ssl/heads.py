@@ -7,6 +7,9 @@ deprecated ``torch.nn.utils.weight_norm``, whose module cannot be ``copy.deepcop
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +29,20 @@ class PrototypeLayer(nn.Module):
         # Isotropic Gaussian rows point in uniformly random directions once normalised.
         self.weight = nn.Parameter(torch.randn(num_prototypes, in_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, F.normalize(self.weight, dim=1))
+    def norms(self) -> torch.Tensor:
+        """(num_prototypes,) row norms, clamped at 1e-12 as ``F.normalize``."""
+        return self.weight.norm(dim=1).clamp_min(1e-12)
+
+    def forward(self, x: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ normalize(weight).T``, computed as ``(x @ weight.T) / norms``: the same numbers, without a
+        normalised (num_prototypes, in_dim) copy of the weight (64 MiB at 65,536 x 256) kept for the backward.
+        ``norms``: ``self.norms()``, passed by callers that score many chunks of rows (:meth:`scorer`)."""
+        return F.linear(x, self.weight) / (self.norms() if norms is None else norms)
+
+    def scorer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This layer as a function of ``x`` alone, the prototype norms computed once now: for a loss that scores
+        its rows chunk by chunk (:class:`essa.ssl.losses.DINOv2Loss` with ``student_prototypes``)."""
+        return partial(self, norms=self.norms())
 
 
 class DINOHead(nn.Module):
@@ -69,9 +84,13 @@ class DINOHead(nn.Module):
         self.prototypes = PrototypeLayer(bottleneck_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prototypes(self.bottleneck(x))
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., bottleneck_dim): the L2-normalised MLP output that the prototypes score;
+        ``forward(x) == prototypes(bottleneck(x))``."""
         # eps 1e-6 rather than F.normalize's 1e-12, which is 0 in float16 under autocast.
-        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
-        return self.prototypes(x)
+        return F.normalize(self.mlp(x), dim=-1, eps=1e-6)
 
     def cancel_last_layer_gradients(self) -> None:
         """Drop the prototype layer's gradient (sets ``prototypes.weight.grad`` to None).

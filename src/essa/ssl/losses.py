@@ -1,9 +1,12 @@
 """The SSA objective: DINO loss on CLS tokens, iBOT loss on masked patch tokens, KoLeo on student CLS features.
 
-The three terms are lightly's modules (``lightly.loss.DINOLoss``, ``IBOTPatchLoss``, ``KoLeoLoss``, MIT licence):
-tests/ssl/test_losses.py checks each against a direct loop over the formulas of method.md. ``DINOv2Loss`` adds the
-glue: crop-major tensors in, per-term weights, teacher outputs detached, float32 under autocast, KoLeo per global
-crop.
+KoLeo and the two centers (buffers and momentum updates) are lightly's (``lightly.loss.KoLeoLoss``, ``DINOLoss``,
+``IBOTPatchLoss``, MIT licence). The two cross-entropies are computed here by :func:`pair_cross_entropy`, chunk by
+chunk with recomputation, so that no (rows x K) tensor of logits or probabilities (K = 65,536 prototypes) is kept
+whole for the backward pass; tests/ssl/test_losses.py checks the terms against a direct loop over the formulas of
+method.md, and tests/ssl/test_chunked_loss.py against lightly's own ``DINOLoss`` and ``IBOTPatchLoss``.
+``DINOv2Loss`` adds the glue: crop-major tensors in, per-term weights, teacher outputs detached, float32 under
+autocast, KoLeo per global crop.
 
 Notation: B images per batch, n_g global and n_l local crops per image, K prototypes, D backbone width,
 (H, W) patch grid of a global crop, M masked patches in the batch. Crop-major order: row ``c * B + b`` holds crop
@@ -12,9 +15,97 @@ Notation: B images per batch, n_g global and n_l local crops per image, K protot
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _chunk_cross_entropy(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    student_rows: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    weights: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    student_scorer: Scorer,
+    teacher_scorer: Scorer,
+) -> torch.Tensor:
+    log_q = F.log_softmax(student_scorer(student.index_select(0, student_rows)).float() / student_temp, dim=-1)
+    with torch.no_grad():
+        t = teacher_scorer(teacher.index_select(0, teacher_rows)).float()  # a fresh tensor: edited in place
+        p = F.softmax(t.sub_(center).div_(teacher_temp), dim=-1)
+    return -((p * log_q).sum(-1) * weights).sum()
+
+
+@torch.no_grad()
+def _mean_logits(rows: torch.Tensor, scorer: Scorer | None) -> torch.Tensor:
+    """(1, K) float32 mean of the logits of ``rows`` (N, F), as the logits of the mean row: the same for a linear
+    scorer, without scoring every row."""
+    mean = rows.float().mean(0, keepdim=True).to(rows.dtype)
+    return (scorer or _identity)(mean).float()
+
+
+def pair_cross_entropy(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    student_rows: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    student_scorer: Scorer | None = None,
+    teacher_scorer: Scorer | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``sum_p weights[p] * -sum_k softmax((t_p - center) / teacher_temp)_k * log_softmax(s_p / student_temp)_k``
+    over pairs p, where ``s_p = student_scorer(student[student_rows[p]])`` and
+    ``t_p = teacher_scorer(teacher[teacher_rows[p]])`` are (K,) logits. The teacher side gets no gradient.
+
+    Args:
+        student, teacher: (N_s, F) and (N_t, F) rows: logits (F = K, scorers None) or the features a scorer maps to
+            logits (e.g. ``PrototypeLayer.scorer()``, F = bottleneck width), called under the caller's autocast.
+        student_rows, teacher_rows: int64 (P,) the rows of each pair; weights: float (P,).
+        center: broadcastable to (1, K), subtracted from the teacher logits.
+        chunk_size: pairs scored at a time. With gradients enabled each chunk runs under
+            ``torch.utils.checkpoint`` (non-reentrant): its (chunk, K) logits and probabilities are freed after the
+            forward pass and recomputed in the backward pass, so only the inputs are kept. None: all pairs at once,
+            plain autograd (the reference the chunked path is tested against).
+
+    Returns a float32 scalar.
+    """
+    student_scorer, teacher_scorer = student_scorer or _identity, teacher_scorer or _identity
+    # A copy: the caller moves its center after the loss, and the backward pass must recompute with this value.
+    center = center.reshape(1, -1).clone()
+    n = student_rows.numel()
+    step = n if chunk_size is None else chunk_size
+    if step < 1:
+        raise ValueError(f"pair_cross_entropy: chunk_size must be at least 1 or None, got {chunk_size}")
+    recompute = chunk_size is not None and torch.is_grad_enabled()
+    total = torch.zeros((), device=student.device)
+    for start in range(0, n, step):
+        chunk = slice(start, start + step)
+        args = (student, teacher, student_rows[chunk], teacher_rows[chunk], weights[chunk], center,
+                student_temp, teacher_temp, student_scorer, teacher_scorer)
+        if recompute:
+            # Nothing random inside a chunk: no RNG state to stash and restore.
+            total = total + checkpoint(_chunk_cross_entropy, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            total = total + _chunk_cross_entropy(*args)
+    return total
 
 
 class DINOv2Loss(nn.Module):
@@ -43,6 +134,8 @@ class DINOv2Loss(nn.Module):
         student_temp: student softmax temperature.
         center_momentum: momentum m of both centers.
         dino_weight, ibot_weight, koleo_weight: weights of the terms in ``total``.
+        chunk_size: rows of (rows x K) logits scored at a time and recomputed in the backward pass
+            (:func:`pair_cross_entropy`); None: all at once (more memory, the same numbers).
     """
 
     def __init__(
@@ -54,9 +147,11 @@ class DINOv2Loss(nn.Module):
         dino_weight: float = 1.0,
         ibot_weight: float = 1.0,
         koleo_weight: float = 0.1,
+        chunk_size: int | None = 64,
     ):
         super().__init__()
         self.n_global = n_global
+        self.chunk_size = chunk_size
         self.weights = {"dino": dino_weight, "ibot": ibot_weight, "koleo": koleo_weight}
         self.dino = DINOLoss(output_dim=out_dim, student_temp=student_temp, center_momentum=center_momentum)
         self.ibot = IBOTPatchLoss(output_dim=out_dim, student_temp=student_temp, center_momentum=center_momentum)
@@ -82,6 +177,8 @@ class DINOv2Loss(nn.Module):
         teacher_patches: torch.Tensor,
         masks: torch.Tensor,
         student_features: torch.Tensor,
+        student_prototypes: Scorer | None = None,
+        teacher_prototypes: Scorer | None = None,
     ) -> dict[str, torch.Tensor]:
         """Compute the terms and update both centers (call once per training step).
 
@@ -96,21 +193,44 @@ class DINOv2Loss(nn.Module):
                 row-major over the grid.
             masks: bool (n_g * B, H, W), True = masked, M True entries.
             student_features: (n_g * B, D) the student backbone's CLS tokens of the global crops (before the head).
+            student_prototypes, teacher_prototypes: None when the head outputs above are logits (..., K). Otherwise
+                the student's and the teacher's prototype layers as functions of rows (``PrototypeLayer.scorer()``),
+                and the head outputs above are the features they score (``DINOHead.bottleneck``): the logits are
+                then only ever formed ``chunk_size`` rows at a time. A scorer must be linear without bias (the
+                centers move with the logits of the mean feature, the mean of the logits).
 
         Returns {'dino', 'ibot', 'koleo', 'total'}: scalar tensors; the first three unweighted.
         """
-        # The cross-entropies sum over K (65,536) prototypes and KoLeo compares nearby unit vectors; under autocast
-        # lightly's einsum and matmul would run in bfloat16, so the whole objective runs in float32.
-        with torch.autocast(device_type=student_global.device.type, enabled=False):
+        device = student_global.device.type
+        # The cross-entropies sum over K (65,536) prototypes and KoLeo compares nearby unit vectors: they run in
+        # float32 under autocast. The prototype layers themselves run under the caller's autocast, as in the head.
+        autocast = {"device_type": device, "dtype": torch.get_autocast_dtype(device),
+                    "enabled": torch.is_autocast_enabled(device)}
+
+        def ambient(scorer: Scorer | None) -> Scorer | None:
+            if scorer is None:
+                return None
+
+            def score(x: torch.Tensor) -> torch.Tensor:
+                with torch.autocast(**autocast):
+                    return scorer(x)
+            return score
+
+        def logits(x: torch.Tensor | None, scorer: Scorer | None) -> torch.Tensor | None:
+            return x.float() if x is not None and scorer is None else x
+
+        with torch.autocast(device_type=device, enabled=False):
             return self._terms(
                 float(teacher_temp),
-                student_global.float(),
-                teacher_global.detach().float(),
-                None if student_local is None else student_local.float(),
-                student_patches.float(),
-                teacher_patches.detach().float(),
+                logits(student_global, student_prototypes),
+                logits(teacher_global.detach(), teacher_prototypes),
+                logits(student_local, student_prototypes),
+                logits(student_patches, student_prototypes),
+                logits(teacher_patches.detach(), teacher_prototypes),
                 masks,
                 student_features.float(),
+                ambient(student_prototypes),
+                ambient(teacher_prototypes),
             )
 
     def _terms(
@@ -123,18 +243,36 @@ class DINOv2Loss(nn.Module):
         teacher_patches: torch.Tensor,
         masks: torch.Tensor,
         student_features: torch.Tensor,
+        student_scorer: Scorer | None,
+        teacher_scorer: Scorer | None,
     ) -> dict[str, torch.Tensor]:
-        teacher_crops = self._crops(teacher_global, "teacher_global")
-        student_crops = self._crops(student_global, "student_global")
+        common = dict(student_temp=self.dino.student_temp, teacher_temp=teacher_temp, student_scorer=student_scorer,
+                      teacher_scorer=teacher_scorer, chunk_size=self.chunk_size)
+        B = self._crops(teacher_global, "teacher_global")[0].shape[0]
+        self._crops(student_global, "student_global")
+        students = student_global
         if student_local is not None:
-            B = teacher_crops[0].shape[0]
             if student_local.shape[0] % B:
                 raise ValueError(
                     f"DINOv2Loss: student_local has {student_local.shape[0]} rows, not a multiple of the batch size "
                     f"{B} (expected crop-major (n_local * B, K))"
                 )
-            student_crops += list(student_local.split(B))
-        dino = self.dino(teacher_crops, student_crops, teacher_temp=teacher_temp)
+            students = torch.cat([student_global, student_local])
+        # Every (teacher global crop i, student crop j != i) pair of the same image, averaged (as lightly's
+        # DINOLoss, which needs at least two crops).
+        i, j, b = torch.meshgrid(torch.arange(self.n_global), torch.arange(students.shape[0] // B), torch.arange(B),
+                                 indexing="ij")
+        pairs = (i != j).flatten()
+        if not pairs.any():
+            raise ValueError("DINOv2Loss: the DINO term needs at least two crops per image (global or local)")
+        teacher_rows, student_rows = (i.flatten() * B + b.flatten())[pairs], (j.flatten() * B + b.flatten())[pairs]
+        device = students.device
+        dino = pair_cross_entropy(
+            students, teacher_global, student_rows.to(device), teacher_rows.to(device),
+            torch.full((len(student_rows),), 1.0 / len(student_rows), device=device), center=self.dino.center,
+            **common,
+        )
+        self.dino.update_center(_mean_logits(teacher_global, teacher_scorer)[None])
 
         n_masked = int(masks.sum())
         if student_patches.shape[0] != n_masked or teacher_patches.shape[0] != n_masked:
@@ -144,7 +282,13 @@ class DINOv2Loss(nn.Module):
                 "patch_tokens[masks.flatten(1)])"
             )
         if n_masked:
-            ibot = self.ibot(teacher_patches, student_patches, masks, teacher_temp=teacher_temp)
+            # Each crop's masked patches averaged, crops summed and divided by the number of all crops (DINOv2).
+            per_crop = masks.flatten(1).sum(1, keepdim=True).clamp(min=1).expand(-1, masks[0].numel())
+            weights = (1.0 / per_crop)[masks.flatten(1)].float() / masks.shape[0]
+            rows = torch.arange(n_masked, device=student_patches.device)
+            ibot = pair_cross_entropy(student_patches, teacher_patches, rows, rows, weights.to(rows.device),
+                                      center=self.ibot.center.value, **common)
+            self.ibot.center.update(_mean_logits(teacher_patches, teacher_scorer))
         else:
             # A mean over zero patches would turn the center into NaN; keep the graph connected for DDP.
             ibot = student_patches.sum() * 0.0

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from essa.train.run_dir import check_trainable_state, drop_frozen
 from essa.train.optim import decay_groups
 from essa.train.timing import StepTiming
+from essa.train.trainer import module_full_weights
 
 
 def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Tensor:
@@ -53,11 +54,13 @@ class ClassifierModule(StepTiming, L.LightningModule):
 
     # ----- what a checkpoint holds -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop_frozen(checkpoint, self, self.model)
+        with module_full_weights(self):  # FSDP: the frozen weights' checksum needs them whole
+            drop_frozen(checkpoint, self, self.model)
         checkpoint["essa"] = {"history": self.history, "sums": self._sums, "timing": self.timing}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_trainable_state(checkpoint, self, self.model, "the checkpoint")
+        with module_full_weights(self):
+            check_trainable_state(checkpoint, self, self.model, "the checkpoint")
         state = checkpoint["essa"]
         self.history, self._sums, self.timing = state["history"], state["sums"], state["timing"]
 

@@ -59,15 +59,67 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+    return int(text)
+
+
+def _devices(text: str) -> str:
+    """``--devices``: a count, -1 (all), ``auto``, or device indices ``0,1``; returned as the YAML of the value."""
+    parts = [part.strip() for part in text.split(",")]
+    if text == "auto" or (len(parts) == 1 and (text == "-1" or (text.isdigit() and int(text) >= 1))):
+        return text
+    if len(parts) > 1 and all(part.isdigit() for part in parts):
+        return "[" + ", ".join(parts) + "]"
+    raise argparse.ArgumentTypeError(f"expected a count of at least 1, -1 (all devices), auto, or device indices "
+                                     f"such as 0,1; got {text!r}")
+
+
+def add_scale_flags(p) -> None:
+    """Where and how the training steps run: the ``trainer`` config section (:data:`SCALE_FLAGS` maps each flag to
+    its key). Shared by every command that trains; see docs/distributed.md."""
+    from essa.config import PRECISIONS, STRATEGIES
+
+    g = p.add_argument_group("devices and memory (docs/distributed.md)")
+    g.add_argument("--devices", type=_devices,
+                   help="processes (devices) per node: a count, -1 for all, auto, or indices such as 0,1 "
+                        "(with torchrun or srun: the processes per node it starts)")
+    g.add_argument("--num-nodes", type=_positive_int, help="nodes (machines) of a multi-node run")
+    g.add_argument("--strategy", choices=STRATEGIES,
+                   help="ddp: a whole model per process; fsdp: parameters, gradients and optimizer state sharded "
+                        "over the processes (default auto)")
+    g.add_argument("--accelerator", help="auto (default), cpu, gpu, cuda or mps")
+    g.add_argument("--precision", choices=PRECISIONS, help="default auto: bf16-mixed on GPU, 32-true on CPU")
+    g.add_argument("--accumulate-grad-batches", type=_positive_int,
+                   help="batches per optimisation step (each process); a step trains on batch size x processes x "
+                        "this many images")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block's activations in the backward pass instead of storing them")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each transformer block")
+
+
+#: :func:`add_scale_flags`' flags (argparse attribute) -> ``trainer`` config keys.
+SCALE_FLAGS = {
+    "devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy",
+    "accelerator": "trainer.accelerator", "precision": "trainer.precision",
+    "accumulate_grad_batches": "trainer.accumulate_grad_batches", "grad_checkpointing": "trainer.grad_checkpointing",
+    "compile": "trainer.compile",
+}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("adapt", help="self-supervised adaptation (DINOv2 objective) with any tuner")
     add_common(p)
+    add_scale_flags(p)
     p.add_argument("--val", help="labelled image folder (one folder per class) for the kNN monitor")
     p.set_defaults(func=run_adapt)
 
     p = sub.add_parser("finetune", help="supervised adaptation of a (self-supervised adapted) backbone to a "
                                         "labelled task, over seeds, with test metrics")
     add_common(p)
+    add_scale_flags(p)
     p.add_argument("--seeds", type=int_list, help="training seeds, e.g. 0,1,2 (one run directory each); "
                                                   "--seed N is the same as --seeds N")
     p.add_argument("--task", help="binary, multiclass, multilabel or ordinal (default: what the data says)")
@@ -80,15 +132,18 @@ def add_parser(sub) -> None:
 ADAPT_FLAGS = {
     "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "val": "data.val",
     "tuner": "tuner.name", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
-    "img_size": "ssl.global_size", "seed": "seed", "out": "out",
+    "img_size": "ssl.global_size", "seed": "seed", "out": "out", **SCALE_FLAGS,
 }
 
 
 def run_adapt(args) -> int:
     from essa.adaptation import AdaptConfig, adapt
+    from essa.train.trainer import is_global_zero
 
     cfg = config_mod.load(AdaptConfig, config_path(args), overrides=overrides(args, ADAPT_FLAGS))
     result = adapt(cfg, resume=args.resume)
+    if not is_global_zero():  # a distributed run prints once
+        return 0
     last = result["metrics"][-1] if result["metrics"] else {}
     print(f"adapted backbone: {result['backbone']}")
     print(f"tuner state:      {result['tuner']}")
@@ -100,17 +155,20 @@ def run_adapt(args) -> int:
 FINETUNE_FLAGS = {
     "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "tuner": "tuner.name",
     "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.lr", "img_size": "img_size",
-    "seeds": "seeds", "task": "task", "metric": "metric", "out": "out",
+    "seeds": "seeds", "task": "task", "metric": "metric", "out": "out", **SCALE_FLAGS,
 }
 
 
 def run_finetune(args) -> int:
     from essa.finetuning import FinetuneConfig, finetune
+    from essa.train.trainer import is_global_zero
 
     if args.seed is not None and args.seeds is None:
         args.seeds = [args.seed]
     cfg = config_mod.load(FinetuneConfig, config_path(args), overrides=overrides(args, FINETUNE_FLAGS))
     result = finetune(cfg, resume=args.resume)
+    if not is_global_zero():  # a distributed run prints once
+        return 0
     print(result["table"])
     print(f"run directory: {result['run_dir']} (summary.json, seed_N/metrics.json, seed_N/classifier.safetensors)")
     return 0

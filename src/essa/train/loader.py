@@ -34,6 +34,8 @@ class EpochSampler(Sampler[Key]):
 
     Every rank draws the same permutation and takes every ``num_replicas``-th item of it; with ``drop_last`` the
     permutation is cut to a multiple of ``num_replicas * batch_size`` so all ranks run the same number of steps.
+    Batch ``b`` of all ranks together is then exactly batch ``b`` of one process with batch size
+    ``num_replicas * batch_size``: a sharded run trains on the same global batches as an unsharded one.
     """
 
     def __init__(self, size: int, seed: int, batch_size: int, shuffle: bool = True, drop_last: bool = True,
@@ -45,6 +47,13 @@ class EpochSampler(Sampler[Key]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank to skip)
+
+    def shard(self, num_replicas: int, rank: int) -> None:
+        """Sample the share of process ``rank`` of ``num_replicas`` from now on (set before the first epoch)."""
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"EpochSampler.shard: rank {rank} of {num_replicas} processes; need 0 <= rank < "
+                             "num_replicas")
+        self.num_replicas, self.rank = num_replicas, rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -3,6 +3,8 @@
 Checkpoints are written atomically (temporary file, then rename), so a run killed while saving keeps the
 previous checkpoint whole. Checkpoints of a tuned model leave its frozen weights out (:func:`drop_frozen`): a
 resumed run rebuilds them from the foundation model, and a checksum refuses a resume onto other weights.
+
+In a distributed run every process keeps the same history, and only global rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from essa import config as config_mod
+from essa.train.trainer import full_weights, is_global_zero, over_processes
 
 
 class RunDir:
@@ -41,11 +44,14 @@ class RunDir:
                 f"{self.path} already holds a run (checkpoints/last.ckpt); pass --resume to continue it "
                 "or choose another --out"
             )
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        config_mod.dump(cfg, self.path / "config.yaml")
+        if is_global_zero():
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            config_mod.dump(cfg, self.path / "config.yaml")
 
     def write_metrics(self, rows: list[dict]) -> None:
-        """Rewrite metrics.csv and metrics.json from the full history (idempotent across resumes)."""
+        """Rewrite metrics.csv and metrics.json from the full history (idempotent across resumes); rank 0 only."""
+        if not is_global_zero():
+            return
         (self.path / "metrics.json").write_text(json.dumps(rows, indent=2))
         keys = list(dict.fromkeys(k for row in rows for k in row))
         tmp = self.path / "metrics.csv.tmp"
@@ -57,15 +63,21 @@ class RunDir:
 
 
 def save_checkpoint(trainer: L.Trainer, path: Path) -> None:
+    """Every process calls it (a sharded model's state is gathered); rank 0 writes, and the others wait until the
+    file is in place."""
     tmp = path.with_name(path.name + ".tmp")
     trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, loops, loader position
-    os.replace(tmp, path)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    trainer.strategy.barrier("essa.save_checkpoint")
 
 
 class Checkpointing(Callback):
     """``last.ckpt`` every ``every_n_steps`` optimisation steps and at each epoch end; ``best.ckpt`` when the
     monitored value (if any) improves. Also tells the loader how many batches of the epoch are done, which is
     what a resumed run skips (Lightning's fetcher reads one batch ahead, so the loader cannot count this itself).
+    With gradient accumulation a checkpoint is only taken right after an optimisation step, never with gradients
+    of some batches accumulated but not applied (a resumed run would skip those batches).
     """
 
     def __init__(self, run: RunDir, every_n_steps: int, monitor: str | None = None, mode: str = "max"):
@@ -74,7 +86,8 @@ class Checkpointing(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         trainer.train_dataloader.position = batch_idx + 1
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if self.every_n_steps and stepped and trainer.global_step % self.every_n_steps == 0:
             save_checkpoint(trainer, self.run.last)
 
     def epoch_end(self, trainer, metrics: dict) -> None:
@@ -97,14 +110,20 @@ class Checkpointing(Callback):
 
 class EpochEnd(Callback):
     """After each training epoch: one history row (epoch, step, ``module.pop_epoch_means()`` and ``metrics_fn(module)``,
-    e.g. validation metrics), the metrics files, and the checkpoints (best by the ``Checkpointing`` monitor)."""
+    e.g. validation metrics), the metrics files, and the checkpoints (best by the ``Checkpointing`` monitor).
+
+    In a distributed run the epoch means are averaged over the processes (each process averaged its own equal
+    share of every step's batch), ``metrics_fn`` runs in every process with the whole weights (it may evaluate
+    sharded, :func:`essa.evaluate.features.forward_images`), and every process keeps the same history."""
 
     def __init__(self, run: RunDir, checkpointing: Checkpointing, metrics_fn):
         self.run, self.checkpointing, self.metrics_fn = run, checkpointing, metrics_fn
 
     def on_train_epoch_end(self, trainer, module):
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, **module.pop_epoch_means(),
-               **self.metrics_fn(module)}
+        with full_weights(trainer):
+            metrics = self.metrics_fn(module)
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step,
+               **over_processes(trainer, module.pop_epoch_means()), **metrics}
         # a resumed run may redo the epoch end that a kill interrupted
         module.history = [r for r in module.history if r["epoch"] != row["epoch"]] + [row]
         self.run.write_metrics(module.history)

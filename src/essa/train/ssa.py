@@ -14,9 +14,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
+from essa.train.memory import recompute_frozen
 from essa.train.optim import decay_groups, default_lr
 from essa.train.run_dir import check_trainable_state, drop_frozen
 from essa.train.timing import StepTiming
+from essa.train.trainer import module_full_weights
 
 
 class CollapseError(RuntimeError):
@@ -51,6 +53,8 @@ class SSAModule(StepTiming, L.LightningModule):
         super().__init__()
         self.cfg = cfg
         ssl = cfg.ssl
+        if cfg.optim.recompute_frozen:  # before the teacher is copied from the student: both run the same blocks
+            recompute_frozen(backbone)
         head = DINOHead(backbone.embed_dim, ssl.prototypes, ssl.head_hidden, ssl.head_bottleneck)
         self.student = Student(backbone, head)
         self.teacher = make_teacher(self.student)
@@ -72,12 +76,14 @@ class SSAModule(StepTiming, L.LightningModule):
 
     # ----- what a checkpoint holds: only what trains (frozen weights are rebuilt from the foundation model) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop_frozen(checkpoint, self, self.student)
+        with module_full_weights(self):  # FSDP: the frozen weights' checksum needs them whole
+            drop_frozen(checkpoint, self, self.student)
         checkpoint["essa"] = {"history": self.history, "sums": self._sums, "low_rank_steps": self._low_rank_steps,
                               "timing": self.timing}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_trainable_state(checkpoint, self, self.student, "the checkpoint")
+        with module_full_weights(self):
+            check_trainable_state(checkpoint, self, self.student, "the checkpoint")
         state = checkpoint["essa"]
         self.history, self._sums = state["history"], state["sums"]
         self._low_rank_steps = state["low_rank_steps"]
@@ -109,7 +115,9 @@ class SSAModule(StepTiming, L.LightningModule):
         # The teacher moves right after the student, before any callback's on_train_batch_end: a checkpoint
         # saved there must hold the teacher of this step, or a resumed run would miss one momentum update.
         super().optimizer_step(*args, **kwargs)
-        ema_update(*self._ema, float(self.schedules.teacher_momentum[self._it]))
+        # FSDP: a student tensor and its teacher copy may lie in different shards; the update needs them whole
+        with module_full_weights(self, writeback=True):
+            ema_update(*self._ema, float(self.schedules.teacher_momentum[self._it]))
         self.end_step()
 
     # ----- the objective ------------------------------------------------------------------------------------
@@ -122,13 +130,16 @@ class SSAModule(StepTiming, L.LightningModule):
         with torch.no_grad():
             t_tokens = self.teacher.backbone.forward_features(global_crops)
             t_cls, t_patches = t_tokens[:, 0], t_tokens[:, prefix:][flat_masks]
-            t_out = self.teacher.head(torch.cat([t_cls, t_patches]))
+            # Head features before the prototype layer: the loss scores them against the 65,536 prototypes a few
+            # rows at a time, so no (rows x prototypes) logits exist whole (DINOv2Loss, chunk_size).
+            t_out = self.teacher.head.bottleneck(torch.cat([t_cls, t_patches]))
+            t_prototypes = self.teacher.head.prototypes.scorer()
         s_tokens = forward_masked(self.student.backbone, global_crops, masks, self.student.mask_token)
         s_cls, s_patches = s_tokens[:, 0], s_tokens[:, prefix:][flat_masks]
         pieces = [s_cls, s_patches]
         if local_crops is not None:
             pieces.append(self.student.backbone.forward_features(local_crops)[:, 0])
-        s_out = self.student.head(torch.cat(pieces))
+        s_out = self.student.head.bottleneck(torch.cat(pieces))
         n_g, n_m = s_cls.shape[0], s_patches.shape[0]
 
         terms = self.loss(
@@ -137,6 +148,7 @@ class SSAModule(StepTiming, L.LightningModule):
             student_local=s_out[n_g + n_m :] if local_crops is not None else None,
             student_patches=s_out[n_g : n_g + n_m], teacher_patches=t_out[n_g:],
             masks=masks, student_features=s_cls,
+            student_prototypes=self.student.head.prototypes.scorer(), teacher_prototypes=t_prototypes,
         )
         self._check_health(terms, t_cls)
         for key, value in terms.items():
@@ -145,15 +157,24 @@ class SSAModule(StepTiming, L.LightningModule):
         self.log("loss", terms["total"].detach(), prog_bar=True)
         return terms["total"]
 
+    def _whole_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, ...) of this process, or in a distributed run the rows of every process (world * B, ...)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).flatten(0, 1)
+
     def _check_health(self, terms: dict, teacher_cls: torch.Tensor) -> None:
+        # Every process decides on the whole global batch, so that all stop together: a process stopping alone
+        # would leave the others waiting in their next collective operation.
         monitor = self.cfg.monitor
-        bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v)}
+        values = self._whole_batch(torch.stack([v.detach().float() for v in terms.values()])[None])  # (W, terms)
+        bad = {k: float(v[~torch.isfinite(v)][0]) for k, v in zip(terms, values.T) if not torch.isfinite(v).all()}
         if bad:
             raise CollapseError(
                 f"SSA diverged at epoch {self.current_epoch}, step {self.global_step}: non-finite loss {bad}. "
                 "Lower optim.lr (or raise optim.warmup_epochs); the last good checkpoint is kept."
             )
-        rank = effective_rank(teacher_cls)
+        rank = effective_rank(self._whole_batch(teacher_cls.detach().float()))
         self._sums["feature_rank"] = self._sums.get("feature_rank", 0.0) + rank
         self._low_rank_steps = self._low_rank_steps + 1 if rank < monitor.min_feature_rank else 0
         if self._low_rank_steps >= monitor.collapse_patience:

@@ -11,18 +11,23 @@ class StepTiming:
     """Mixin: ``self.timing`` counts images and seconds of optimisation steps only (forward, backward, optimizer;
     no data loading, no validation). Call :meth:`start_step` when a batch starts and :meth:`end_step` right after
     the optimizer step, before any callback's ``on_train_batch_end``, so that a checkpoint saved there counts the
-    step; keep ``self.timing`` in checkpoints so a resumed run goes on counting."""
+    step; keep ``self.timing`` in checkpoints so a resumed run goes on counting. With gradient accumulation a step
+    spans several batches: the clock starts with the first and the images of all of them count."""
 
     timing: dict
+    _step_images: int = 0
 
     def start_step(self, images: int) -> None:
-        self._step_images, self._step_start = images, time.perf_counter()
+        if not self._step_images:
+            self._step_start = time.perf_counter()
+        self._step_images += images
 
     def end_step(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timing["seconds"] += time.perf_counter() - self._step_start
         self.timing["images"] += self._step_images
+        self._step_images = 0
 
     @property
     def images_per_s(self) -> float:

@@ -1,0 +1,122 @@
+"""The trainer factory: the one place where both training stages build their Lightning Trainer, and what a run needs
+to know about the processes it runs in.
+
+Scaling out is Lightning's (PyTorch distributed): one process per device, launched by torchrun, by SLURM's srun,
+or by Lightning itself (docs/distributed.md). ``optim.batch_size`` is per process; an optimisation step trains on
+``batch_size * world_size * accumulate_grad_batches`` images. The training sampler shards each epoch by rank
+(:meth:`essa.train.loader.EpochSampler.shard`), so Lightning's own distributed sampler is switched off.
+
+Strategies (``trainer.strategy``):
+
+- ``ddp``: every process holds the whole model; gradients are averaged over processes in the backward pass, so
+  every process takes the same optimizer step and holds the same weights (and EMA teacher) after it. Buffers are
+  not re-broadcast before each forward: every buffer is constant (APLA rows) or already all-reduced (the DINO and
+  iBOT centers, lightly's ``center_mean``), which the distributed tests check rank against rank.
+- ``fsdp``: the whole LightningModule is one FSDP unit: parameters, gradients and optimizer state are sharded over
+  the processes between steps and gathered for the forward and backward passes. One unit, not one per block, so
+  that the EMA teacher can keep sharing the student's frozen weights (FSDP shares parameters within a unit only).
+  Work outside the training step (evaluation, exports) runs inside :func:`full_weights`.
+- ``auto``: Lightning's choice (a single device, or DDP with its defaults).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import nn
+
+from essa.config import TrainerConfig
+from essa.train.loader import ResumableLoader
+from essa.train.optim import precision
+
+
+def build_trainer(cfg: TrainerConfig, *, max_epochs: int, grad_clip: float | None, callbacks: list,
+                  trainer_kwargs: dict | None = None) -> L.Trainer:
+    """The Trainer of a training stage. ``trainer_kwargs`` (tests, benchmarks) override any argument; their
+    ``callbacks`` are added to the stage's own."""
+    trainer_kwargs = dict(trainer_kwargs or {})
+    callbacks = [*callbacks, *trainer_kwargs.pop("callbacks", [])]
+    kwargs = dict(
+        max_epochs=max_epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=_strategy(cfg.strategy), precision=precision(cfg.precision),
+        accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=grad_clip, callbacks=callbacks,
+        use_distributed_sampler=False,  # EpochSampler shards itself, resumably (see shard)
+        logger=False, enable_checkpointing=False, num_sanity_val_steps=0, deterministic=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**kwargs, **trainer_kwargs})
+
+
+def _strategy(name: str):
+    if name == "ddp":
+        # Every trainable parameter gets a gradient each step (the frozen prototypes get theirs cancelled after
+        # the all-reduce), so no search for unused parameters.
+        return DDPStrategy(find_unused_parameters=False, broadcast_buffers=False)
+    if name == "fsdp":
+        return FSDPStrategy(use_orig_params=True, state_dict_type="full")  # no wrap policy: one unit (docstring)
+    return name
+
+
+def shard(loader: ResumableLoader, trainer: L.Trainer) -> None:
+    """Give ``loader``'s EpochSampler this process's share of every epoch; refuse data without one full step."""
+    sampler = loader.sampler
+    sampler.shard(trainer.world_size, trainer.global_rank)
+    if len(sampler) == 0:
+        raise ValueError(
+            f"{sampler.size} images are fewer than one global batch (optim.batch_size={sampler.batch_size} x "
+            f"{trainer.world_size} processes); lower --batch-size or use fewer devices"
+        )
+
+
+def steps_per_epoch(loader: ResumableLoader, trainer: L.Trainer) -> int:
+    """Optimisation steps in an epoch of ``loader`` (Lightning steps on the last batch of an epoch even when it
+    closes fewer than ``accumulate_grad_batches`` batches)."""
+    return math.ceil(len(loader) / trainer.accumulate_grad_batches)
+
+
+def prepare_backbones(cfg: TrainerConfig, *backbones: nn.Module) -> None:
+    """Memory and speed options on timm ViTs, in place: activation checkpointing (``grad_checkpointing``: each
+    block's activations are recomputed in the backward pass instead of stored) and ``torch.compile`` of each block
+    (module names and state-dict keys stay as they are). Call after copies are made (the SSA teacher): a compiled
+    block's compiled forward belongs to the block it was compiled from."""
+    for backbone in backbones:
+        backbone.set_grad_checkpointing(cfg.grad_checkpointing)
+        if cfg.compile:
+            for block in backbone.blocks:
+                block.compile()
+
+
+def is_global_zero() -> bool:
+    """Whether this process is the one that writes files: global rank 0 as the launcher set it (``RANK``,
+    ``LOCAL_RANK`` or ``SLURM_PROCID``), before a Trainer exists; Lightning keeps it up to date afterwards."""
+    return (rank_zero_only.rank or 0) == 0
+
+
+def full_weights(trainer: L.Trainer, writeback: bool = False):
+    """A context in which the LightningModule's parameters are whole on every process: under FSDP the shards are
+    gathered (and with ``writeback`` changes are written back to them); otherwise nothing to do. Every process
+    must enter it."""
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=writeback)
+    return contextlib.nullcontext()
+
+
+def module_full_weights(module: L.LightningModule, writeback: bool = False):
+    """:func:`full_weights` of the trainer that runs ``module`` (nothing to do without one)."""
+    return full_weights(module.trainer, writeback) if module._trainer is not None else contextlib.nullcontext()
+
+
+def over_processes(trainer: L.Trainer, values: dict[str, float], op: str = "mean") -> dict[str, float]:
+    """``values`` (the same keys in every process) reduced over the processes by ``op`` ("mean" or "sum");
+    every process must call it and gets the result."""
+    if trainer.world_size == 1 or not values:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=trainer.strategy.root_device)
+    return dict(zip(values, trainer.strategy.reduce(tensor, reduce_op=op).tolist()))

@@ -1,0 +1,204 @@
+"""recompute_frozen: the same outputs and gradients for every tuner, fewer activations kept, state untouched;
+and one SSA training step (recompute + chunked loss) against the reference implementation written out here."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+
+from essa import tuners
+from essa.adaptation import resolve_config
+from essa.bench import SavedActivations
+from essa.ssl import block_masks, forward_masked
+from essa.ssl.teacher import make_teacher
+from essa.train.memory import recompute_frozen
+from essa.train.ssa import SSAModule
+from tests.conftest import tiny_vit
+
+# Float32 on CPU: recomputation repeats the same kernels, so outputs match exactly; gradients differ only by the
+# order in which autograd and the chunked loss sum them. Each gradient must lie within 1e-4 of its own largest
+# entry, plus 1e-8: sums that nearly cancel (cls_token, LayerScale gammas; ~4e-5 seen) and the gradients behind
+# LayerScale 1e-5 (entries ~1e-5, round-off ~1e-9) are the worst cases; a wrong term would be off by O(1).
+REL, ABS = 1e-4, 1e-8
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a - b).abs().max() <= REL * b.abs().max() + ABS)
+TUNERS = [("apla", {}), ("apla", {"r": 16}), ("lora", {"r": 4}), ("bitfit", {}), ("vpt", {"tokens": 3}),
+          ("adaptformer", {}), ("ssf", {}), ("full", {})]
+
+
+def _tuned(name, options):
+    model = tiny_vit(init_values=1e-5, dynamic_img_size=True)  # LayerScale, as the DINOv2 ViTs
+    tuners.apply(model, name, **options)
+    # Tuner parameters start at values (zero LoRA B, unit SSF scales) whose gradients could hide a wrong path.
+    with torch.no_grad():
+        for p in tuners.trainable_parameters(model).values():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model
+
+
+def _step(model, images):
+    with SavedActivations(model.parameters()) as saved:
+        out = model(images)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads, saved.mib
+
+
+@pytest.mark.parametrize("name,options", TUNERS, ids=[f"{n}{o}" for n, o in TUNERS])
+def test_same_outputs_and_gradients_for_every_tuner(name, options, images):
+    plain = _tuned(name, options)
+    wrapped = copy.deepcopy(plain)
+    keys = list(wrapped.state_dict())
+    # AdaptFormer's adapter hooks the MLP, which must then run whole: its blocks are left as they are.
+    expected = [] if name == "adaptformer" else [f"blocks.{i}" for i in range(len(wrapped.blocks))]
+    assert recompute_frozen(wrapped) == expected
+    assert list(wrapped.state_dict()) == keys  # checkpoints and tuner state see the same names
+
+    out, grads, saved = _step(plain, images)
+    out_r, grads_r, saved_r = _step(wrapped, images)
+    assert torch.equal(out_r, out)
+    assert grads_r.keys() == grads.keys() and grads
+    for key in grads:
+        assert _close(grads_r[key], grads[key]), key
+    # Something frozen on a gradient's way recomputes (fewer bytes kept); when every stretch trains, nothing does.
+    if name in ("apla", "lora", "vpt"):
+        assert saved_r < 0.8 * saved
+    if name in ("full", "bitfit", "ssf", "adaptformer"):
+        assert saved_r == pytest.approx(saved)
+
+
+def test_apla_keeps_neither_mlp_hidden_activations_nor_norm_inputs(images):
+    model = _tuned("apla", {})
+    batch = torch.randn(4, 3, 32, 32)
+    _, _, before = _step(model, batch)
+    recompute_frozen(model)
+    _, _, after = _step(model, batch)
+    tokens, width, depth = 4 * 17, model.embed_dim, len(model.blocks)
+    gelu_inputs = tokens * 4 * width * depth * 4 / 2**20  # MiB: the MLP hidden layer of every block, float32
+    assert before - after >= gelu_inputs
+
+
+def test_calling_twice_changes_nothing_and_no_grad_is_plain(images):
+    model = _tuned("apla", {})
+    recompute_frozen(model)
+    forward = model.blocks[0].forward
+    recompute_frozen(model)
+    assert model.blocks[0].forward is forward
+    with torch.no_grad(), SavedActivations(model.parameters()) as saved:
+        model.forward_features(images)
+    assert saved.mib == 0
+
+
+def test_unfrozen_later_recomputes_nothing_and_merge_export_work(images, tmp_path):
+    model = _tuned("apla", {"r": 16})
+    recompute_frozen(model)
+    with torch.no_grad():
+        expected = model(images)
+    merged = tuners.merge(model)  # every parameter trains again: no stretch is frozen any more
+    with torch.no_grad():
+        assert torch.allclose(merged(images), expected, atol=1e-5)
+    plain = tiny_vit(init_values=1e-5, dynamic_img_size=True)
+    plain.load_state_dict(merged.state_dict())
+    _, grads, saved = _step(plain, images)
+    _, grads_m, saved_m = _step(merged, images)
+    assert saved_m == pytest.approx(saved) and grads_m.keys() == grads.keys()
+    tuners.save(model, tmp_path / "apla.safetensors")
+    fresh = _tuned("apla", {"r": 16})
+    tuners.load(fresh, tmp_path / "apla.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(fresh(images), expected, atol=1e-6)
+        torch.save(model, tmp_path / "whole.pt")  # the replaced forward pickles with the module
+        assert torch.allclose(torch.load(tmp_path / "whole.pt", weights_only=False)(images), expected, atol=1e-6)
+
+
+def test_teacher_copy_runs_the_same_blocks(images):
+    model = _tuned("apla", {})
+    recompute_frozen(model)
+    teacher = make_teacher(model)
+    assert teacher.blocks[0].forward.args[0] is teacher.blocks[0]  # bound to the copy, not to the student
+    with torch.no_grad():
+        assert torch.equal(teacher.forward_features(images), model.forward_features(images))
+
+
+# ----- one SSA training step, against the objective written out with lightly's losses on whole logits ---------
+
+SSA = {
+    "backbone": {"name": "vit_tiny_patch16_224", "pretrained": False,
+                 "model_args": {"patch_size": 8, "depth": 2, "init_values": 1e-5}},
+    "ssl": {"prototypes": 512, "head_hidden": 64, "head_bottleneck": 32, "n_local": 2, "global_size": 32,
+            "local_size": 16},
+    "data": {"root": "unused"},
+}
+
+
+def _ssa_module(tuner, options, recompute, chunk):
+    cfg = resolve_config(None, sections={**SSA, "tuner": {"name": tuner, "options": options},
+                                         "optim": {"recompute_frozen": recompute}})
+    torch.manual_seed(0)
+    backbone = cfg.backbone.build(img_size=32, dynamic_img_size=True)
+    tuners.apply(backbone, tuner, **options)
+    module = SSAModule(cfg, backbone, iters_per_epoch=4)
+    module.loss.chunk_size = chunk
+    module._it = 0
+    return module
+
+
+def _batch(n_images=3):
+    g = torch.Generator().manual_seed(0)
+    masks = block_masks(2 * n_images, (4, 4), generator=g)  # half the crops masked, the others not
+    return {"global_crops": torch.randn(2 * n_images, 3, 32, 32, generator=g),
+            "local_crops": torch.randn(2 * n_images, 3, 16, 16, generator=g), "masks": masks}
+
+
+def _reference_loss(module, batch):
+    """The objective as it was computed before chunking: whole logits through the head with F.normalize'd
+    prototypes, lightly's DINOLoss and IBOTPatchLoss, KoLeo per global crop."""
+    def head(h, x):
+        return F.linear(h.bottleneck(x), F.normalize(h.prototypes.weight, dim=1))
+
+    masks, prefix, K = batch["masks"], module.student.backbone.num_prefix_tokens, module.cfg.ssl.prototypes
+    flat = masks.flatten(1)
+    with torch.no_grad():
+        t = module.teacher.backbone.forward_features(batch["global_crops"])
+        t_cls, t_patch = head(module.teacher.head, t[:, 0]), head(module.teacher.head, t[:, prefix:][flat])
+    s = forward_masked(module.student.backbone, batch["global_crops"], masks, module.student.mask_token)
+    s_local = module.student.backbone.forward_features(batch["local_crops"])[:, 0]
+    s_cls, s_patch = head(module.student.head, torch.cat([s[:, 0], s_local])), head(module.student.head,
+                                                                                    s[:, prefix:][flat])
+    temp = float(module.schedules.teacher_temp[0])
+    B = len(masks) // 2
+    dino_loss, ibot_loss = DINOLoss(K), IBOTPatchLoss(K)
+    dino = dino_loss(list(t_cls.split(B)), list(s_cls.split(B)), teacher_temp=temp)
+    ibot = ibot_loss(t_patch, s_patch, masks, teacher_temp=temp)
+    koleo = sum(KoLeoLoss()(x) for x in s[:, 0].split(B))
+    return dino + ibot + 0.1 * koleo, dino_loss.center, ibot_loss.center.value
+
+
+def _grads(module, loss):
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.requires_grad}
+    module.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("tuner,options", [("apla", {}), ("full", {})])
+def test_ssa_step_equals_the_reference_objective(tuner, options):
+    batch = _batch()
+    reference = _ssa_module(tuner, options, recompute=False, chunk=None)
+    loss, dino_center, ibot_center = _reference_loss(reference, batch)
+    loss_ref, grads_ref = _grads(reference, loss)
+    for recompute, chunk in [(False, None), (True, 5), (True, 64)]:
+        module = _ssa_module(tuner, options, recompute, chunk)
+        loss, grads = _grads(module, module.training_step(batch, 0))
+        assert torch.allclose(loss, loss_ref, atol=1e-6, rtol=1e-6), (recompute, chunk)
+        assert grads.keys() == grads_ref.keys()
+        for key in grads_ref:
+            assert _close(grads[key], grads_ref[key]), (recompute, chunk, key)
+        # Both centers moved as lightly moves them from the whole teacher logits.
+        assert torch.allclose(module.loss.dino.center, dino_center, atol=1e-6)
+        assert torch.allclose(module.loss.ibot.center.value, ibot_center, atol=1e-6)
