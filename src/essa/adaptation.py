@@ -107,7 +107,8 @@ class OptimConfig:
     weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-4])
     grad_clip: float = 1.0
     # Recompute the student's frozen block stretches in the backward pass instead of keeping their activations
-    # (essa.train.memory.recompute_frozen): same numbers, less memory, one extra fc1 per block.
+    # (essa.train.memory.recompute_frozen): same numbers, less memory; costs one extra fc1 per block (and qkv and
+    # attention where only attn.proj trains, as APLA), about 10 % of an APLA step.
     recompute_frozen: bool = True
 
 

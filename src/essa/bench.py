@@ -97,6 +97,22 @@ class SavedActivations:
         self._hooks.__exit__(*exc)
 
 
+def live_peak_mib(step: Callable[[], None]) -> float:
+    """MiB by which the live tensors of one call of ``step`` rise above those alive when it starts, at their peak:
+    what CUDA's ``max_memory_allocated`` counts, without the allocator's slack that a CPU's resident size adds
+    (freed memory glibc keeps). From the profiler's allocation and free events (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20
+
+
 def time_steps(step: Callable[[], None], images_per_step: int, device: torch.device, warmup: int, steps: int) -> dict:
     """Run ``warmup`` untimed then ``steps`` timed calls of ``step``: images/s and seconds per step."""
     for _ in range(warmup):
@@ -174,7 +190,8 @@ def ssa_step(
     Besides the peak and the timing, the result breaks the memory down (MiB): ``weights_mib`` (student, teacher
     and buffers; shared tensors once), ``grads_mib``, ``optimizer_mib`` (AdamW states), ``saved_mib`` (activations
     kept for the backward pass in one step). The rest of the peak is transient: logits, softmaxes and gradients in
-    flight, and allocator slack."""
+    flight, and allocator slack. On CPU, ``live_peak_mib`` is the peak of live tensors alone (one more step, after
+    the peak was read), the number CUDA's peak would report."""
     from essa import tuners
     from essa.adaptation import resolve_config
     from essa.ssl import block_masks
@@ -225,7 +242,12 @@ def ssa_step(
         "optimizer_mib": _mib(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)),
         "saved_mib": saved.mib,
     }
-    return {"peak_mib": meter.peak_mib(), **timing, "trainable": trainable, "total": total, **breakdown}
+    peak = meter.peak_mib()
+    if dev.type == "cpu":
+        # alive when a step starts: weights, AdamW states, the last step's gradients, the batch
+        start = sum(breakdown[k] for k in ("weights_mib", "optimizer_mib", "grads_mib"))
+        breakdown["live_peak_mib"] = start + _mib(t for t in batch.values() if t is not None) + live_peak_mib(step)
+    return {"peak_mib": peak, **timing, "trainable": trainable, "total": total, **breakdown}
 
 
 def run_in_fresh_process(target: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
@@ -268,14 +290,21 @@ def markdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
 
 
 def breakdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
-    """Where each row's peak memory goes (rows of :func:`ssa_step`)."""
+    """Where each row's peak memory goes (rows of :func:`ssa_step`, with their ``peak_mib_ratio``). "rest of the
+    peak" is the peak less the other columns: transients (logits, gradients in flight) and allocator slack; it
+    comes out small where not all gradients and saved activations are alive at once (full SSA)."""
+    live = all("live_peak_mib" in r for r in rows)
     lines = [f"| model | {tuner_header} | peak (MiB) | weights | grads | AdamW states | saved activations "
-             "| transient + slack | memory vs full |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rest of the peak | memory vs full |" + (" live tensors at peak | live vs full |" if live else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if live else "")]
     for r in rows:
         parts = [r["weights_mib"], r["grads_mib"], r["optimizer_mib"], r["saved_mib"]]
-        lines.append(f"| {r['model']} | {r['label']} | {r['peak_mib']:.0f} | "
-                     + " | ".join(f"{v:.0f}" for v in parts)
-                     + f" | {r['peak_mib'] - sum(parts):.0f} | {r['peak_mib_ratio']:.2f}x |")
+        line = (f"| {r['model']} | {r['label']} | {r['peak_mib']:.0f} | " + " | ".join(f"{v:.0f}" for v in parts)
+                + f" | {r['peak_mib'] - sum(parts):.0f} | {r['peak_mib_ratio']:.2f}x |")
+        if live:
+            full = next(f for f in rows if f["model"] == r["model"] and f["label"] == "full")
+            line += f" {r['live_peak_mib']:.0f} | {r['live_peak_mib'] / full['live_peak_mib']:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 

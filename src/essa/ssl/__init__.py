@@ -1,9 +1,12 @@
 """Building blocks of the DINOv2-style SSA objective: pure pieces that know nothing about tuners.
 
 - ``heads.DINOHead(in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3)``: (..., in_dim) ->
-  (..., out_dim) prototype logits; ``cancel_last_layer_gradients()`` freezes the prototypes for a step.
-- ``losses.DINOv2Loss(out_dim, n_global=2, ...)``: DINO + iBOT + KoLeo terms and their weighted total, with the
-  centers as buffers.
+  (..., out_dim) prototype logits, ``prototypes(bottleneck(x))``; ``cancel_last_layer_gradients()`` freezes the
+  prototypes for a step.
+- ``losses.DINOv2Loss(out_dim, n_global=2, ..., chunk_size=64)``: DINO + iBOT + KoLeo terms and their weighted
+  total, with the centers as buffers; from logits, or from bottleneck features and the prototype layers'
+  ``scorer()`` (then the (rows x out_dim) logits are formed ``chunk_size`` rows at a time and recomputed in the
+  backward pass: ``losses.pair_cross_entropy``).
 - ``masking.block_masks(n, grid, ratio=(0.1, 0.5), probability=0.5, generator=None)``: bool (n, H, W) iBOT masks;
   ``masking.block_mask(grid, num_masked, rng)``: one (H, W) mask.
 - ``masking.forward_masked(vit, images, masks, mask_token)``: (B, prefix + N, D) tokens of a timm ViT whose masked

@@ -34,7 +34,7 @@ class PrototypeLayer(nn.Module):
         return self.weight.norm(dim=1).clamp_min(1e-12)
 
     def forward(self, x: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ normalize(weight).T``, computed as ``(x @ weight.T) / norms``: the same numbers, without a
+        """``x @ normalize(weight).T``, computed as ``(x @ weight.T) / norms``: the same maths, without a
         normalised (num_prototypes, in_dim) copy of the weight (64 MiB at 65,536 x 256) kept for the backward.
         ``norms``: ``self.norms()``, passed by callers that score many chunks of rows (:meth:`scorer`)."""
         return F.linear(x, self.weight) / (self.norms() if norms is None else norms)

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
-from essa.train.memory import recompute_frozen
+from essa.train.memory import recompute_frozen, release_free_heap
 from essa.train.optim import decay_groups, default_lr
 from essa.train.run_dir import check_trainable_state, drop_frozen
 from essa.train.timing import StepTiming
@@ -155,6 +155,8 @@ class SSAModule(StepTiming, L.LightningModule):
             self._sums[key] = self._sums.get(key, 0.0) + float(value.detach())
         self._sums["steps"] = self._sums.get("steps", 0) + 1
         self.log("loss", terms["total"].detach(), prog_bar=True)
+        if terms["total"].device.type == "cpu":
+            release_free_heap()  # the forward's freed transients would stay resident through the backward pass
         return terms["total"]
 
     def _whole_batch(self, x: torch.Tensor) -> torch.Tensor:
