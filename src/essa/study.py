@@ -222,13 +222,16 @@ class Study:
         }
         return deep_merge(self._stage_config(self.cfg.ssa), own)
 
+    def _finetune_dir(self, dataset, ssa: TunerSpec, spec: TunerSpec) -> Path:
+        return self._dir(dataset, "finetune", f"{slug(ssa.label)}__{slug(spec.label)}")
+
     def finetune_sections(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec) -> dict:
         own = {
             "backbone": self._backbone(dataset, ssa), "tuner": {"name": spec.name, "options": spec.options},
             "data": dataset.data, "task": dataset.task, "metric": dataset.metric, "img_size": self.cfg.img_size,
             "optim": {"epochs": self.cfg.finetune.epochs, "batch_size": self.cfg.batch_size},
             "seeds": list(self.cfg.seeds),
-            "out": str(self._dir(dataset, "finetune", f"{slug(ssa.label)}__{slug(spec.label)}")),
+            "out": str(self._finetune_dir(dataset, ssa, spec)),
         }
         return deep_merge(self._stage_config(self.cfg.finetune), own)
 
@@ -443,7 +446,7 @@ class Study:
     def _cell_results(self, dataset, ssa, spec, state, ssa_resources) -> dict[str, Any]:
         from essa.evaluate.metrics import metric_names
 
-        out = Path(self.finetune_sections(dataset, ssa, spec)["out"])
+        out = self._finetune_dir(dataset, ssa, spec)
         seeds, tests, errors = {}, [], []
         for seed in self.cfg.seeds:
             rows = _read_json(out / f"seed_{seed}" / "metrics.json")
