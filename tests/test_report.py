@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from essa.report import cell_summary, verdict, write_report
+from essa.report import cell_summary, summary_markdown, verdict, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVIL_NAME = r"<script>alert(1)</script> derm/x=1 $\bad$"  # html, a path and invalid matplotlib math
@@ -195,7 +195,31 @@ def test_html_is_self_contained_and_escaped(report):
     for src in images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_SIGNATURE
-    assert page.count("<tr>") == 2 * (1 + 10) + 2 * (1 + 2) + (1 + 2)  # header + one row per cell or probe
+    # header + one row per cell or probe; the summary: one row per dataset and SSA tuner, per dataset and FT tuner
+    assert page.count("<tr>") == 2 * (1 + 10) + 2 * (1 + 2) + (1 + 2) + (1 + 4 + 2) + (1 + 3 + 1)
+
+
+def test_summary_tables_pivot_cells_by_ssa_tuner_and_match_the_report(report):
+    _, results, paths = report
+    md = paths["markdown"].read_text()
+    summary, resources = table_rows(md, "task")
+    assert [row[:3] for row in summary] == [
+        ["pneumonia", "auc", "none"], ["pneumonia", "auc", "apla"], ["pneumonia", "auc", "full"],
+        ["pneumonia", "auc", "lora r=8"], [EVIL_NAME, "balanced_accuracy", "none"],
+        [EVIL_NAME, "balanced_accuracy", "apla r=64"]]
+    header = next(line for line in md.splitlines() if line.startswith("| task | metric"))
+    assert header == ("| task | metric | SSA | FT full | FT linear | FT apla | knn probe | linear_probe probe | "
+                      "SSA params | SSA peak MiB | SSA images/s |")
+    # apla SSA: fine-tuning full (the best cell, bold), linear (no such cell), apla; its probe; its SSA resources
+    assert summary[1][3:] == ["**0.9100 ± 0.0100 (n=3)**", "–", "0.6100 ± 0.0100 (n=3)", "–", "0.8500",
+                              "1,774,080", "1,100", "0.40"]
+    assert summary[0][3:8] == ["0.8100 ± 0.0100 (n=3)", "0.7500 ± 0.0500 (n=3)", "0.8100 ± 0.0100 (n=3)",
+                               "0.8000", "–"]  # no SSA: the foundation model's probe
+    assert summary[2][5] == "–" and summary[3][3] == "–"  # a failed and a pending cell
+    assert summary[5][3:5] == ["**0.6600 (n=1)**", "–"]
+    assert resources == [["pneumonia", "full", "21,669,514", "1,384", "3.20"], ["pneumonia", "linear", "–", "–", "–"],
+                         ["pneumonia", "apla", "–", "–", "–"], [EVIL_NAME, "full", "21,669,514", "1,384", "3.20"]]
+    assert summary_markdown(results) in md  # what a README quotes is what the report says
 
 
 def test_figure_captions(report):

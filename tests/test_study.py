@@ -152,3 +152,28 @@ def test_the_command_lists_cells_maps_scale_flags_and_explains_bad_input(tmp_pat
     assert ft["trainer"]["accumulate_grad_batches"] == 2
     assert main(["run", "--config", str(config), "--set", "img_size=0"]) == 2
     assert "img_size and batch_size must be at least 1" in capsys.readouterr().err
+
+
+def test_the_offline_study_example_is_the_promised_grid_on_shared_data(monkeypatch):
+    """examples/offline_study.yaml: 3 real tasks x 6 SSA tuners x 2 fine-tuning tuners x 3 seeds, SSA on the
+    train split only, every cell of a task under one budget, from the shared pretrained ViT."""
+    if SHARED.resolve() != (REPO.parent / "shared").resolve():
+        pytest.skip("the example names ../shared; ESSA_SHARED points elsewhere")
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root
+    study = study_mod.Study(REPO / "examples" / "offline_study.yaml")
+    assert [c.kind for c in study.cells].count("finetune") == 3 * 6 * 2 * 3
+    assert [c.kind for c in study.cells].count("ssa") == 3 * 5 and [c.kind for c in study.cells].count("probe") == 18
+    assert study.cfg.seeds == [0, 1, 2] and study.cfg.probes == ["knn", "linear"]
+    assert study.cfg.backbone.weights.endswith("shared/models/vit_tiny_p4_32_cifar10.safetensors")
+    for dataset in study.datasets:
+        task = study._task(dataset)  # the data are there and split
+        assert len(task.splits["train"]) == 300 and task.splits["val"] and task.splits["test"]
+        ssa = study.adapt_sections(dataset, study_mod.TunerSpec("apla"))
+        assert (ssa["data"]["split"], ssa["data"]["val_split"]) == ("train", "val")
+        ft = study.finetune_sections(dataset, study_mod.TunerSpec("apla"), study_mod.TunerSpec("full"))
+        assert ft["data"]["max_train"] == ssa["data"]["splits"]["max_train"] == 300
+    brain = study._task(study.datasets[2])
+    split_of = {r.path: name for name, records in brain.splits.items() for r in records}
+    assert brain.duplicates.dropped
+    for group in brain.duplicates.groups:  # no image left in two splits
+        assert len({split_of[r.path] for r in group.records if r.path in split_of}) <= 1

@@ -46,7 +46,7 @@ from matplotlib.ticker import MaxNLocator
 
 from essa.evaluate.plots import accuracy_vs_memory_png
 
-__all__ = ["Summary", "cell_summary", "verdict", "write_report"]
+__all__ = ["Summary", "cell_summary", "summary_markdown", "verdict", "write_report"]
 
 MISSING = "–"
 NO_SSA = "none"
@@ -312,6 +312,53 @@ def _header_blocks(results: dict) -> list[Block]:
     if notes:
         blocks += [Heading("Notes", 2), Bullets([str(note) for note in notes])]
     return blocks
+
+
+def _summary_tables(results: dict) -> list[Table]:
+    """The study on one screen: per dataset and SSA tuner, the primary metric of each fine-tuning tuner, the
+    frozen-feature probes and the SSA resources; then the fine-tuning resources per dataset and tuner."""
+    finetunes = list(dict.fromkeys(str(c["finetune"]) for d in results["datasets"] for c in d["cells"]))
+    methods = list(dict.fromkeys(str(p.get("method")) for d in results["datasets"] for p in d.get("probes") or []))
+    keys = ("trainable_params", "peak_memory_mib", "images_per_s")
+    rows, bold, resource_rows = [], set(), []
+    for dataset in results["datasets"]:
+        metric, cells = dataset["primary_metric"], dataset["cells"]
+        best = _best(cells, metric)
+        probes = {(str(p.get("backbone")), str(p.get("method"))): (p.get("metrics") or {}).get(metric)
+                  for p in dataset.get("probes") or []}
+        for ssa in dict.fromkeys(str(c["ssa"]) for c in cells):
+            row = [str(dataset["name"]), metric, ssa]
+            ssa_resources = {}
+            for finetune in finetunes:
+                cell = next((c for c in cells if str(c["ssa"]) == ssa and str(c["finetune"]) == finetune), None)
+                row.append(MISSING if cell is None else _format_summary(cell_summary(cell, metric), with_n=True))
+                ssa_resources = ssa_resources or (cell or {}).get("ssa_resources") or {}
+                if best is not None and cell is best[0]:
+                    bold.add((len(rows), len(row) - 1))
+            backbone = "pretrained" if ssa == NO_SSA else f"ssa {ssa}"
+            row += [MISSING if probes.get((backbone, m)) is None else f"{_number(probes[(backbone, m)]):.4f}"
+                    for m in methods]
+            row += [_format_resource(key, ssa_resources.get(key)) for key in keys]
+            rows.append(row)
+        for finetune in dict.fromkeys(str(c["finetune"]) for c in cells):
+            measured = [c.get("finetune_resources") or {} for c in cells if str(c["finetune"]) == finetune]
+            resource_rows.append([str(dataset["name"]), finetune, *(
+                _format_resource(key, float(np.mean(values)) if values else None)
+                for key in keys for values in [[r[key] for r in measured if r.get(key) is not None]])])
+    header = ["task", "metric", "SSA", *(f"FT {f}" for f in finetunes), *(f"{m} probe" for m in methods),
+              "SSA params", "SSA peak MiB", "SSA images/s"]
+    note = ("Test split. FT <tuner>: the primary metric after SSA (row) and fine-tuning with that tuner, mean ± std "
+            "over seeds (n); bold: the best cell of the task. Probes: frozen features of the SSA backbone (none: "
+            "the foundation model). SSA params: trainable backbone parameters during SSA (the DINO head aside).")
+    return [Table(header, rows, frozenset(bold), note),
+            Table(["task", "fine-tuning", "FT params", "FT peak MiB", "FT images/s"], resource_rows,
+                  note="Fine-tuning resources: means over every SSA starting point and seed of the tuner.")]
+
+
+def summary_markdown(results: dict) -> str:
+    """The report's summary tables as markdown (what the README of a study can quote as it is)."""
+    _check_results(results)
+    return "\n\n".join(_markdown_table(table) for table in _summary_tables(results)) + "\n"
 
 
 def _metrics_table(dataset: dict) -> Table:
@@ -607,7 +654,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Any]:
     _check_results(results)
     out_dir = Path(out_dir)
     figures_dir = out_dir / "figures"
-    blocks = _header_blocks(results)
+    blocks = [*_header_blocks(results), Heading("Summary", 2), *_summary_tables(results)]
     figures: list[Path] = []
     for dataset, stem in zip(results["datasets"], _unique_stems(results["datasets"])):
         section, drawn = _dataset_blocks(dataset, figures_dir, stem)
