@@ -8,7 +8,9 @@ A step: student on 2 masked global crops and 8 local crops, teacher on the 2 glo
 backward, gradient clipping, AdamW, momentum update, set up as ``essa adapt`` sets it up (frozen block stretches
 recomputed, optim.recompute_frozen; the loss scored 64 rows at a time). Prints peak training memory and images/s
 per tuner and the ratio of each to full SSA measured in the same run, where the memory goes (weights, gradients,
-AdamW states, activations kept for the backward pass, the rest: transients and allocator slack), then checks the
+AdamW states, activations kept for the backward pass, the rest: transients and allocator slack), the FLOPs of a step
+(counted, so independent of the machine and its load: full SSA's over a tuner's is the speed-up that a machine
+whose time goes to matrix products can show), then checks the
 targets (ahead of the reference 0.60x memory, 1.25x throughput): APLA-SSA (whole W_O) at most 0.55x the peak memory
 and at least 1.35x the throughput of full SSA, on each model.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from essa.bench import breakdown_table, markdown_table, measure_grid
+from essa.bench import breakdown_table, compute_table, markdown_table, measure_grid
 
 CONFIGS = [
     ("full", "full", {}),
@@ -65,6 +67,9 @@ def main() -> None:
     print(markdown_table(rows, "SSA tuner"))
     print("\nwhere the peak memory goes (MiB; weights count the teacher's own copies once):")
     print(breakdown_table(rows, "SSA tuner"))
+    print("\ncompute per step (matrix products and attention, forward + backward + recomputation; the same on any "
+          "machine): full SSA's FLOPs over a tuner's bound the speed-up where matrix products dominate the time")
+    print(compute_table(rows, "SSA tuner"))
     # CPU seconds per image are robust to other load on a shared machine; on a GPU, wall-clock time is the cost.
     speed = "images_per_cpu_s" if args.device == "cpu" else "images_per_s"
     print(f"\ntargets, APLA (whole W_O) against full SSA on the same model (speed measured as {speed}):")

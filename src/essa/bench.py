@@ -113,6 +113,28 @@ def live_peak_mib(step: Callable[[], None]) -> float:
     return peak / 2**20
 
 
+def step_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one call of ``step``: matrix products and attention, forward, backward and recomputation, as
+    ``torch.utils.flop_counter`` counts them (CPU attention kernels included). Unlike seconds, the count does not
+    depend on the machine or its load: the ratio of two counts bounds the speed-up one can bring where the matrix
+    products dominate the time."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    # the counter hands formulas the shapes of the arguments
+    def forward(query, key, value, *args, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
 def time_steps(step: Callable[[], None], images_per_step: int, device: torch.device, warmup: int, steps: int) -> dict:
     """Run ``warmup`` untimed then ``steps`` timed calls of ``step``: images/s and seconds per step."""
     for _ in range(warmup):
@@ -191,7 +213,8 @@ def ssa_step(
     and buffers; shared tensors once), ``grads_mib``, ``optimizer_mib`` (AdamW states), ``saved_mib`` (activations
     kept for the backward pass in one step). The rest of the peak is transient: logits, softmaxes and gradients in
     flight, and allocator slack. On CPU, ``live_peak_mib`` is the peak of live tensors alone (one more step, after
-    the peak was read), the number CUDA's peak would report."""
+    the peak was read), the number CUDA's peak would report. ``gflop``: the FLOPs of one step (:func:`step_flops`),
+    counted in one more step after the peak was read."""
     from essa import tuners
     from essa.adaptation import resolve_config
     from essa.ssl import block_masks
@@ -243,6 +266,7 @@ def ssa_step(
         "saved_mib": saved.mib,
     }
     peak = meter.peak_mib()
+    breakdown["gflop"] = step_flops(step) / 1e9
     if dev.type == "cpu":
         # alive when a step starts: weights, AdamW states, the last step's gradients, the batch
         start = sum(breakdown[k] for k in ("weights_mib", "optimizer_mib", "grads_mib"))
@@ -305,6 +329,16 @@ def breakdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
             full = next(f for f in rows if f["model"] == r["model"] and f["label"] == "full")
             line += f" {r['live_peak_mib']:.0f} | {r['live_peak_mib'] / full['live_peak_mib']:.2f}x |"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def compute_table(rows: list[dict], tuner_header: str = "tuner") -> str:
+    """GFLOP per step of each row (rows with ``gflop``) and full's FLOPs over the row's: the speed-up the row can
+    show where matrix products and attention dominate the time."""
+    lines = [f"| model | {tuner_header} | GFLOP per step | full's FLOPs / these |", "|---|---|---:|---:|"]
+    for r in rows:
+        full = next(f for f in rows if f["model"] == r["model"] and f["label"] == "full")
+        lines.append(f"| {r['model']} | {r['label']} | {r['gflop']:.1f} | {full['gflop'] / r['gflop']:.2f}x |")
     return "\n".join(lines)
 
 

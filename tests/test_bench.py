@@ -1,0 +1,27 @@
+"""essa.bench.step_flops: counted FLOPs of a step, CPU attention kernels included."""
+
+import torch
+
+from essa.bench import compute_table, step_flops
+
+
+def test_linear_step_counts_forward_and_weight_gradient_only():
+    tokens, d_in, d_out = 7, 5, 3
+    layer = torch.nn.Linear(d_in, d_out)
+    x = torch.randn(tokens, d_in)  # no gradient wanted for the input: its backward matmul is skipped
+    assert step_flops(lambda: layer(x).sum().backward()) == 2 * (2 * tokens * d_in * d_out)
+
+
+def test_cpu_attention_is_counted_forward_and_backward():
+    b, h, n, e = 2, 3, 10, 8
+    q, k, v = (torch.randn(b, h, n, e, requires_grad=True) for _ in range(3))
+    flops = step_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    matmul = 2 * b * h * n * n * e  # q @ k^T or attn @ v
+    # forward: 2 products; backward (flash convention, scores recomputed): 5 products
+    assert flops == (2 + 5) * matmul
+
+
+def test_compute_table_gives_full_over_each_tuner():
+    rows = [{"model": "m", "label": "full", "gflop": 680.0}, {"model": "m", "label": "apla", "gflop": 535.0}]
+    lines = compute_table(rows, "SSA tuner").splitlines()
+    assert lines[2:] == ["| m | full | 680.0 | 1.00x |", "| m | apla | 535.0 | 1.27x |"]
