@@ -28,7 +28,7 @@ def cell(ssa, finetune, seed_metrics, status="done", ssa_res=None, ft_res=None, 
 
 
 FULL_SSA = resources(21_669_514, 1765.0, 0.26)
-APLA_SSA = resources(1_774_080, 1100.0, 0.40)
+APLA_SSA = {**resources(1_774_080, 1100.0, 0.40), "weight_change": 0.0012345}
 FT = resources(21_669_514, 1384.0, 3.2)
 
 # Known answers for the verdict, fine-tuning "full": apla-SSA beats no-SSA by 0.10 with stds 0.01 -> helped;
@@ -209,13 +209,14 @@ def test_summary_tables_pivot_cells_by_ssa_tuner_and_match_the_report(report):
         [EVIL_NAME, "balanced_accuracy", "apla r=64"]]
     header = next(line for line in md.splitlines() if line.startswith("| task | metric"))
     assert header == ("| task | metric | SSA | FT full | FT linear | FT apla | knn probe | linear_probe probe | "
-                      "SSA params | SSA peak MiB | SSA images/s |")
+                      "SSA params | SSA peak MiB | SSA images/s | SSA weight change |")
     # apla SSA: fine-tuning full (the best cell, bold), linear (no such cell), apla; its probe; its SSA resources
     assert summary[1][3:] == ["**0.9100 ± 0.0100 (n=3)**", "–", "0.6100 ± 0.0100 (n=3)", "–", "0.8500",
-                              "1,774,080", "1,100", "0.40"]
+                              "1,774,080", "1,100", "0.40", "0.12 %"]
     assert summary[0][3:8] == ["0.8100 ± 0.0100 (n=3)", "0.7500 ± 0.0500 (n=3)", "0.8100 ± 0.0100 (n=3)",
                                "0.8000", "–"]  # no SSA: the foundation model's probe
     assert summary[2][5] == "–" and summary[3][3] == "–"  # a failed and a pending cell
+    assert summary[2][-1] == "–"  # full SSA: no weight change recorded
     assert summary[5][3:5] == ["**0.6600 (n=1)**", "–"]
     assert resources == [["pneumonia", "full", "21,669,514", "1,384", "3.20"], ["pneumonia", "linear", "–", "–", "–"],
                          ["pneumonia", "apla", "–", "–", "–"], [EVIL_NAME, "full", "21,669,514", "1,384", "3.20"]]

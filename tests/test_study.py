@@ -177,3 +177,28 @@ def test_the_offline_study_example_is_the_promised_grid_on_shared_data(monkeypat
     assert brain.duplicates.dropped
     for group in brain.duplicates.groups:  # no image left in two splits
         assert len({split_of[r.path] for r in group.records if r.path in split_of}) <= 1
+
+
+def test_weight_change_measures_how_far_an_export_moved_from_the_foundation_model(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from essa import backbones, tuners
+
+    torch.manual_seed(0)
+    foundation = backbones.create("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    tuners.save_merged(foundation, tmp_path / "foundation.safetensors")
+    weights = load_file(tmp_path / "foundation.safetensors")
+    moved = dict(weights)
+    delta = torch.randn_like(weights["blocks.1.attn.proj.weight"])
+    moved["blocks.1.attn.proj.weight"] = weights["blocks.1.attn.proj.weight"] + delta
+    save_file(moved, tmp_path / "moved.safetensors")
+    backbone = {"name": None, "weights": str(tmp_path / "foundation.safetensors"), "pretrained": False}
+    study = study_mod.Study(_write(tmp_path, backbone=backbone))
+    norm = sum(float(v.float().square().sum()) for k, v in weights.items() if not k.startswith("head"))
+    assert study._weight_change(tmp_path / "foundation.safetensors") == 0.0
+    assert study._weight_change(tmp_path / "moved.safetensors") == pytest.approx(
+        float(delta.square().sum()) ** 0.5 / norm ** 0.5, rel=1e-5)
+    assert study._weight_change(tmp_path / "missing.safetensors") is None
+    random_start = study_mod.Study(_write(tmp_path))  # TINY: random weights, no fixed starting point
+    assert random_start._weight_change(tmp_path / "moved.safetensors") is None

@@ -10,7 +10,8 @@
 ``finetune``. Everything else is optional and shown as "–" (or left out) when absent: the study's ``name``,
 ``backbone``, ``wall_seconds``, ``budget`` (every key printed), ``notes``; a dataset's ``task``, ``description``,
 ``probes``, ``ssa_curves``; a cell's ``status`` (default ``pending``), ``error``, ``seeds`` (seed -> test metrics),
-``ssa_resources`` and ``finetune_resources`` (``trainable_params``, ``peak_memory_mib``, ``images_per_s``).
+``ssa_resources`` and ``finetune_resources`` (``trainable_params``, ``peak_memory_mib``, ``images_per_s``; SSA
+also ``weight_change``, the relative L2 change of the backbone weights from the foundation model to the SSA export).
 
 Per dataset the report holds: a test-metric table (one row per cell, every metric as mean ± std over the finished
 seeds, the best primary metric in bold), a resource table, the frozen-feature probes, the primary metric against
@@ -202,6 +203,8 @@ def _format_resource(key: str, value: Any) -> str:
         return f"{round(value):,}"
     if key == "peak_memory_mib":
         return f"{value:,.0f}"
+    if key == "weight_change":
+        return f"{100 * value:.2g} %"
     return f"{value:,.2f}"
 
 
@@ -338,7 +341,7 @@ def _summary_tables(results: dict) -> list[Table]:
             backbone = "pretrained" if ssa == NO_SSA else f"ssa {ssa}"
             row += [MISSING if probes.get((backbone, m)) is None else f"{_number(probes[(backbone, m)]):.4f}"
                     for m in methods]
-            row += [_format_resource(key, ssa_resources.get(key)) for key in keys]
+            row += [_format_resource(key, ssa_resources.get(key)) for key in (*keys, "weight_change")]
             rows.append(row)
         for finetune in dict.fromkeys(str(c["finetune"]) for c in cells):
             measured = [c.get("finetune_resources") or {} for c in cells if str(c["finetune"]) == finetune]
@@ -346,10 +349,12 @@ def _summary_tables(results: dict) -> list[Table]:
                 _format_resource(key, float(np.mean(values)) if values else None)
                 for key in keys for values in [[r[key] for r in measured if r.get(key) is not None]])])
     header = ["task", "metric", "SSA", *(f"FT {f}" for f in finetunes), *(f"{m} probe" for m in methods),
-              "SSA params", "SSA peak MiB", "SSA images/s"]
+              "SSA params", "SSA peak MiB", "SSA images/s", "SSA weight change"]
     note = ("Test split. FT <tuner>: the primary metric after SSA (row) and fine-tuning with that tuner, mean ± std "
             "over seeds (n); bold: the best cell of the task. Probes: frozen features of the SSA backbone (none: "
-            "the foundation model). SSA params: trainable backbone parameters during SSA (the DINO head aside).")
+            "the foundation model). SSA params: trainable backbone parameters during SSA (the DINO head aside). SSA weight "
+            "change: ||W_ssa - W_0|| / ||W_0|| of the backbone weights, the SSA export against the foundation model "
+            "(near 0: SSA left the model as it was).")
     return [Table(header, rows, frozenset(bold), note),
             Table(["task", "fine-tuning", "FT params", "FT peak MiB", "FT images/s"], resource_rows,
                   note="Fine-tuning resources: means over every SSA starting point and seed of the tuner.")]

@@ -188,6 +188,8 @@ class Study:
         self.trainer_kwargs = trainer_kwargs
         self.datasets = self.cfg.dataset_specs()
         self._tasks: dict[str, Any] = {}
+        self._foundation: dict[str, Any] | None = None  # the foundation model's state dict, once needed
+        self._weight_changes: dict[tuple[str, int], float | None] = {}
         self.cells: list[Cell] = []
         for dataset in self.datasets:
             self._add_cells(dataset)
@@ -432,6 +434,8 @@ class Study:
 
                 ssa_dir = self._ssa_dir(dataset, ssa)
                 ssa_resources = _read_json(ssa_dir / RESOURCES_FILE)
+                if ssa_resources is not None:
+                    ssa_resources["weight_change"] = self._weight_change(ssa_dir / "backbone.safetensors")
                 rows = _read_json(ssa_dir / "metrics.json")
                 if rows:
                     curves[ssa.label] = rows
@@ -442,6 +446,27 @@ class Study:
                 cells.append(self._cell_results(dataset, ssa, spec, state, ssa_resources))
         return {"name": dataset.name, "task": task.task, "primary_metric": task.primary,
                 "description": task.describe(), "cells": cells, "probes": probes, "ssa_curves": curves}
+
+    def _weight_change(self, export: Path) -> float | None:
+        """How far SSA moved the backbone: ||W_ssa - W_0|| / ||W_0|| over the foundation model's weights (the
+        classifier head aside) that the export holds with the same shape; None without an export, or when the
+        foundation model has random weights (there is no fixed starting point to compare with)."""
+        if not export.exists() or not (self.cfg.backbone.weights or self.cfg.backbone.pretrained):
+            return None
+        key = (export.as_posix(), export.stat().st_mtime_ns)
+        if key not in self._weight_changes:
+            from safetensors.torch import load_file
+
+            if self._foundation is None:
+                model = self.cfg.backbone.build(img_size=self.cfg.img_size)
+                self._foundation = {k: v.detach().float() for k, v in model.state_dict().items()}
+            adapted = load_file(export)
+            names = [k for k, v in self._foundation.items()
+                     if not k.startswith("head") and k in adapted and adapted[k].shape == v.shape]
+            change = sum(float((adapted[k].float() - self._foundation[k]).square().sum()) for k in names)
+            norm = sum(float(self._foundation[k].square().sum()) for k in names)
+            self._weight_changes[key] = (change / norm) ** 0.5 if norm else None
+        return self._weight_changes[key]
 
     def _cell_results(self, dataset, ssa, spec, state, ssa_resources) -> dict[str, Any]:
         from essa.evaluate.metrics import metric_names
