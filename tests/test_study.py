@@ -202,3 +202,14 @@ def test_weight_change_measures_how_far_an_export_moved_from_the_foundation_mode
     assert study._weight_change(tmp_path / "missing.safetensors") is None
     random_start = study_mod.Study(_write(tmp_path))  # TINY: random weights, no fixed starting point
     assert random_start._weight_change(tmp_path / "moved.safetensors") is None
+
+
+def test_the_quickstart_and_paper_examples_parse_into_their_grids():
+    quickstart = study_mod.Study(REPO / "examples" / "quickstart.yaml")
+    kinds = [c.kind for c in quickstart.cells]
+    # SSA none / full / apla, probes of the foundation model and both exports, 3 x 2 fine-tuning cells, 1 seed
+    assert (kinds.count("ssa"), kinds.count("probe"), kinds.count("finetune")) == (2, 3, 6)
+    assert quickstart.cfg.backbone.name == "vit_small_patch14_dinov2.lvd142m" and quickstart.cfg.img_size == 84
+    assert quickstart.datasets[0].data["max_train"] == 300
+    paper = study_mod.Study(REPO / "examples" / "paper.yaml")
+    assert len(paper.cfg.seeds) == 3 and paper.cfg.img_size == 224

@@ -352,9 +352,9 @@ def _summary_tables(results: dict) -> list[Table]:
               "SSA params", "SSA peak MiB", "SSA images/s", "SSA weight change"]
     note = ("Test split. FT <tuner>: the primary metric after SSA (row) and fine-tuning with that tuner, mean ± std "
             "over seeds (n); bold: the best cell of the task. Probes: frozen features of the SSA backbone (none: "
-            "the foundation model). SSA params: trainable backbone parameters during SSA (the DINO head aside). SSA weight "
-            "change: ||W_ssa - W_0|| / ||W_0|| of the backbone weights, the SSA export against the foundation model "
-            "(near 0: SSA left the model as it was).")
+            "the foundation model). SSA params: trainable backbone parameters during SSA (the DINO head aside). "
+            "SSA weight change: ||W_ssa - W_0|| / ||W_0|| of the backbone weights, the SSA export against the "
+            "foundation model (near 0: SSA left the model as it was).")
     return [Table(header, rows, frozenset(bold), note),
             Table(["task", "fine-tuning", "FT params", "FT peak MiB", "FT images/s"], resource_rows,
                   note="Fine-tuning resources: means over every SSA starting point and seed of the tuner.")]
