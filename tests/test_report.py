@@ -66,8 +66,9 @@ def make_results():
             {"name": "pneumonia", "task": "binary", "primary_metric": "auc",
              "description": "chest_xray_pneumonia: binary, train 300 / val 50 / test 624 images",
              "cells": copy.deepcopy(PNEUMONIA_CELLS),
-             "probes": [{"backbone": "pretrained", "method": "knn", "metrics": {"auc": 0.8, "balanced_accuracy": 0.7}},
-                        {"backbone": "ssa apla", "method": "linear_probe", "metrics": {"auc": 0.85}}],
+             "probes": [{"backbone": "pretrained", "ssa": "none", "method": "knn",
+                         "metrics": {"auc": 0.8, "balanced_accuracy": 0.7}},
+                        {"backbone": "ssa apla", "ssa": "apla", "method": "linear_probe", "metrics": {"auc": 0.85}}],
              "ssa_curves": {"full": [{"epoch": e, "loss": 9 - e, "knn_bal_acc": 0.6 + 0.01 * e} for e in range(3)],
                             "apla": [{"epoch": e, "loss": 8 - e, "knn_bal_acc": 0.62 + 0.02 * e} for e in range(3)],
                             "lora r=8": [{"epoch": 0, "loss": 7.0}]}},
@@ -218,8 +219,9 @@ def test_summary_tables_pivot_cells_by_ssa_tuner_and_match_the_report(report):
     assert summary[2][5] == "–" and summary[3][3] == "–"  # a failed and a pending cell
     assert summary[2][-1] == "–"  # full SSA: no weight change recorded
     assert summary[5][3:5] == ["**0.6600 (n=1)**", "–"]
-    assert resources == [["pneumonia", "full", "21,669,514", "1,384", "3.20"], ["pneumonia", "linear", "–", "–", "–"],
-                         ["pneumonia", "apla", "–", "–", "–"], [EVIL_NAME, "full", "21,669,514", "1,384", "3.20"]]
+    assert resources == [["pneumonia", "full", "21,669,514", "1,384", "3.20"],
+                         ["pneumonia", "linear", "–", "–", "–"], ["pneumonia", "apla", "–", "–", "–"],
+                         [EVIL_NAME, "full", "21,669,514", "1,384", "3.20"]]
     assert summary_markdown(results) in md  # what a README quotes is what the report says
 
 

@@ -90,6 +90,7 @@ def test_a_study_killed_midway_resumes_writes_its_report_and_a_rerun_skips_every
         assert (cell["ssa_resources"] is None) == (cell["ssa"] == "none")
     assert {(p["backbone"], p["method"]) for p in results["datasets"][0]["probes"]} == {
         ("pretrained", "knn"), ("pretrained", "linear"), ("ssa apla r=16", "knn"), ("ssa apla r=16", "linear")}
+    assert [p["ssa"] for p in results["datasets"][0]["probes"]] == ["none", "none", "apla r=16", "apla r=16"]
     assert len(results["datasets"][0]["ssa_curves"]["apla r=16"]) == 1  # one SSA epoch, with its kNN
     html = (tmp_path / "run" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "apla r=16" in html

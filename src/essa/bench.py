@@ -335,10 +335,9 @@ def breakdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
 def compute_table(rows: list[dict], tuner_header: str = "tuner") -> str:
     """GFLOP per step of each row (rows with ``gflop``) and full's FLOPs over the row's: the speed-up the row can
     show where matrix products and attention dominate the time."""
+    rows = ratio_table(rows, "full", keys=("gflop",))
     lines = [f"| model | {tuner_header} | GFLOP per step | full's FLOPs / these |", "|---|---|---:|---:|"]
-    for r in rows:
-        full = next(f for f in rows if f["model"] == r["model"] and f["label"] == "full")
-        lines.append(f"| {r['model']} | {r['label']} | {r['gflop']:.1f} | {full['gflop'] / r['gflop']:.2f}x |")
+    lines += [f"| {r['model']} | {r['label']} | {r['gflop']:.1f} | {1 / r['gflop_ratio']:.2f}x |" for r in rows]
     return "\n".join(lines)
 
 

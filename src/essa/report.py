@@ -9,8 +9,9 @@
 ``datasets``, and in each dataset ``name``, ``primary_metric`` and ``cells``, and in each cell ``ssa`` and
 ``finetune``. Everything else is optional and shown as "–" (or left out) when absent: the study's ``name``,
 ``backbone``, ``wall_seconds``, ``budget`` (every key printed), ``notes``; a dataset's ``task``, ``description``,
-``probes``, ``ssa_curves``; a cell's ``status`` (default ``pending``), ``error``, ``seeds`` (seed -> test metrics),
-``ssa_resources`` and ``finetune_resources`` (``trainable_params``, ``peak_memory_mib``, ``images_per_s``; SSA
+``probes`` (``backbone``, ``method``, ``metrics``, and ``ssa``: the SSA label of its backbone, ``none`` for the
+foundation model), ``ssa_curves``; a cell's ``status`` (default ``pending``), ``error``, ``seeds`` (seed -> test
+metrics), ``ssa_resources`` and ``finetune_resources`` (``trainable_params``, ``peak_memory_mib``, ``images_per_s``; SSA
 also ``weight_change``, the relative L2 change of the backbone weights from the foundation model to the SSA export).
 
 Per dataset the report holds: a test-metric table (one row per cell, every metric as mean ± std over the finished
@@ -327,7 +328,7 @@ def _summary_tables(results: dict) -> list[Table]:
     for dataset in results["datasets"]:
         metric, cells = dataset["primary_metric"], dataset["cells"]
         best = _best(cells, metric)
-        probes = {(str(p.get("backbone")), str(p.get("method"))): (p.get("metrics") or {}).get(metric)
+        probes = {(str(p.get("ssa")), str(p.get("method"))): (p.get("metrics") or {}).get(metric)
                   for p in dataset.get("probes") or []}
         for ssa in dict.fromkeys(str(c["ssa"]) for c in cells):
             row = [str(dataset["name"]), metric, ssa]
@@ -338,9 +339,7 @@ def _summary_tables(results: dict) -> list[Table]:
                 ssa_resources = ssa_resources or (cell or {}).get("ssa_resources") or {}
                 if best is not None and cell is best[0]:
                     bold.add((len(rows), len(row) - 1))
-            backbone = "pretrained" if ssa == NO_SSA else f"ssa {ssa}"
-            row += [MISSING if probes.get((backbone, m)) is None else f"{_number(probes[(backbone, m)]):.4f}"
-                    for m in methods]
+            row += [MISSING if probes.get((ssa, m)) is None else f"{_number(probes[(ssa, m)]):.4f}" for m in methods]
             row += [_format_resource(key, ssa_resources.get(key)) for key in (*keys, "weight_change")]
             rows.append(row)
         for finetune in dict.fromkeys(str(c["finetune"]) for c in cells):

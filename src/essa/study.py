@@ -140,6 +140,11 @@ def _tuner_spec(entry) -> TunerSpec:
     raise ConfigError(f"a tuner is a name or a mapping {{name, options, label}}, got {entry!r}")
 
 
+def _probe_backbone(ssa: TunerSpec) -> str:
+    """The backbone a probe reads: the foundation model ("pretrained") or an SSA export ("ssa apla r=64")."""
+    return "pretrained" if ssa.name == NO_SSA else f"ssa {ssa.label}"
+
+
 def slug(label: str) -> str:
     """A directory name for a label: ``"apla r=64"`` -> ``"apla_r64"``."""
     return re.sub(r"[^A-Za-z0-9.-]+", "_", label.replace("=", "")).strip("_") or "_"
@@ -188,7 +193,6 @@ class Study:
         self.trainer_kwargs = trainer_kwargs
         self.datasets = self.cfg.dataset_specs()
         self._tasks: dict[str, Any] = {}
-        self._foundation: dict[str, Any] | None = None  # the foundation model's state dict, once needed
         self._weight_changes: dict[tuple[str, int], float | None] = {}
         self.cells: list[Cell] = []
         for dataset in self.datasets:
@@ -297,7 +301,7 @@ class Study:
         return cell
 
     def _probe_dir(self, dataset, ssa: TunerSpec) -> Path:
-        return self._dir(dataset, "probe", slug("pretrained" if ssa.name == NO_SSA else f"ssa {ssa.label}"))
+        return self._dir(dataset, "probe", slug(_probe_backbone(ssa)))
 
     def _probe_cell(self, dataset, ssa: TunerSpec, needs: Cell | None) -> Cell:
         path = self._probe_dir(dataset, ssa)
@@ -440,7 +444,7 @@ class Study:
                 if rows:
                     curves[ssa.label] = rows
             for row in _read_json(self._probe_dir(dataset, ssa) / "metrics.json") or []:
-                probes.append({"backbone": "pretrained" if ssa.name == NO_SSA else f"ssa {ssa.label}",
+                probes.append({"backbone": _probe_backbone(ssa), "ssa": ssa.label,
                                "method": row["name"], "metrics": {k: v for k, v in row.items() if k != "name"}})
             for spec in self.cfg.finetune.specs():
                 cells.append(self._cell_results(dataset, ssa, spec, state, ssa_resources))
@@ -457,14 +461,13 @@ class Study:
         if key not in self._weight_changes:
             from safetensors.torch import load_file
 
-            if self._foundation is None:
-                model = self.cfg.backbone.build(img_size=self.cfg.img_size)
-                self._foundation = {k: v.detach().float() for k, v in model.state_dict().items()}
+            # built per export, not kept: the study process would otherwise hold a copy of the weights throughout
+            foundation = self.cfg.backbone.build(img_size=self.cfg.img_size).state_dict()
             adapted = load_file(export)
-            names = [k for k, v in self._foundation.items()
+            names = [k for k, v in foundation.items()
                      if not k.startswith("head") and k in adapted and adapted[k].shape == v.shape]
-            change = sum(float((adapted[k].float() - self._foundation[k]).square().sum()) for k in names)
-            norm = sum(float(self._foundation[k].square().sum()) for k in names)
+            change = sum(float((adapted[k].float() - foundation[k].float()).square().sum()) for k in names)
+            norm = sum(float(foundation[k].float().square().sum()) for k in names)
             self._weight_changes[key] = (change / norm) ** 0.5 if norm else None
         return self._weight_changes[key]
 
