@@ -44,3 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as err:
         print(f"essa {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun, stop the process group Lightning started before the interpreter tears down: gloo's threads
+    alive at exit abort the process ("terminate called without an active exception"), and torchrun then reports a
+    finished run as failed."""
+    torch = sys.modules.get("torch")  # a command that never imported torch started no process group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

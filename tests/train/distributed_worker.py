@@ -46,3 +46,5 @@ def run_stages(stages: list[dict], probe_dir: Path) -> None:
 if __name__ == "__main__":
     spec = json.loads(Path(sys.argv[1]).read_text())
     run_stages(spec["stages"], Path(spec["probe_dir"]))
+    if torch.distributed.is_initialized():  # gloo's threads stopped before interpreter teardown
+        torch.distributed.destroy_process_group()
