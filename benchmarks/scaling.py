@@ -46,7 +46,7 @@ def adapt_resources(model: str, img_size: int, tuner: str, batch_size: int, step
         backbone={"name": model, "pretrained": False}, tuner={"name": tuner},
         data={"root": str(XRAYS), "max_images": images, "num_workers": 1},
         ssl={"prototypes": prototypes, "global_size": img_size, "n_local": 2},
-        optim={"epochs": 1, "batch_size": batch_size, "warmup_epochs": 0},
+        optim={"epochs": 1, "batch_size": batch_size, "warmup": 0},
         monitor={"checkpoint_every_n_steps": 0}, trainer=trainer, out=out,
         trainer_kwargs={"enable_progress_bar": False},
     )

@@ -12,8 +12,10 @@ plain timm weights of the teacher, architecture in the header) and ``tuner.safet
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,8 @@ from essa.train.trainer import build_trainer, full_weights, over_processes, prep
 RESOURCES_FILE = "resources.json"
 #: Splits of a labelled task (``essa.task``) that ``data.split`` and ``data.val_split`` can name.
 SPLITS = ("train", "val", "test")
+#: ``ssl.head_input`` values.
+HEAD_INPUTS = ("standardize", "raw")
 
 
 @dataclass
@@ -50,7 +54,8 @@ class SSADataConfig:
     split: str | None = None
     val_split: str | None = None
     splits: dict[str, Any] = field(default_factory=dict)
-    max_images: int | None = None  # a seeded subsample of root, for quick runs
+    extra: list[str] = field(default_factory=list)  # more unlabelled images (folders, any nesting), added to root's
+    max_images: int | None = None  # a seeded subsample of all the images, for quick runs
     num_workers: int = 2
 
     def validate(self) -> None:
@@ -75,9 +80,17 @@ class SSADataConfig:
 
 @dataclass
 class SSLConfig:
-    prototypes: int = 65536
-    head_hidden: int = 2048
-    head_bottleneck: int = 256
+    # The DINO head; None: sized to the number of SSA images (head_size)
+    prototypes: int | None = None
+    head_hidden: int | None = None
+    head_bottleneck: int | None = None
+    head_lr: float | None = None  # None: optim.lr's value (the tuner's default lr)
+    # standardize: the head reads backbone tokens standardised per feature with running statistics
+    # (essa.ssl.heads.HeadInputNorm); raw: as they are (the reference)
+    head_input: str = "standardize"
+    # Schedule lengths: a fraction of the run in [0, 1), a whole number of steps, or epochs ("10 epochs").
+    # Head warm-up: the first steps train the DINO head alone, the backbone frozen and run without autograd.
+    head_warmup: float | str = 0.1
     n_global: int = 2
     n_local: int = 8
     global_size: int = 224
@@ -88,13 +101,25 @@ class SSLConfig:
     mask_probability: float = 0.5
     student_temp: float = 0.1
     teacher_temp: list[float] = field(default_factory=lambda: [0.04, 0.07])
-    teacher_temp_warmup_epochs: float = 30
+    teacher_temp_warmup: float | str = 0.1  # reference: 30 of 300 epochs
     center_momentum: float = 0.9
     momentum: list[float] = field(default_factory=lambda: [0.994, 1.0])
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
-    freeze_prototypes_epochs: float = 1
+    freeze_prototypes: float | str = 1 / 300  # reference: the first of 300 epochs
+
+    def validate(self) -> None:
+        for key in ("prototypes", "head_hidden", "head_bottleneck"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise config_mod.ConfigError(f"ssl.{key}={value} must be at least 1 (or left out: sized to the data)")
+        if self.head_input not in HEAD_INPUTS:
+            raise config_mod.ConfigError(f"ssl.head_input={self.head_input!r}; valid choices: {', '.join(HEAD_INPUTS)}")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise config_mod.ConfigError(f"ssl.head_lr={self.head_lr} must be positive")
+        for key in ("head_warmup", "teacher_temp_warmup", "freeze_prototypes"):
+            _check_length(f"ssl.{key}", getattr(self, key))
 
 
 @dataclass
@@ -103,13 +128,16 @@ class OptimConfig:
     batch_size: int = 64
     lr: float | None = None  # None: 1e-4 for full SSA, 1e-3 for parameter-efficient tuners (reference)
     min_lr: float = 1e-6
-    warmup_epochs: float = 10
+    warmup: float | str = 1 / 30  # the tuner's lr ramp (after the head warm-up); reference: 10 of 300 epochs
     weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-4])
     grad_clip: float = 1.0
     # Recompute the student's frozen block stretches in the backward pass instead of keeping their activations
     # (essa.train.memory.recompute_frozen): same numbers, less memory; costs one extra fc1 per block (and qkv and
     # attention where only attn.proj trains, as APLA), about 10 % of an APLA step.
     recompute_frozen: bool = True
+
+    def validate(self) -> None:
+        _check_length("optim.warmup", self.warmup)
 
 
 @dataclass
@@ -118,6 +146,7 @@ class MonitorConfig:
     knn_temperature: float = 0.1
     min_feature_rank: float = 1.01
     collapse_patience: int = 50
+    collapse_tolerance: float = 0.01  # the head is uniform (or one-hot) within this fraction of ln(prototypes)
     checkpoint_every_n_steps: int = 50
 
 
@@ -139,6 +168,37 @@ class AdaptConfig:
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise config_mod.ConfigError("optim.epochs and optim.batch_size must be at least 1")
         tuners.base.build(self.tuner.name, self.tuner.options)  # a bad tuner fails before any work
+
+
+def _check_length(key: str, value) -> None:
+    from essa.ssl.schedules import length_steps
+
+    try:
+        length_steps(value, 100, 10, key)
+    except ValueError as err:
+        raise config_mod.ConfigError(str(err)) from None
+
+
+def head_size(ssl: SSLConfig, n_images: int) -> SSLConfig:
+    """``ssl`` with the DINO head's size filled in where it is None, from the number of SSA images N, each rounded
+    to a power of two: prototypes N / 16 within [256, 65536] (the reference's 65,536 from about a million images
+    on); hidden width N / 8 within [512, 2048]; bottleneck N / 4096 within [16, 256] (the reference's 256 from about
+    a million images on).
+
+    The bottleneck sets how sharp the teacher is at the start: a fresh head's prototype scores of a unit feature
+    spread by about 1 / sqrt(bottleneck), divided by the teacher temperature (0.04): 6.3 for 16, 1.6 for 256. With
+    256, a short run's student flattens towards the nearly uniform targets faster than the head learns, and the
+    DINO loss settles at ln K (measured on 256 chest X-rays: teacher entropy 5.08 -> 5.49 of ln 256 = 5.55 in 24
+    steps, and the same with 4,096 prototypes); with 16 the DINO loss falls below ln K within 16 steps."""
+    def power_of_two(x: float, low: int, high: int) -> int:
+        return int(min(high, max(low, 2 ** round(math.log2(max(x, 1))))))
+
+    return dataclasses.replace(
+        ssl,
+        prototypes=ssl.prototypes or power_of_two(n_images / 16, 256, 65536),
+        head_hidden=ssl.head_hidden or power_of_two(n_images / 8, 512, 2048),
+        head_bottleneck=ssl.head_bottleneck or power_of_two(n_images / 4096, 16, 256),
+    )
 
 
 def _local_size(cfg: AdaptConfig, patch: int) -> int:
@@ -174,6 +234,11 @@ def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoade
         source, records = task.source, list(task.splits[cfg.data.split])
     else:
         source = data.open_source(cfg.data.root, labels=False)
+        records = list(source.records)
+    if cfg.data.extra:
+        parts = [(source, records)] + [(s, list(s.records)) for s in
+                                       (data.open_source(root, labels=False) for root in cfg.data.extra)]
+        source = data.CombinedSource(parts)
         records = list(source.records)
     if cfg.data.max_images and len(records) > cfg.data.max_images:
         g = torch.Generator().manual_seed(cfg.seed)
@@ -215,9 +280,26 @@ def _labelled_images(cfg: AdaptConfig, task=None):
     return source, list(source.records)
 
 
+def knn_k(labels, k: int) -> int:
+    """The k of the kNN monitor on ``labels``: ``monitor.knn_k`` at most, and fewer than the smallest class has
+    images, so that a leave-one-out vote is not every other image (which predicts the majority class for all)."""
+    counts = torch.bincount(torch.as_tensor(labels).long())
+    smallest = int(counts[counts > 0].min())
+    return max(1, min(k, smallest - 1))
+
+
+def knn_noise(labels, balanced_accuracy: float) -> float:
+    """The binomial standard error of a balanced accuracy ``b`` measured on ``labels``:
+    sqrt(sum_c b (1 - b) / n_c) / C, the per-class accuracies taken as b."""
+    counts = torch.bincount(torch.as_tensor(labels).long())
+    counts = counts[counts > 0].double()
+    b = min(max(balanced_accuracy, 0.0), 1.0)
+    return float(torch.sqrt((b * (1 - b) / counts).sum()) / len(counts))
+
+
 def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig) -> dict[str, float]:
     """Leave-one-out weighted kNN accuracy and balanced accuracy of the backbone's CLS features on ``labelled``
-    (source, records)."""
+    (source, records), the k used (:func:`knn_k`) and the balanced accuracy's standard error (:func:`knn_noise`)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     from essa.evaluate.features import cls_features
@@ -226,9 +308,33 @@ def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig) -> dict[str, fl
     source, records = labelled
     # every process extracts its share and gets all features: each computes the same kNN over the whole set
     feats, labels, _ = cls_features(backbone, source, records, img_size=cfg.ssl.global_size, distributed=True)
-    pred = knn_scores(feats, labels, k=cfg.monitor.knn_k, temperature=cfg.monitor.knn_temperature,
+    k = knn_k(labels, cfg.monitor.knn_k)
+    pred = knn_scores(feats, labels, k=k, temperature=cfg.monitor.knn_temperature,
                       num_classes=len(source.classes)).argmax(1)
-    return {"knn_acc": float(accuracy_score(labels, pred)), "knn_bal_acc": float(balanced_accuracy_score(labels, pred))}
+    balanced = float(balanced_accuracy_score(labels, pred))
+    return {"knn_acc": float(accuracy_score(labels, pred)), "knn_bal_acc": balanced, "knn_k": k,
+            "knn_noise": knn_noise(labels, balanced)}
+
+
+def export_choice(history: list[dict], monitored: bool) -> dict[str, Any]:
+    """Which epoch's checkpoint the run exports, and why: the best kNN balanced accuracy (ties: the later epoch),
+    unless there is no monitor or its curve stayed flat within twice its standard error, when the last epoch is
+    exported (the monitor cannot tell the epochs apart, and the run trained for the last). Returns {"epoch",
+    "step", "checkpoint" ("best" or "last"), "reason"}."""
+    last = history[-1]
+    if not monitored:
+        return {"epoch": last["epoch"], "step": last["step"], "checkpoint": "last",
+                "reason": "no kNN monitor (no labelled val images): the last epoch"}
+    values = [row["knn_bal_acc"] for row in history]
+    spread, noise = max(values) - min(values), 2 * max(row["knn_noise"] for row in history)
+    if spread <= noise:
+        return {"epoch": last["epoch"], "step": last["step"], "checkpoint": "last",
+                "reason": f"the kNN monitor stayed flat (balanced accuracy {min(values):.3f}-{max(values):.3f}, within "
+                          f"twice its standard error {noise:.3f}): the last epoch"}
+    best = max(range(len(history)), key=lambda i: (values[i], i))
+    return {"epoch": history[best]["epoch"], "step": history[best]["step"], "checkpoint": "best",
+            "reason": f"the best kNN balanced accuracy, {values[best]:.3f} (range {min(values):.3f}-"
+                      f"{max(values):.3f}, standard error {noise / 2:.3f})"}
 
 
 def _export(module, run: RunDir) -> dict[str, Path]:
@@ -262,12 +368,13 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     task = _task(cfg)
     knn_data = _labelled_images(cfg, task)
     checkpointing = Checkpointing(run, cfg.monitor.checkpoint_every_n_steps,
-                                  monitor="knn_bal_acc" if knn_data is not None else None)
+                                  monitor="knn_bal_acc" if knn_data is not None else None, ties="later")
     # after each epoch: kNN on the teacher's CLS features (best checkpoint by its balanced accuracy)
     epoch_end = EpochEnd(run, checkpointing,
                          lambda m: knn_metrics(m.teacher.backbone, knn_data, cfg) if knn_data is not None else {})
     trainer = build_trainer(cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
-                            callbacks=[checkpointing, epoch_end], trainer_kwargs=trainer_kwargs)
+                            callbacks=[checkpointing, epoch_end], trainer_kwargs=trainer_kwargs,
+                            unused_parameters=bool(cfg.ssl.head_warmup))
     # before the model exists: its weights count as training memory
     meter = MemoryMeter(trainer.strategy.root_device, restart=True)
     backbone = cfg.backbone.build(img_size=cfg.ssl.global_size, dynamic_img_size=True)
@@ -278,7 +385,11 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
 
     from essa.train.ssa import SSAModule
 
+    # the head sized to the images SSA sees (a resumed run sees the same ones, so gets the same head)
+    cfg = dataclasses.replace(cfg, ssl=head_size(cfg.ssl, loader.sampler.size))
     module = SSAModule(cfg, backbone, iters_per_epoch=steps_per_epoch(loader, trainer))
+    for note in module.schedules.warnings:
+        warnings.warn(note, stacklevel=2)
     prepare_backbones(cfg.trainer, module.student.backbone, module.teacher.backbone)
     with warnings.catch_warnings():
         # the teacher stays in eval mode on purpose
@@ -287,17 +398,22 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
                     ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
 
     throughput = over_processes(trainer, {"images_per_s": module.images_per_s}, op="sum")  # of all processes
+    exported = export_choice(module.history, knn_data is not None)
     with full_weights(trainer, writeback=True):
-        if run.best.exists():
+        if exported["checkpoint"] == "best":  # else the module holds the last epoch's weights
             state = torch.load(run.best, map_location="cpu", weights_only=True)
             module.load_state_dict(state["state_dict"], strict=False)
         resources = {
             "trainable_params": tuners.count_parameters(module.student.backbone)[0],
             "head_params": sum(p.numel() for p in module.student.head.parameters()),
+            "head": {"prototypes": cfg.ssl.prototypes, "hidden": cfg.ssl.head_hidden,
+                     "bottleneck": cfg.ssl.head_bottleneck, "warmup_steps": module.schedules.head_warmup_steps},
+            "images": loader.sampler.size, "exported": exported,
             "peak_memory_mib": meter.peak_mib(), **throughput, "train_seconds": module.timing["seconds"],
         }
         paths = None
         if trainer.is_global_zero:
+            print(f"exported epoch {exported['epoch']} (step {exported['step']}): {exported['reason']}")
             (run.path / RESOURCES_FILE).write_text(json.dumps(resources, indent=2))
             paths = _export(module, run)
     paths = trainer.strategy.broadcast(paths)  # the other processes return once the files exist

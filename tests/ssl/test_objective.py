@@ -19,7 +19,7 @@ def test_one_step_of_the_objective():
     mask_token = nn.Parameter(torch.zeros(student.embed_dim))
     teacher, teacher_head = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(head).requires_grad_(False)
     loss_fn = DINOv2Loss(K)
-    schedules = ssa_schedules(2, 1, lr=1e-3)
+    schedules = ssa_schedules(2, 1, lr=1e-3, freeze_prototypes="1 epoch")
 
     transform = MultiCropTransform(n_local=2, global_size=32, local_size=16)
     images = [Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()) for _ in range(4)]

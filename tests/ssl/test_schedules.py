@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from essa.ssl.schedules import cosine, ssa_schedules
+from essa.ssl.schedules import cosine, length_steps, ssa_schedules
 
 
 def test_cosine_ends_and_midpoint():
@@ -34,17 +34,21 @@ def test_cosine_rejects_bad_lengths():
 
 
 def test_reference_recipe():
-    s = ssa_schedules(300, 10, lr=1e-3)
+    s = ssa_schedules(300, 10, lr=1e-3, warmup="10 epochs", teacher_temp_warmup="30 epochs",
+                      freeze_prototypes="1 epoch")
     assert len(s) == 3000
-    for arr in (s.lr, s.weight_decay, s.teacher_temp, s.teacher_momentum, s.freeze_prototypes):
+    for arr in (s.lr, s.head_lr, s.weight_decay, s.teacher_temp, s.teacher_momentum, s.freeze_prototypes,
+                s.head_warmup):
         assert arr.shape == (3000,)
-    # lr: 10 epochs (100 steps) linear from 0, then cosine to 1e-6.
+    # lr: 10 epochs (100 steps) linear from 0, then cosine to 1e-6; no head warm-up, so the head's is the same
     assert s.lr[0] == 0.0
     assert s.lr[50] == pytest.approx(5e-4)
     assert s.lr[100] == pytest.approx(1e-3)
     assert s.lr.max() == pytest.approx(1e-3)
     assert s.lr[-1] == pytest.approx(1e-6)
     assert s.lr[100 + 2899 // 2] == pytest.approx((1e-3 + 1e-6) / 2, rel=1e-3)
+    np.testing.assert_array_equal(s.head_lr, s.lr)
+    assert not s.head_warmup.any() and s.warnings == ()
     # weight decay and momentum: cosine over the whole run.
     assert (s.weight_decay[0], s.weight_decay[-1]) == (pytest.approx(1e-5), pytest.approx(1e-4))
     assert (s.teacher_momentum[0], s.teacher_momentum[-1]) == (pytest.approx(0.994), pytest.approx(1.0))
@@ -57,16 +61,42 @@ def test_reference_recipe():
     assert s.freeze_prototypes.sum() == 10 and s.freeze_prototypes[:10].all()
 
 
-def test_short_run_clamps_warmups_to_half():
-    s = ssa_schedules(2, 5, lr=1e-4)
-    assert len(s) == 10
-    np.testing.assert_allclose(s.lr[:6], [0, 2e-5, 4e-5, 6e-5, 8e-5, 1e-4], atol=1e-12)
-    assert s.lr[-1] == pytest.approx(1e-6)
-    np.testing.assert_allclose(s.teacher_temp[5:], 0.07, atol=1e-12)
-    assert s.teacher_temp[0] == pytest.approx(0.04)
-    np.testing.assert_array_equal(s.freeze_prototypes, [True] * 5 + [False] * 5)
-    # One epoch: the prototype freeze is clamped too, so the prototypes train in the second half.
-    np.testing.assert_array_equal(ssa_schedules(1, 4, lr=1e-4).freeze_prototypes, [True, True, False, False])
+def test_the_default_fractions_are_the_reference_at_any_length():
+    for epochs, iters in ((300, 10), (2, 100)):
+        s = ssa_schedules(epochs, iters, lr=1e-3)
+        total = epochs * iters
+        assert int(s.lr.argmax()) == round(total / 30)  # the end of the ramp
+        assert s.teacher_temp[round(total / 10):].min() == pytest.approx(0.07)
+        assert s.teacher_temp[round(total / 10) - 1] < 0.07
+        assert s.freeze_prototypes.sum() == round(total / 300)
+
+
+def test_lengths_as_fractions_steps_and_epochs():
+    assert [length_steps(v, 200, 20) for v in (0.1, 0, 0.5, 30, 30.0, "2 epochs", "1.5 ep", "3epoch")] == \
+        [20, 0, 100, 30, 30, 40, 30, 60]
+    for bad in (1.5, -1, "ten epochs", "10", True, float("nan")):
+        with pytest.raises(ValueError, match="optim.warmup=.*fraction"):
+            length_steps(bad, 200, 20, "optim.warmup")
+
+
+def test_head_warmup_then_the_tuners_own_ramp():
+    s = ssa_schedules(1, 20, lr=1e-3, head_lr=5e-3, min_lr=0.0, head_warmup=0.25, warmup=4)
+    assert s.head_warmup.tolist() == [True] * 5 + [False] * 15 and s.head_warmup_steps == 5
+    np.testing.assert_allclose(s.lr[:10], [0] * 5 + [0, 2.5e-4, 5e-4, 7.5e-4, 1e-3], atol=1e-12)
+    assert s.lr[-1] == pytest.approx(0.0, abs=1e-12)
+    # the head ramps from step 0 over the same 4 steps, to its own lr
+    np.testing.assert_allclose(s.head_lr[:5], [0, 1.25e-3, 2.5e-3, 3.75e-3, 5e-3], atol=1e-12)
+    assert s.head_lr.max() == pytest.approx(5e-3)
+
+
+def test_a_schedule_longer_than_the_run_is_clamped_and_named():
+    s = ssa_schedules(1, 10, lr=1e-3, head_warmup=8, warmup="1 epoch", teacher_temp_warmup=50)
+    assert s.head_warmup_steps == 8
+    assert s.lr[8] == 0 and s.lr[9] > 0  # a 1-step ramp: what is left after the warm-up
+    assert s.teacher_temp[-1] == pytest.approx(0.07) and s.teacher_temp[-2] < 0.07
+    assert any("optim.warmup='1 epoch' is 10 steps, longer than this run of 10 steps allows: clamped to 1" in w
+               for w in s.warnings)
+    assert any(w.startswith("ssl.teacher_temp_warmup=50 is 50 steps") for w in s.warnings) and len(s.warnings) == 2
 
 
 def test_ssa_schedules_rejects_empty_run():

@@ -62,7 +62,8 @@ def _module(cfg):
 
 
 def test_one_step_moves_the_teacher_by_exactly_the_momentum_formula(folders, tmp_path):
-    cfg = _cfg(folders, tmp_path / "run", optim={"epochs": 2, "batch_size": 8, "warmup_epochs": 0})
+    cfg = _cfg(folders, tmp_path / "run", optim={"epochs": 2, "batch_size": 8, "warmup": 0},
+               ssl={**TINY["ssl"], "head_warmup": 0, "freeze_prototypes": "1 epoch"})
     module, loader = _module(cfg)
     assert module.schedules.lr[0] > 0
     student0 = {n: p.detach().clone() for n, p in module.student.named_parameters()}
@@ -82,6 +83,43 @@ def test_one_step_moves_the_teacher_by_exactly_the_momentum_formula(folders, tmp
             assert t is p  # shared, not copied
     # the prototypes are frozen in the first epoch
     assert torch.equal(module.student.head.prototypes.weight, student0["head.prototypes.weight"])
+
+
+def _grads_after_one_step(module, loader):
+    """Names of the student's trainable parameters that got a gradient in the first training step (the optimizer
+    step is skipped, so the gradients stay to be read)."""
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    class Grab(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.update({n: p.grad is not None for n, p in pl_module.student.named_parameters() if p.requires_grad})
+            raise Seen
+
+    with pytest.raises(Seen):
+        L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[Grab()]).fit(module, loader)
+    return seen
+
+
+def test_the_head_warmup_trains_the_head_alone_then_the_tuner(folders, tmp_path):
+    ssl = {**TINY["ssl"], "head_warmup": 3, "freeze_prototypes": 0}
+    module, loader = _module(_cfg(folders, tmp_path / "run", ssl=ssl, optim={"epochs": 2, "batch_size": 8,
+                                                                             "warmup": 2}))
+    s = module.schedules
+    assert s.head_warmup.tolist() == [True] * 3 + [False] * 3 and s.head_warmup_steps == 3
+    assert (s.lr[:3] == 0).all() and s.lr[3] == 0 and s.lr[4] > 0  # the tuner's ramp starts after the warm-up
+    assert s.head_lr[1] > 0
+    grads = _grads_after_one_step(module, loader)
+    head = {n for n in grads if n.startswith("head.")}
+    assert head and all(grads[n] for n in head)  # every head parameter, prototypes included
+    assert not any(grads[n] for n in set(grads) - head), "the backbone's tuner or the mask token got a gradient"
+
+    # after the warm-up: the tuner and the mask token train too
+    module, loader = _module(_cfg(folders, tmp_path / "run2", ssl={**ssl, "head_warmup": 0}))
+    assert all(_grads_after_one_step(module, loader).values())
 
 
 def test_two_epochs_log_knn_and_the_export_reproduces_the_teacher(folders, tmp_path):
@@ -104,7 +142,11 @@ def test_two_epochs_log_knn_and_the_export_reproduces_the_teacher(folders, tmp_p
     exported = backbones.create(weights=result["backbone"]).eval()
     x = torch.randn(3, 3, 32, 32)
     module, _ = _module(_cfg(folders, tmp_path / "unused"))
-    state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    choice = resources["exported"]
+    assert choice["checkpoint"] in ("best", "last") and choice["reason"]
+    state = torch.load(run / "checkpoints" / f"{choice['checkpoint']}.ckpt", weights_only=True)
+    assert state["epoch"] == choice["epoch"]
+    state = state["state_dict"]
     module.load_state_dict(state, strict=False)
     teacher = module.teacher.backbone.eval()
     with torch.no_grad():
@@ -118,8 +160,10 @@ def test_two_epochs_log_knn_and_the_export_reproduces_the_teacher(folders, tmp_p
         assert (base.eval().forward_features(x) - teacher.forward_features(x)).abs().max() <= 1e-5
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(folders, tmp_path):
-    sections = {"optim": {"epochs": 3, "batch_size": 4}}  # 6 steps per epoch
+@pytest.mark.parametrize("head_warmup", [0.1, 10], ids=["warmup-before-kill", "kill-inside-warmup"])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(folders, tmp_path, head_warmup):
+    # 6 steps per epoch, killed at step 8 or later: after a 2-step head warm-up, or inside a 10-step one
+    sections = {"optim": {"epochs": 3, "batch_size": 4}, "ssl": {**TINY["ssl"], "head_warmup": head_warmup}}
     reference = adapt(_cfg(folders, tmp_path / "ref", **sections))
 
     out = tmp_path / "killed"
@@ -166,6 +210,31 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(fold
     assert good["global_step"] == 1
 
 
+def test_a_head_whose_prototypes_are_all_equal_stops_the_run(folders, tmp_path):
+    """A constructed collapse: every prototype the same vector, so teacher and student are uniform whatever the
+    image; the watch stops the run after collapse_patience steps once the warm-ups are over."""
+    cfg = _cfg(folders, tmp_path / "run", ssl={**TINY["ssl"], "head_warmup": 2, "freeze_prototypes": 2},
+               monitor={"knn_k": 5, "checkpoint_every_n_steps": 1, "collapse_patience": 2})
+    module, loader = _module(cfg)
+    with torch.no_grad():
+        module.student.head.prototypes.weight[:] = module.student.head.prototypes.weight[0]
+        module.teacher.head.prototypes.weight[:] = module.student.head.prototypes.weight[0]
+    with pytest.raises(CollapseError, match=r"collapsed at epoch 1, step 3: the teacher's distribution over the 256 "
+                                            r"prototypes is uniform .* for 2 steps"):
+        L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(module, loader)
+
+
+def test_the_collapse_watch_stays_quiet_on_a_healthy_run(folders, tmp_path):
+    result = adapt(_cfg(folders, tmp_path / "run", monitor={"knn_k": 5, "checkpoint_every_n_steps": 1,
+                                                            "collapse_patience": 1}))
+    for row in result["metrics"]:
+        assert 0 < row["teacher_entropy"] < row["dino"] + 1e-6 and row["prototypes_used"] >= 1
+        assert 0 <= row["student_kl_uniform"] and 0 < row["teacher_batch_entropy"]
+    head = result["resources"]["head"]
+    assert head == {"prototypes": 256, "hidden": 128, "bottleneck": 64, "warmup_steps": 1}  # 0.1 of 6 steps
+
+
 BREAST = SHARED / "data" / "medmnist" / "breastmnist.npz"
 
 
@@ -204,3 +273,42 @@ def test_bad_input_is_explained(folders, tmp_path):
     adapt(_cfg(folders, tmp_path / "c", optim={"epochs": 1, "batch_size": 8}))
     with pytest.raises(FileExistsError, match="pass --resume"):
         adapt(_cfg(folders, tmp_path / "c", optim={"epochs": 1, "batch_size": 8}))
+
+
+def test_extra_unlabelled_folders_add_their_images(folders, tmp_path):
+    cfg = _cfg(folders, tmp_path / "run", data={**TINY["data"], "root": str(folders / "train"),
+                                                "extra": [str(folders / "val"), str(folders / "train")]})
+    loader = build_loader(cfg, 8)
+    source = loader.dataset.base.source
+    records = loader.dataset.base.records
+    assert len(records) == 24 + 20  # the train folder named twice counts once
+    assert all(r.label is None for r in records) and source.classes == []
+    val_image = next(r for r in records if "NORMAL" in r.path)
+    assert source.load(val_image).size == backbones_free_size(val_image.path)
+    cfg = _cfg(folders, tmp_path / "run2", data={**TINY["data"], "root": str(folders / "train"),
+                                                 "extra": [str(folders / "val")], "max_images": 30})
+    assert len(build_loader(cfg, 8).dataset.base.records) == 30  # max_images subsamples all of them
+
+
+def backbones_free_size(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_the_export_choice_says_which_epoch_and_why():
+    from essa.adaptation import export_choice, knn_k, knn_noise
+
+    rows = [{"epoch": e, "step": 10 * (e + 1), "knn_bal_acc": v, "knn_noise": 0.01}
+            for e, v in enumerate([0.60, 0.70, 0.70, 0.65])]
+    best = export_choice(rows, monitored=True)
+    assert (best["epoch"], best["step"], best["checkpoint"]) == (2, 30, "best")  # the tie goes to the later epoch
+    assert best["reason"].startswith("the best kNN balanced accuracy, 0.700")
+    flat = export_choice([{**r, "knn_noise": 0.06} for r in rows], monitored=True)  # 0.10 <= 2 x 0.06
+    assert (flat["epoch"], flat["checkpoint"]) == (3, "last") and "stayed flat" in flat["reason"]
+    assert export_choice(rows, monitored=False)["reason"].startswith("no kNN monitor")
+    # BreastMNIST's val split: 21 malignant, 57 benign; k=200 would let all 77 others vote on each image
+    labels = [0] * 21 + [1] * 57
+    assert knn_k(labels, 200) == 20 and knn_k(labels, 5) == 5 and knn_k([0, 1, 1], 200) == 1
+    assert knn_noise(labels, 0.5) == pytest.approx((0.25 / 21 + 0.25 / 57) ** 0.5 / 2)

@@ -46,7 +46,7 @@ ADAPT = {
     "backbone": TINY, "tuner": {"name": "apla", "options": {"r": 16}},
     "ssl": {"prototypes": 256, "head_hidden": 128, "head_bottleneck": 64, "n_local": 2, "global_size": 32,
             "mask_probability": 0.0, "koleo_weight": 0.0},
-    "optim": {"epochs": 2, "warmup_epochs": 0},
+    "optim": {"epochs": 2, "warmup": 0},
     "data": {"num_workers": 0},
     "monitor": {"knn_k": 5, "checkpoint_every_n_steps": 1},
 }

@@ -134,8 +134,9 @@ def test_teacher_copy_runs_the_same_blocks(images):
 SSA = {
     "backbone": {"name": "vit_tiny_patch16_224", "pretrained": False,
                  "model_args": {"patch_size": 8, "depth": 2, "init_values": 1e-5}},
+    # raw head inputs and no head warm-up: the reference objective below is the one of method.md
     "ssl": {"prototypes": 512, "head_hidden": 64, "head_bottleneck": 32, "n_local": 2, "global_size": 32,
-            "local_size": 16},
+            "local_size": 16, "head_input": "raw", "head_warmup": 0},
     "data": {"root": "unused"},
 }
 

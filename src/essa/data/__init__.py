@@ -24,6 +24,8 @@ API:
   Options: folder ``labels`` (None auto, False for SSA: any nesting, no labels); CSV ``root``, ``labels``,
   ``path_column``, ``label_column``, ``label_columns``, ``group_column``, ``split_column``, ``classes``; DICOM
   and NIfTI ``window=(centre, width)``, ``percentiles=(low, high)``, ``axis``; MedMNIST name ``size``, ``root``.
+- ``CombinedSource([(source, records), ...])``: several sources as one unlabelled source (each record decoded
+  by its own; a path named twice kept once).
 - ``split(records, val=0.1, test=0.1, seed=0, *, stratify=True, official=True) -> {"train", "val", "test"}``:
   seeded, stratified, grouped by ``record.group``; official splits kept, missing ones carved from train.
   ``subsample(records, n, seed=0, *, stratify=True)``: a seeded, stratified, grouped subset of about ``n``.
@@ -50,11 +52,11 @@ from essa.data.duplicates import DuplicateGroup, DuplicateReport, find_duplicate
 from essa.data.files import Decode
 from essa.data.inspect import dataset_card, format_card
 from essa.data.records import DataError, Record
-from essa.data.source import Source
+from essa.data.source import CombinedSource, Source
 from essa.data.splits import split, subsample
 
 __all__ = [
-    "DataError", "Decode", "DiskCache", "DuplicateGroup", "DuplicateReport", "ImageDataset", "Record", "Source",
+    "CombinedSource", "DataError", "Decode", "DiskCache", "DuplicateGroup", "DuplicateReport", "ImageDataset", "Record", "Source",
     "dataset_card", "find_duplicates", "format_card", "open_source", "split", "subsample",
     "transforms",
 ]

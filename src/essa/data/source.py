@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 
@@ -96,3 +97,32 @@ class FileSource(Source):
 
     def read(self, record: Record) -> Image.Image:
         return files.read(record, self.decode)
+
+
+class CombinedSource(Source):
+    """The images of several sources as one unlabelled source (SSA on a task's images plus more folders).
+
+    A record keeps its own path; each path is decoded by the source it came from. A path listed by two sources
+    (the same file named twice) is kept once, from the first.
+    """
+
+    kind = "combined"
+
+    def __init__(self, parts: list[tuple[Source, list[Record]]]):
+        self._owner: dict[str, Source] = {}
+        records = []
+        for source, part in parts:
+            for record in part:
+                if record.path not in self._owner:
+                    self._owner[record.path] = source
+                    records.append(dataclasses.replace(record, label=None))
+        super().__init__(" + ".join(source.path for source, _ in parts), records, [], None)
+
+    def read(self, record: Record) -> Image.Image:
+        return self._owner[record.path].read(record)
+
+    def load(self, record: Record) -> Image.Image:
+        return self._owner[record.path].load(record)
+
+    def stamp(self, record: Record) -> str:
+        return self._owner[record.path].stamp(record)

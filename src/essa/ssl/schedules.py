@@ -35,23 +35,60 @@ def cosine(
     return np.concatenate([warmup, decay])
 
 
+def length_steps(value: float | str, total_steps: int, iters_per_epoch: int, name: str = "length") -> int:
+    """Optimisation steps of a schedule length ``value`` in a config: a fraction of the run (a number in [0, 1)),
+    a number of optimisation steps (a whole number >= 1), or epochs (a string: "10 epochs", "1.5 ep"), in a run of ``total_steps`` steps of
+    ``iters_per_epoch`` per epoch. Raises ValueError with the key ``name`` on anything else."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for unit in ("epochs", "epoch", "ep"):
+            if text.endswith(unit):
+                try:
+                    epochs = float(text[: -len(unit)])
+                except ValueError:
+                    break
+                if epochs < 0:
+                    break
+                return round(epochs * iters_per_epoch)
+        raise ValueError(f"{name}={value!r}: give a fraction of the run in [0, 1) (0.1), a whole number of steps "
+                         "(200) or epochs ('10 epochs')")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r}: give a fraction of the run in [0, 1) (0.1), a whole number of steps "
+                         "(200) or epochs ('10 epochs')")
+    if value < 1:
+        return round(value * total_steps)
+    if value != int(value):
+        raise ValueError(f"{name}={value!r}: a fraction of the run is below 1 and a number of steps is whole; "
+                         "use e.g. 0.1 or 200")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class SSASchedules:
     """Every per-step value of an SSA run; each array has one entry per optimisation step.
 
-    ``lr``, ``weight_decay``, ``teacher_temp``, ``teacher_momentum``: float64 (total_iters,).
-    ``freeze_prototypes``: bool (total_iters,), True on steps whose prototype gradients are dropped
-    (``DINOHead.cancel_last_layer_gradients``).
+    ``lr`` (the backbone's tuner), ``head_lr`` (the DINO head), ``weight_decay``, ``teacher_temp``,
+    ``teacher_momentum``: float64 (total_iters,). ``freeze_prototypes``: bool (total_iters,), True on steps whose
+    prototype gradients are dropped (``DINOHead.cancel_last_layer_gradients``). ``head_warmup``: bool
+    (total_iters,), True on the steps where only the head trains (the backbone and its tuner frozen).
+    ``warnings``: what could not finish inside the run (clamped).
     """
 
     lr: np.ndarray
+    head_lr: np.ndarray
     weight_decay: np.ndarray
     teacher_temp: np.ndarray
     teacher_momentum: np.ndarray
     freeze_prototypes: np.ndarray
+    head_warmup: np.ndarray
+    warnings: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.lr)
+
+    @property
+    def head_warmup_steps(self) -> int:
+        return int(self.head_warmup.sum())
 
 
 def ssa_schedules(
@@ -59,47 +96,66 @@ def ssa_schedules(
     iters_per_epoch: int,
     lr: float,
     *,
+    head_lr: float | None = None,
     min_lr: float = 1e-6,
-    warmup_epochs: float = 10,
+    warmup=1 / 30,
+    head_warmup=0,
     weight_decay: tuple[float, float] = (1e-5, 1e-4),
     teacher_temp: tuple[float, float] = (0.04, 0.07),
-    teacher_temp_warmup_epochs: float = 30,
+    teacher_temp_warmup=0.1,
     teacher_momentum: tuple[float, float] = (0.994, 1.0),
-    freeze_prototypes_epochs: float = 1,
-    max_warmup_fraction: float = 0.5,
+    freeze_prototypes=1 / 300,
 ) -> SSASchedules:
-    """The SSA recipe of method.md as arrays over ``epochs * iters_per_epoch`` steps.
+    """The SSA recipe of method.md as arrays over ``epochs * iters_per_epoch`` steps. Every length (``warmup``,
+    ``head_warmup``, ``teacher_temp_warmup``, ``freeze_prototypes``) is a length (:func:`length_steps`): a fraction of the run,
+    steps, or epochs; the defaults are the reference's 10, 30 and 1 of 300 epochs as fractions.
 
-    lr: linear warm-up from 0 over ``warmup_epochs``, then cosine from ``lr`` to ``min_lr``. Weight decay and
-    teacher momentum: cosine from the first to the second value. Teacher temperature: linear from the first to the
-    second value over ``teacher_temp_warmup_epochs``, then constant. Prototypes frozen for
-    ``freeze_prototypes_epochs``.
+    - Head warm-up: the first ``head_warmup`` steps train the head alone (``head_warmup`` True, backbone lr 0).
+    - Backbone lr: 0 during the head warm-up, then a linear ramp from 0 over ``warmup`` steps, then a cosine from
+      ``lr`` to ``min_lr`` at the last step.
+    - Head lr (``head_lr``, default ``lr``): a linear ramp from 0 over ``warmup`` steps from step 0, then a cosine
+      to ``min_lr``.
+    - Weight decay and teacher momentum: cosine from the first to the second value over the run.
+    - Teacher temperature: linear from the first to the second value over ``teacher_temp_warmup``, then constant.
+    - Prototypes frozen for the first ``freeze_prototypes`` steps.
 
-    Every epoch-based length (the two warm-ups and the prototype freeze) is clamped to at most
-    ``max_warmup_fraction`` of the run (rounded down to whole steps), so a run shorter than the reference's
-    warm-ups (a 2-epoch test) still reaches its peak lr and final teacher temperature and trains its prototypes
-    for the second half.
+    A length that cannot finish inside the run is clamped (the warm-ups end one step before the last; the head
+    warm-up and the backbone's ramp share the run) and named in ``warnings``.
     """
     if epochs < 1 or iters_per_epoch < 1:
         raise ValueError(
             f"ssa_schedules: epochs and iters_per_epoch must be at least 1, got {epochs} and {iters_per_epoch}"
         )
-    if not 0 <= max_warmup_fraction < 1:
-        raise ValueError(f"ssa_schedules: max_warmup_fraction must be in [0, 1), got {max_warmup_fraction}")
     total = epochs * iters_per_epoch
-    limit = math.floor(max_warmup_fraction * total)
+    notes: list[str] = []
 
-    def steps(n_epochs: float) -> int:
-        return min(round(n_epochs * iters_per_epoch), limit)
+    def steps(value, name: str, limit: int) -> int:
+        n = length_steps(value, total, iters_per_epoch, name)
+        if n > limit:
+            notes.append(f"{name}={value!r} is {n} steps, longer than this run of {total} steps allows: "
+                         f"clamped to {limit}")
+            return limit
+        return n
 
+    head = steps(head_warmup, "ssl.head_warmup", max(total - 1, 0))
+    ramp = steps(warmup, "optim.warmup", max(total - head - 1, 0))
+    temp = steps(teacher_temp_warmup, "ssl.teacher_temp_warmup", total - 1)
+    frozen = steps(freeze_prototypes, "ssl.freeze_prototypes", total)
+    head_ramp = min(ramp, total - 1)
+
+    backbone_lr = np.zeros(total)
+    backbone_lr[head:] = cosine(lr, min_lr, total - head, warmup_iters=ramp, warmup_start=0.0)
     freeze = np.zeros(total, dtype=bool)
-    freeze[: steps(freeze_prototypes_epochs)] = True
+    freeze[:frozen] = True
+    warm = np.zeros(total, dtype=bool)
+    warm[:head] = True
     return SSASchedules(
-        lr=cosine(lr, min_lr, total, warmup_iters=steps(warmup_epochs), warmup_start=0.0),
+        lr=backbone_lr,
+        head_lr=cosine(lr if head_lr is None else head_lr, min_lr, total, warmup_iters=head_ramp, warmup_start=0.0),
         weight_decay=cosine(*weight_decay, total),
-        teacher_temp=cosine(
-            teacher_temp[1], teacher_temp[1], total, steps(teacher_temp_warmup_epochs), teacher_temp[0]
-        ),
+        teacher_temp=cosine(teacher_temp[1], teacher_temp[1], total, temp, teacher_temp[0]),
         teacher_momentum=cosine(*teacher_momentum, total),
         freeze_prototypes=freeze,
+        head_warmup=warm,
+        warnings=tuple(notes),
     )

@@ -13,10 +13,12 @@ def default_lr(tuner: str, lr: float | None) -> float:
     return 1e-4 if tuner == "full" else 1e-3
 
 
-def decay_groups(module: nn.Module) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases, norms, tokens and other 1-D parameters."""
+def decay_groups(module: nn.Module | list[tuple[str, nn.Parameter]]) -> list[dict]:
+    """AdamW groups of ``module``'s parameters (or of (name, parameter) pairs): weight decay on matrices, none on
+    biases, norms, tokens and other 1-D parameters."""
     decay, no_decay = [], []
-    for name, p in module.named_parameters():
+    named = module.named_parameters() if isinstance(module, nn.Module) else module
+    for name, p in named:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)

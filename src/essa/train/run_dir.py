@@ -80,8 +80,11 @@ class Checkpointing(Callback):
     of some batches accumulated but not applied (a resumed run would skip those batches).
     """
 
-    def __init__(self, run: RunDir, every_n_steps: int, monitor: str | None = None, mode: str = "max"):
+    def __init__(self, run: RunDir, every_n_steps: int, monitor: str | None = None, mode: str = "max",
+                 ties: str = "earlier"):
+        """``ties``: which epoch ``best.ckpt`` keeps when the monitored value equals the best so far."""
         self.run, self.every_n_steps, self.monitor, self.mode = run, every_n_steps, monitor, mode
+        self.ties = ties
         self.best_value: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -96,7 +99,9 @@ class Checkpointing(Callback):
         value = metrics.get(self.monitor) if self.monitor else None
         if value is None:
             return
-        better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
+        later = self.ties == "later" and value == self.best_value
+        better = self.best_value is None or later or (
+            value > self.best_value if self.mode == "max" else value < self.best_value)
         if better:
             self.best_value = value
             save_checkpoint(trainer, self.run.best)

@@ -13,6 +13,8 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
+from essa.ssl.heads import HeadInputNorm
+from essa.ssl.collapse import CollapseWatch, head_stats
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
 from essa.train.memory import recompute_frozen, release_free_heap
 from essa.train.optim import decay_groups, default_lr
@@ -22,7 +24,8 @@ from essa.train.trainer import module_full_weights
 
 
 class CollapseError(RuntimeError):
-    """SSA diverged (non-finite loss) or collapsed (teacher features lost their rank)."""
+    """SSA diverged (non-finite loss) or collapsed (teacher features lost their rank, or the head's outputs went
+    uniform or one-hot: :mod:`essa.ssl.collapse`)."""
 
 
 class Student(nn.Module):
@@ -47,7 +50,12 @@ def effective_rank(features: torch.Tensor) -> float:
 
 
 class SSAModule(StepTiming, L.LightningModule):
-    """One SSA run. ``cfg`` is an :class:`essa.adaptation.AdaptConfig`; ``iters_per_epoch`` sizes the schedules."""
+    """One SSA run. ``cfg`` is an :class:`essa.adaptation.AdaptConfig` whose head size is resolved
+    (:func:`essa.adaptation.head_size`); ``iters_per_epoch`` sizes the schedules.
+
+    Two phases: during the head warm-up (``schedules.head_warmup``) the student's backbone runs without autograd
+    and only the DINO head trains (the mask token, used inside the backbone, waits too); then the tuner trains
+    with its own lr ramp. The teacher follows both by EMA."""
 
     def __init__(self, cfg, backbone: VisionTransformer, iters_per_epoch: int):
         super().__init__()
@@ -58,40 +66,58 @@ class SSAModule(StepTiming, L.LightningModule):
         head = DINOHead(backbone.embed_dim, ssl.prototypes, ssl.head_hidden, ssl.head_bottleneck)
         self.student = Student(backbone, head)
         self.teacher = make_teacher(self.student)
+        # standardised head inputs (ssl.head_input: standardize), shared by student and teacher
+        self.head_norm = HeadInputNorm(backbone.embed_dim) if ssl.head_input == "standardize" else None
         self.loss = DINOv2Loss(ssl.prototypes, ssl.n_global, ssl.student_temp, ssl.center_momentum,
                                ssl.dino_weight, ssl.ibot_weight, ssl.koleo_weight)
         self.schedules = ssa_schedules(
-            cfg.optim.epochs, iters_per_epoch, default_lr(cfg.tuner.name, cfg.optim.lr),
-            min_lr=cfg.optim.min_lr, warmup_epochs=cfg.optim.warmup_epochs,
+            cfg.optim.epochs, iters_per_epoch, default_lr(cfg.tuner.name, cfg.optim.lr), head_lr=ssl.head_lr,
+            min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup, head_warmup=ssl.head_warmup,
             weight_decay=tuple(cfg.optim.weight_decay), teacher_temp=tuple(ssl.teacher_temp),
-            teacher_temp_warmup_epochs=ssl.teacher_temp_warmup_epochs, teacher_momentum=tuple(ssl.momentum),
-            freeze_prototypes_epochs=ssl.freeze_prototypes_epochs,
+            teacher_temp_warmup=ssl.teacher_temp_warmup, teacher_momentum=tuple(ssl.momentum),
+            freeze_prototypes=ssl.freeze_prototypes,
         )
+        # the collapse watch starts once the head has had its warm-up and its prototypes are free
+        self._watch_from = max(self.schedules.head_warmup_steps, int(self.schedules.freeze_prototypes.sum()))
         self._ema = ema_pairs(self.student, self.teacher)
         self.strict_loading = False  # checkpoints leave the frozen weights out
         self._low_rank_steps = 0
+        self._collapse = CollapseWatch(ssl.prototypes, cfg.monitor.collapse_patience, cfg.monitor.collapse_tolerance)
         self.history: list[dict] = []
         self._sums: dict[str, float] = {}
-        self.timing = {"images": 0, "seconds": 0.0}  # optimisation steps only (no data loading, no kNN)
+        self.timing = {"images": 0, "seconds": 0.0}  # the tuner's optimisation steps (no data loading, no kNN)
+        self.warmup_timing = {"images": 0, "seconds": 0.0}  # the head warm-up's steps
 
     # ----- what a checkpoint holds: only what trains (frozen weights are rebuilt from the foundation model) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         with module_full_weights(self):  # FSDP: the frozen weights' checksum needs them whole
             drop_frozen(checkpoint, self, self.student)
         checkpoint["essa"] = {"history": self.history, "sums": self._sums, "low_rank_steps": self._low_rank_steps,
-                              "timing": self.timing}
+                              "collapsed_steps": self._collapse.steps, "timing": self.timing,
+                              "warmup_timing": self.warmup_timing}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         with module_full_weights(self):
             check_trainable_state(checkpoint, self, self.student, "the checkpoint")
         state = checkpoint["essa"]
         self.history, self._sums = state["history"], state["sums"]
-        self._low_rank_steps = state["low_rank_steps"]
-        self.timing = state["timing"]
+        self._low_rank_steps, self._collapse.steps = state["low_rank_steps"], state["collapsed_steps"]
+        self.timing, self.warmup_timing = state["timing"], state["warmup_timing"]
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return torch.optim.AdamW(decay_groups(self.student), lr=float(self.schedules.lr[0]), betas=(0.9, 0.999))
+        # Two parts with their own lr schedules: the backbone's tuner (and the mask token, which acts inside the
+        # backbone) and the DINO head.
+        groups = []
+        for part, params in (("backbone", [*self.student.backbone.named_parameters(),
+                                           ("mask_token", self.student.mask_token)]),
+                             ("head", list(self.student.head.named_parameters()))):
+            groups += [{**g, "part": part} for g in decay_groups(params) if g["params"]]
+        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+
+    @property
+    def in_head_warmup(self) -> bool:
+        return bool(self.schedules.head_warmup[self._step_index()])
 
     def on_train_epoch_start(self):
         self.teacher.eval()  # Lightning puts every submodule in train mode; the teacher never drops paths
@@ -102,7 +128,7 @@ class SSAModule(StepTiming, L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         self._it = it = self._step_index()
         for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = float(self.schedules.lr[it])
+            group["lr"] = float((self.schedules.head_lr if group["part"] == "head" else self.schedules.lr)[it])
             if group["apply_decay"]:
                 group["weight_decay"] = float(self.schedules.weight_decay[it])
         self.start_step(len(batch["global_crops"]) // self.cfg.ssl.n_global)  # images, each with all its crops
@@ -118,7 +144,7 @@ class SSAModule(StepTiming, L.LightningModule):
         # FSDP: a student tensor and its teacher copy may lie in different shards; the update needs them whole
         with module_full_weights(self, writeback=True):
             ema_update(*self._ema, float(self.schedules.teacher_momentum[self._it]))
-        self.end_step()
+        self.end_step(self.warmup_timing if self.schedules.head_warmup[self._it] else None)
 
     # ----- the objective ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -130,17 +156,25 @@ class SSAModule(StepTiming, L.LightningModule):
         with torch.no_grad():
             t_tokens = self.teacher.backbone.forward_features(global_crops)
             t_cls, t_patches = t_tokens[:, 0], t_tokens[:, prefix:][flat_masks]
+            if self.head_norm is not None:  # statistics of this batch first (the first batch starts them)
+                self.head_norm.update(t_cls, HeadInputNorm.CLS)
+                self.head_norm.update(t_tokens[:, prefix:].flatten(0, 1), HeadInputNorm.PATCH)
+            head_cls, head_patches = self._norm(t_cls, t_patches)
             # Head features before the prototype layer: the loss scores them against the 65,536 prototypes a few
             # rows at a time, so no (rows x prototypes) logits exist whole (DINOv2Loss, chunk_size).
-            t_out = self.teacher.head.bottleneck(torch.cat([t_cls, t_patches]))
+            t_out = self.teacher.head.bottleneck(torch.cat([head_cls, head_patches]))
             t_prototypes = self.teacher.head.prototypes.scorer()
-        s_tokens = forward_masked(self.student.backbone, global_crops, masks, self.student.mask_token)
-        s_cls, s_patches = s_tokens[:, 0], s_tokens[:, prefix:][flat_masks]
-        pieces = [s_cls, s_patches]
-        if local_crops is not None:
-            pieces.append(self.student.backbone.forward_features(local_crops)[:, 0])
+        # head warm-up: the backbone (tuner and mask token included) is frozen, so it runs without autograd
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.schedules.head_warmup[it]):
+            s_tokens = forward_masked(self.student.backbone, global_crops, masks, self.student.mask_token)
+            s_cls, s_patches = s_tokens[:, 0], s_tokens[:, prefix:][flat_masks]
+            s_local = self.student.backbone.forward_features(local_crops)[:, 0] if local_crops is not None else None
+        pieces = [*self._norm(s_cls, s_patches), *([] if s_local is None else self._norm(s_local, None)[:1])]
         s_out = self.student.head.bottleneck(torch.cat(pieces))
         n_g, n_m = s_cls.shape[0], s_patches.shape[0]
+        # before the loss moves its center: the distributions this step's DINO term compares
+        stats = head_stats(t_prototypes(t_out[:n_g]), self.loss.dino.center, float(self.schedules.teacher_temp[it]),
+                           self.student.head.prototypes(s_out[:n_g].detach()), self.loss.dino.student_temp)
 
         terms = self.loss(
             teacher_temp=float(self.schedules.teacher_temp[it]),
@@ -150,7 +184,9 @@ class SSAModule(StepTiming, L.LightningModule):
             masks=masks, student_features=s_cls,
             student_prototypes=self.student.head.prototypes.scorer(), teacher_prototypes=t_prototypes,
         )
-        self._check_health(terms, t_cls)
+        self._check_health(terms, t_cls, stats)
+        for key, value in stats.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
         for key, value in terms.items():
             self._sums[key] = self._sums.get(key, 0.0) + float(value.detach())
         self._sums["steps"] = self._sums.get("steps", 0) + 1
@@ -159,13 +195,20 @@ class SSAModule(StepTiming, L.LightningModule):
             release_free_heap()  # the forward's freed transients would stay resident through the backward pass
         return terms["total"]
 
+    def _norm(self, cls: torch.Tensor, patches: torch.Tensor | None):
+        """CLS and patch tokens as the head reads them (standardised with ``head_norm``, if any)."""
+        if self.head_norm is None:
+            return cls, patches
+        return (self.head_norm(cls, HeadInputNorm.CLS),
+                None if patches is None else self.head_norm(patches, HeadInputNorm.PATCH))
+
     def _whole_batch(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, ...) of this process, or in a distributed run the rows of every process (world * B, ...)."""
         if self._trainer is None or self.trainer.world_size == 1:
             return x
         return self.all_gather(x).flatten(0, 1)
 
-    def _check_health(self, terms: dict, teacher_cls: torch.Tensor) -> None:
+    def _check_health(self, terms: dict, teacher_cls: torch.Tensor, stats: dict[str, float]) -> None:
         # Every process decides on the whole global batch, so that all stop together: a process stopping alone
         # would leave the others waiting in their next collective operation.
         monitor = self.cfg.monitor
@@ -174,7 +217,7 @@ class SSAModule(StepTiming, L.LightningModule):
         if bad:
             raise CollapseError(
                 f"SSA diverged at epoch {self.current_epoch}, step {self.global_step}: non-finite loss {bad}. "
-                "Lower optim.lr (or raise optim.warmup_epochs); the last good checkpoint is kept."
+                "Lower optim.lr (or raise optim.warmup); the last good checkpoint is kept."
             )
         rank = effective_rank(self._whole_batch(teacher_cls.detach().float()))
         self._sums["feature_rank"] = self._sums.get("feature_rank", 0.0) + rank
@@ -185,6 +228,20 @@ class SSAModule(StepTiming, L.LightningModule):
                 f"teacher's CLS features stayed below monitor.min_feature_rank={monitor.min_feature_rank} for "
                 f"{self._low_rank_steps} steps (now {rank:.3f}). Lower optim.lr or raise ssl.teacher_temp warm-up; "
                 "the last good checkpoint is kept."
+            )
+        if self.global_step < self._watch_from:
+            return
+        # every process sees its own batch's statistics: decide on their mean, so that all stop together
+        names = list(stats)
+        mean = self._whole_batch(torch.tensor([[stats[k] for k in names] + [float(terms["dino"].detach())]],
+                                              device=teacher_cls.device)).mean(0).tolist()
+        reason = self._collapse.update(dict(zip(names, mean[:-1])), mean[-1])
+        if reason:
+            raise CollapseError(
+                f"SSA collapsed at epoch {self.current_epoch}, step {self.global_step}: {reason} for "
+                f"{self._collapse.steps} steps (monitor.collapse_patience={self.cfg.monitor.collapse_patience}). "
+                "Try fewer ssl.prototypes, a longer ssl.head_warmup or a lower optim.lr; the last good checkpoint "
+                "is kept."
             )
 
     def pop_epoch_means(self) -> dict[str, float]:

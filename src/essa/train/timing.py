@@ -22,11 +22,13 @@ class StepTiming:
             self._step_start = time.perf_counter()
         self._step_images += images
 
-    def end_step(self) -> None:
+    def end_step(self, into: dict | None = None) -> None:
+        """``into``: the counts to add the step to (default ``self.timing``), e.g. a warm-up's own."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.timing["seconds"] += time.perf_counter() - self._step_start
-        self.timing["images"] += self._step_images
+        timing = self.timing if into is None else into
+        timing["seconds"] += time.perf_counter() - self._step_start
+        timing["images"] += self._step_images
         self._step_images = 0
 
     @property

@@ -36,14 +36,15 @@ from essa.train.optim import precision
 
 
 def build_trainer(cfg: TrainerConfig, *, max_epochs: int, grad_clip: float | None, callbacks: list,
-                  trainer_kwargs: dict | None = None) -> L.Trainer:
+                  trainer_kwargs: dict | None = None, unused_parameters: bool = False) -> L.Trainer:
     """The Trainer of a training stage. ``trainer_kwargs`` (tests, benchmarks) override any argument; their
-    ``callbacks`` are added to the stage's own."""
+    ``callbacks`` are added to the stage's own. ``unused_parameters``: some steps leave trainable parameters
+    without a gradient (the SSA head warm-up), which DDP must then look for."""
     trainer_kwargs = dict(trainer_kwargs or {})
     callbacks = [*callbacks, *trainer_kwargs.pop("callbacks", [])]
     kwargs = dict(
         max_epochs=max_epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=_strategy(cfg.strategy), precision=precision(cfg.precision),
+        strategy=_strategy(cfg.strategy, unused_parameters), precision=precision(cfg.precision),
         accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=grad_clip, callbacks=callbacks,
         use_distributed_sampler=False,  # EpochSampler shards itself, resumably (see shard)
         logger=False, enable_checkpointing=False, num_sanity_val_steps=0, deterministic=False,
@@ -52,11 +53,11 @@ def build_trainer(cfg: TrainerConfig, *, max_epochs: int, grad_clip: float | Non
     return L.Trainer(**{**kwargs, **trainer_kwargs})
 
 
-def _strategy(name: str):
+def _strategy(name: str, unused_parameters: bool = False):
     if name == "ddp":
-        # Every trainable parameter gets a gradient each step (the frozen prototypes get theirs cancelled after
-        # the all-reduce), so no search for unused parameters.
-        return DDPStrategy(find_unused_parameters=False, broadcast_buffers=False)
+        # Without a head warm-up every trainable parameter gets a gradient each step (the frozen prototypes get
+        # theirs cancelled after the all-reduce), so no search for unused parameters.
+        return DDPStrategy(find_unused_parameters=unused_parameters, broadcast_buffers=False)
     if name == "fsdp":
         return FSDPStrategy(use_orig_params=True, state_dict_type="full")  # no wrap policy: one unit (docstring)
     return name
