@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from essa.report import cell_summary, summary_markdown, verdict, write_report
+from essa.report import cell_summary, one_class_seeds, summary_markdown, verdict, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVIL_NAME = r"<script>alert(1)</script> derm/x=1 $\bad$"  # html, a path and invalid matplotlib math
@@ -308,3 +308,37 @@ def test_interrupted_call_keeps_previous_report(tmp_path, monkeypatch):
     assert (tmp_path / "report.md").read_text() == before
     assert (tmp_path / "figures" / "pneumonia_metric_vs_memory.png").read_bytes()[:8] == PNG_SIGNATURE
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_classifier_that_predicts_one_class_is_flagged_and_never_bolded(tmp_path):
+    # The quickstart's full fine-tuning: 154 of 156 test images predicted "benign" (114 of them are): AUC 0.93 is
+    # the best number of the dataset, but the classifier is useless at its decision threshold.
+    collapsed = seeds("auc", [0.93], balanced_accuracy=[0.524], predicted_share=[154 / 156], label_share=[114 / 156])
+    healthy = seeds("auc", [0.80], balanced_accuracy=[0.71], predicted_share=[0.70], label_share=[114 / 156])
+    # A test split that is itself 97 % one class: predicting that class as often as it occurs is not a collapse.
+    skewed = seeds("auc", [0.75], balanced_accuracy=[0.60], predicted_share=[0.97], label_share=[0.97])
+    cells = [cell("none", "full", collapsed), cell("none", "apla", healthy), cell("apla", "apla", skewed),
+             cell("apla", "full", seeds("auc", [0.70]))]  # no shares (an older run): not flagged
+    results = {"name": "flag", "datasets": [{"name": "breast", "task": "binary", "primary_metric": "auc",
+                                             "cells": cells}]}
+    assert [one_class_seeds(c) for c in cells] == [1, 0, 0, 0]
+    paths = write_report(results, tmp_path)
+    md = paths["markdown"].read_text()
+    rows = table_rows(md, "SSA")[0]
+    assert rows[0][3] == "0.9300 (n=1) ⚠ one class (1/1 seeds)"
+    assert rows[1][3] == "**0.8000 (n=1)**"  # the best healthy cell is bold, not the higher collapsed one
+    assert [row[3] for row in rows[2:]] == ["0.7500 (n=1)", "0.7000 (n=1)"]
+    assert "predicted_share" not in md and "label_share" not in md  # no column for the shares
+    assert "⚠ one class: seeds whose most-predicted class takes at least 95% of the test images" in md
+    summary = table_rows(md, "task")[0]
+    assert summary[0][3:5] == ["0.9300 (n=1) ⚠ one class (1/1 seeds)", "**0.8000 (n=1)**"]
+    lines = verdict(results["datasets"][0])
+    assert lines[0] == "Best cell: SSA none + fine-tuning apla, auc 0.8000 (n=1)."
+    assert lines[1].startswith("Predicts (almost) one class, so its auc is not a usable result: "
+                               "SSA none + fine-tuning full (1/1 seeds)")
+    assert "<strong>0.8000 (n=1)</strong>" in paths["html"].read_text()
+
+    # healthy results: no flag, no note
+    results["datasets"][0]["cells"] = cells[1:]
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    assert "one class" not in md and not any("one class" in line for line in verdict(results["datasets"][0]))

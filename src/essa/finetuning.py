@@ -10,18 +10,35 @@ and tokens); a linear warm-up over
 ``optim.warmup_steps`` (500 in the reference, at most a fifth of the run) then a cosine to ``optim.min_lr``;
 gradient clipping 1.0; resize, random-resized crop and horizontal flip; the checkpoint with the best primary metric
 on the val split is tested on the test split. Default lr: 1e-4 for the ``full`` tuner, 1e-3 for every other
-(``linear``, ``apla``, ``lora``...), as in SSA. ``head.class_weights`` weights the loss by inverse class frequency.
+(``linear``, ``apla``, ``lora``...), as in SSA.
+
+Two departures from the reference recipe, both defaults because they measured better with short budgets (README):
+
+- ``head.init: lp`` (LP-FT, Kumar et al., ICLR 2022): before step 0 the head is fitted as essa's linear probe
+  (:func:`essa.evaluate.linear_probe.fit_linear_probe`: logistic regression on the standardised head inputs of the
+  train split, its C chosen on the val split by the primary metric) and then trained with everything the tuner
+  trains. The probe is recorded in ``seed_N/head_init.json`` and validated before step 0 (a history row with
+  ``epoch: -1, step: 0``): it is the first candidate for the best checkpoint, so fine-tuning that never beats its
+  own linear probe on the val split is tested as that probe (the test row then says ``epoch: -1``). A resumed run
+  takes its head from the checkpoint and does not fit it again. ``head.init: random``: timm's fresh head, as in
+  the reference.
+- ``head.class_weights: auto``: the loss is weighted by inverse class frequency (multilabel: BCE ``pos_weight``,
+  negatives / positives) when the train split's largest class count exceeds :data:`AUTO_CLASS_RATIO` (1.5) times
+  its smallest (multilabel: a label's positives against its negatives); ``true`` / ``false`` force it.
 
 Every seed sees the same splits (``data.split_seed``) and trains in its own run directory. Output in ``OUT``:
 ``config.yaml``; ``summary.json`` / ``summary.csv`` (mean ± std over seeds of each test metric, the peak training
 memory and the training images/s); ``duplicates.json`` (when the scan ran); and per seed ``seed_N/``:
-``config.yaml`` (``seeds: [N]``), ``metrics.json`` / ``metrics.csv`` (a row per epoch with the mean training loss,
-lr and validation metrics; a last row with ``split: test``: the epoch and step of the best checkpoint, its test
+``config.yaml`` (``seeds: [N]``), ``metrics.json`` / ``metrics.csv`` (with ``head.init: lp`` a first row, epoch -1,
+with the validation metrics of the probe head; a row per epoch with the mean training loss, lr and validation
+metrics; a last row with ``split: test``: the epoch and step of the best checkpoint, its test
 metrics with their 95 % bootstrap intervals, ``peak_memory_mib``, ``images_per_s``, ``train_seconds``,
-``trainable_params``),
-``test_predictions.csv``, ``test_confusion_matrix.png``, ``checkpoints/{last,best}.ckpt``, and
-``classifier.safetensors``: the merged plain timm classifier, which ``essa.backbones.create(weights=...)`` rebuilds
-with its head. A re-run skips finished seeds.
+``trainable_params``, ``class_weights`` (whether the loss was weighted) and, for single-label tasks,
+``predicted_share`` / ``label_share``: the fraction of the test images in the most-predicted class and in the most
+frequent true class, by which ``essa.report`` flags a classifier that predicts (almost) one class),
+``head_init.json`` (``head.init: lp``), ``test_predictions.csv``, ``test_confusion_matrix.png``,
+``checkpoints/{last,best}.ckpt``, and ``classifier.safetensors``: the merged plain timm classifier, which
+``essa.backbones.create(weights=...)`` rebuilds with its head. A re-run skips finished seeds.
 
 Peak memory: on CUDA the allocator's peak; on CPU the peak resident memory minus the resident memory at the seed's
 start (the first seed of a process also counts one-off library allocations; ``essa bench`` measures each
@@ -47,7 +64,8 @@ from essa.train.optim import default_lr
 from essa.bench import MemoryMeter
 from essa.config import BackboneConfig, ConfigError, TrainerConfig, TunerConfig
 from essa.evaluate import metrics
-from essa.evaluate.features import classifier_scores
+from essa.evaluate.features import classifier_scores, forward_images
+from essa.evaluate.linear_probe import fit_linear_probe
 from essa.evaluate.run import (
     CLASSIFIER_FILE, RESOURCES, format_table, mean_std_column, report_predictions, summarise, write_summary,
 )
@@ -64,12 +82,24 @@ from essa.train.trainer import (
 POOLS = ("token", "avg", backbones.TOKEN_AVG_POOL)
 #: The warm-up never takes more than this fraction of the run, so that a short run still trains at its peak lr.
 MAX_WARMUP_FRACTION = 0.2
+#: What the linear-probe head of ``head.init: lp`` was (C, its val metric), in each seed's run directory.
+HEAD_INIT_FILE = "head_init.json"
+
+
+#: ``head.init`` values: ``lp`` fits essa's linear probe on the frozen head inputs first (LP-FT); ``random``: timm's
+#: initialisation (truncated normal, std 0.02; bias 0).
+HEAD_INITS = ("lp", "random")
+#: ``head.class_weights: auto`` weights the loss when the train split's largest class count exceeds this many times
+#: its smallest (multilabel: a label's positives against its negatives, either way round).
+AUTO_CLASS_RATIO = 1.5
 
 
 @dataclass
 class HeadConfig:
     pool: str = "token"  # token: the CLS token (reference); avg: the mean of the patch tokens; token+avg: both
-    class_weights: bool = False  # weight the loss by inverse class frequency in the train split
+    init: str = "lp"  # lp: the linear probe of the frozen features before step 0 (LP-FT); random: a fresh head
+    class_weights: bool | str = "auto"  # true: weight the loss by inverse class frequency in the train split;
+    #                                     auto: true when the largest / smallest class count exceeds 1.5
 
 
 @dataclass
@@ -87,6 +117,7 @@ class OptimConfig:
     warmup_steps: int = 500
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of D trains at layer_decay^(D - i) of the lr; 1: off
 
 
 @dataclass
@@ -111,10 +142,16 @@ class FinetuneConfig:
         check_task_key(self.task)
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise ConfigError("optim.epochs and optim.batch_size must be at least 1")
+        if not 0 < self.optim.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay={self.optim.layer_decay} must be in (0, 1] (1: no decay)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds={self.seeds} must be a non-empty list of distinct integers")
         if self.head.pool not in POOLS:
             raise ConfigError(f"head.pool={self.head.pool!r}; valid choices: {', '.join(POOLS)}")
+        if self.head.init not in HEAD_INITS:
+            raise ConfigError(f"head.init={self.head.init!r}; valid choices: {', '.join(HEAD_INITS)}")
+        if self.head.class_weights not in (True, False, "auto"):
+            raise ConfigError(f"head.class_weights={self.head.class_weights!r}; valid choices: true, false, auto")
         tuners.base.build(self.tuner.name, self.tuner.options)  # a bad tuner fails before any work
 
 
@@ -151,6 +188,76 @@ def lr_schedule(optim: OptimConfig, tuner: str, total_steps: int) -> np.ndarray:
     return cosine(default_lr(tuner, optim.lr), optim.min_lr, total_steps, warmup_iters=warmup)
 
 
+def class_ratio(labels: list, num_classes: int, multilabel: bool) -> float:
+    """How imbalanced the training labels are: the largest class count over the smallest (inf when a class has no
+    image); multilabel: the largest, over labels, of positives / negatives or negatives / positives."""
+    if multilabel:
+        positives = np.zeros(num_classes)
+        for label in labels:
+            positives[list(label)] += 1
+        pairs = np.stack([positives, len(labels) - positives], axis=1)  # (L, 2): each label against the rest
+    else:
+        pairs = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[None]  # (1, C)
+    smallest, largest = pairs.min(axis=1), pairs.max(axis=1)
+    if np.any(smallest == 0):
+        return math.inf
+    return float(np.max(largest / smallest))
+
+
+def uses_class_weights(setting: bool | str, labels: list, num_classes: int, multilabel: bool) -> bool:
+    """``head.class_weights``: true or false as given; ``auto``: whether :func:`class_ratio` of the training labels
+    exceeds :data:`AUTO_CLASS_RATIO`."""
+    if setting == "auto":
+        return class_ratio(labels, num_classes, multilabel) > AUTO_CLASS_RATIO
+    return bool(setting)
+
+
+def _head_inputs(model, x: torch.Tensor) -> torch.Tensor:
+    """What the head reads: the pooled (and normed) tokens of ``head.pool``."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def fit_probe_head(model, cfg: FinetuneConfig, task: Task, seed: int, device: torch.device | str = "cpu") -> dict:
+    """LP-FT's first stage (``head.init: lp``): essa's linear probe (:func:`essa.evaluate.linear_probe.
+    fit_linear_probe`: standardised features, C chosen on the val split by the primary metric) fitted on what the
+    head reads from the model as it starts training (eval view of the train and val images), folded into the head
+    (:meth:`~essa.evaluate.linear_probe.LinearProbe.as_linear`). Draws nothing from torch's random generator, so
+    that training starts from the same random state as with ``head.init: random``.
+    Returns {"init", "C", "selected_on", "val_<metric>"}: what ``seed_N/head_init.json`` records."""
+    kwargs = dict(img_size=cfg.img_size, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
+    home = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):  # the DataLoaders draw their base seeds from the global generator
+        model.to(device)
+        try:
+            train = forward_images(model, _head_inputs, task.source, task.splits["train"], **kwargs)
+            val = (forward_images(model, _head_inputs, task.source, task.splits["val"], **kwargs)
+                   if task.splits.get("val") else None)
+        finally:
+            model.to(home)
+    probe = fit_linear_probe(train.values, train.labels, None if val is None else val.values,
+                             None if val is None else val.labels, task=task.task, seed=seed, metric=task.primary,
+                             num_classes=None if task.task == "multilabel" else task.num_classes)
+    weight, bias = probe.as_linear()
+    head = model.get_classifier()
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+    return {"init": "lp", "C": probe.C, "selected_on": probe.selected_on,
+            f"val_{probe.metric}": probe.selection.get(probe.C)}
+
+
+def prediction_shares(task: Task, outputs) -> dict[str, float]:
+    """Single-label tasks: ``predicted_share``, the fraction of the images predicted as the most-predicted class,
+    and ``label_share``, the fraction of the most frequent true class; a classifier that predicts (almost) one
+    class has predicted_share near 1 above label_share (``essa.report`` flags it). Multilabel: {}."""
+    if task.task == "multilabel" or len(outputs.labels) == 0:
+        return {}
+    predicted = np.bincount(outputs.values.argmax(1).numpy(), minlength=task.num_classes)
+    truth = np.bincount(outputs.labels.numpy(), minlength=task.num_classes)
+    return {"predicted_share": float(predicted.max() / predicted.sum()),
+            "label_share": float(truth.max() / truth.sum())}
+
+
 def test_row(run: RunDir) -> dict | None:
     """The final test row of a finished seed run, else None."""
     path = run.path / "metrics.json"
@@ -164,6 +271,16 @@ def _val_metrics(module, cfg: FinetuneConfig, task: Task) -> dict[str, Any]:
     out = classifier_scores(module.model, task.source, task.splits["val"], task=task.task, img_size=cfg.img_size,
                             batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers, distributed=True)
     return {"split": "val", **metrics.compute(task.task, out.labels, out.values, task.num_classes)}
+
+
+def _save_start(module: ClassifierModule, path: Path) -> None:
+    """A checkpoint of the module before step 0 (epoch -1, step 0) that testing loads as it loads ``best.ckpt``:
+    the trainable tensors and the frozen weights' checksum."""
+    checkpoint = {"state_dict": module.state_dict(), "epoch": -1, "global_step": 0}
+    module.on_save_checkpoint(checkpoint)
+    checkpoint.pop("essa")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
 
 
 def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume: bool,
@@ -183,13 +300,27 @@ def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume:
     prepare_backbones(cfg.trainer, model)
     loader = build_loader(cfg, task, seed)
     shard(loader, trainer)
+    head_init = None
+    if cfg.head.init == "lp" and not (resume and run.last.exists()):  # a resumed run's head is in its checkpoint
+        head_init = fit_probe_head(model, cfg, task, seed, device=trainer.strategy.root_device)
+        if trainer.is_global_zero:
+            (run.path / HEAD_INIT_FILE).write_text(json.dumps(head_init, indent=2))
+            print(f"seed {seed}: head initialised by the linear probe (C={head_init['C']:.3g}, "
+                  f"val {task.primary} {head_init[f'val_{task.primary}']})")
     loss_weights = None
-    if cfg.head.class_weights:
-        loss_weights = class_weights([r.label for r in task.splits["train"]], task.num_classes,
-                                     multilabel=task.task == "multilabel")
+    train_labels = [r.label for r in task.splits["train"]]
+    if uses_class_weights(cfg.head.class_weights, train_labels, task.num_classes, task.task == "multilabel"):
+        loss_weights = class_weights(train_labels, task.num_classes, multilabel=task.task == "multilabel")
     total_steps = cfg.optim.epochs * steps_per_epoch(loader, trainer)
     module = ClassifierModule(model, task.task, lr_schedule(cfg.optim, cfg.tuner.name, total_steps),
-                              cfg.optim.weight_decay, loss_weights)
+                              cfg.optim.weight_decay, loss_weights, cfg.optim.layer_decay)
+    if head_init is not None:  # the linear-probe head before step 0 is the first candidate for the best checkpoint
+        start = {"epoch": -1, "step": 0, **_val_metrics(module, cfg, task)}
+        module.history = [start]
+        if math.isfinite(start.get(task.primary, math.nan)):
+            checkpointing.best_value = start[task.primary]
+        if trainer.is_global_zero:
+            _save_start(module, run.best)
     trainer.fit(module, train_dataloaders=loader,
                 ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
     peak = meter.peak_mib()  # of this process
@@ -211,6 +342,7 @@ def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume:
             row = {
                 "epoch": best["epoch"], "step": best["global_step"], "split": "test",  # the tested (best) checkpoint's
                 **report_predictions(task, test, run.path, "test", bootstrap=cfg.bootstrap),
+                **prediction_shares(task, test), "class_weights": loss_weights is not None,
                 "peak_memory_mib": peak, **throughput, "train_seconds": module.timing["seconds"],
                 "trainable_params": tuners.count_parameters(module.model)[0],
             }

@@ -21,8 +21,15 @@ peak training memory (``figures/<dataset>_metric_vs_memory.png``), the SSA kNN c
 
 Statistics: a NaN seed makes its cell's mean NaN (it is shown, not hidden); the std has ddof=1 and is shown only
 with two seeds or more. Every metric is taken as higher-is-better. Seed-dict keys that are not metrics (95 %
-interval bounds ``*_ci_low``/``*_ci_high``, resource keys, ``auc_skipped_labels``) get no column, so the study may
-pass a finetune run's per-seed ``test`` dict as it is.
+interval bounds ``*_ci_low``/``*_ci_high``, resource keys, ``auc_skipped_labels``, ``predicted_share``,
+``label_share``, ``class_weights``) get no column, so the study may pass a finetune run's per-seed ``test`` dict as
+it is.
+
+A cell with a seed that predicts (almost) one class (:func:`one_class_seeds`: the seed's ``predicted_share``, the
+fraction of the test images in its most-predicted class, is at least :data:`ONE_CLASS_SHARE` and above its
+``label_share``, that of the most frequent true class) is marked ``⚠ one class (k/n seeds)`` in the tables, never
+bold, never the verdict's best cell, and named in the verdict. ``essa finetune`` writes both shares into each seed's
+test row; a seed dict without them is not flagged.
 
 Every file is written to a temporary file and renamed, so an interrupted study never leaves half a report; figures
 of earlier calls that this call did not redraw are removed, so ``figures/`` matches the report.
@@ -48,7 +55,7 @@ from matplotlib.ticker import MaxNLocator
 
 from essa.evaluate.plots import accuracy_vs_memory_png
 
-__all__ = ["Summary", "cell_summary", "summary_markdown", "verdict", "write_report"]
+__all__ = ["Summary", "cell_summary", "one_class_seeds", "summary_markdown", "verdict", "write_report"]
 
 MISSING = "–"
 NO_SSA = "none"
@@ -57,7 +64,13 @@ MEMORY_FIGURE = "_metric_vs_memory.png"
 CURVES_FIGURE = "_ssa_curves.png"
 #: Seed-dict keys that are not test metrics: resources and counts that a finetune run stores beside its metrics.
 _NOT_METRICS = frozenset({"peak_memory_mib", "images_per_s", "train_seconds", "trainable_params",
-                          "auc_skipped_labels"})
+                          "auc_skipped_labels", "predicted_share", "label_share", "class_weights"})
+#: A seed whose most-predicted class takes at least this fraction of the test images (and more than the most
+#: frequent true class does) predicts (almost) one class: its cell is flagged and never bolded as best.
+ONE_CLASS_SHARE = 0.95
+ONE_CLASS_MARK = "⚠ one class"
+_ONE_CLASS_RULE = (f"seeds whose most-predicted class takes at least {ONE_CLASS_SHARE:.0%} of the test images, more "
+                   "than the test split's most frequent class does (the classifier predicts (almost) one class)")
 _MAX_ERROR_CHARS = 200
 
 
@@ -89,9 +102,29 @@ def _finished(summary: Summary) -> bool:
     return summary.n >= 1 and not math.isnan(summary.mean)
 
 
-def _best(cells: Sequence[dict], metric: str) -> tuple[dict, Summary] | None:
-    """The cell with the highest finite mean ``metric`` (the first one on ties), or None if no cell has one."""
-    candidates = [(cell, cell_summary(cell, metric)) for cell in cells]
+def one_class_seeds(cell: dict) -> int:
+    """How many finished seeds of ``cell`` predict (almost) one class: the fraction of the test images in the
+    most-predicted class (``predicted_share``, written by ``essa finetune`` for single-label tasks) is at least
+    :data:`ONE_CLASS_SHARE` and above the fraction of the most frequent true class (``label_share``), so that a
+    test split that is itself that skewed is not flagged. Seeds without ``predicted_share`` are not counted."""
+    count = 0
+    for seed in (cell.get("seeds") or {}).values():
+        share = seed.get("predicted_share")
+        if share is not None and share >= ONE_CLASS_SHARE and share > _number(seed.get("label_share", 0.0)):
+            count += 1
+    return count
+
+
+def _one_class_note(cell: dict) -> str:
+    """``" ⚠ one class (1/3 seeds)"`` for a flagged cell, else ``""``."""
+    k = one_class_seeds(cell)
+    return f" {ONE_CLASS_MARK} ({k}/{len(cell.get('seeds') or {})} seeds)" if k else ""
+
+
+def _best(cells: Sequence[dict], metric: str, healthy: bool = False) -> tuple[dict, Summary] | None:
+    """The cell with the highest finite mean ``metric`` (the first one on ties), or None if no cell has one;
+    ``healthy``: among the cells none of whose seeds predicts one class (:func:`one_class_seeds`)."""
+    candidates = [(cell, cell_summary(cell, metric)) for cell in cells if not (healthy and one_class_seeds(cell))]
     candidates = [(cell, s) for cell, s in candidates if _finished(s)]
     return max(candidates, key=lambda pair: pair[1].mean) if candidates else None
 
@@ -104,16 +137,23 @@ def _tuner_family(label: str) -> str:
 # ----- verdict ----------------------------------------------------------------------------------------------------
 def verdict(dataset: dict) -> list[str]:
     """Conclusions computed from one dataset's cells, one line each (also printed by the study to the terminal):
-    the best cell; per fine-tuning tuner, the best SSA cell against the cell without SSA ("helped", "within
-    noise", "hurt", or "single seed: no noise estimate"); and APLA-SSA against full-SSA cells (metric, SSA peak
+    the best cell (of those not flagged for predicting one class); the flagged cells; per fine-tuning tuner, the
+    best SSA cell against the cell without SSA ("helped", "within noise", "hurt", or "single seed: no noise
+    estimate"); and APLA-SSA against full-SSA cells (metric, SSA peak
     memory and throughput ratios) where both exist."""
     metric = dataset["primary_metric"]
     cells = dataset["cells"]
-    best = _best(cells, metric)
+    flagged = [f"{_cell_name(c)} ({one_class_seeds(c)}/{len(c.get('seeds') or {})} seeds)"
+               for c in cells if one_class_seeds(c)]
+    flag_line = ([f"Predicts (almost) one class, so its {metric} is not a usable result: {'; '.join(flagged)} "
+                  f"(at least {ONE_CLASS_SHARE:.0%} of the test images in one class, more than the test split "
+                  "holds)."] if flagged else [])
+    best = _best(cells, metric, healthy=True)
     if best is None:
-        return [f"No cell has a finished seed with a {metric} value yet."]
+        return [f"No cell has a finished seed with a {metric} value yet"
+                + (" that does not predict one class." if flagged else "."), *flag_line]
     cell, summary = best
-    lines = [f"Best cell: {_cell_name(cell)}, {metric} {_format_summary(summary, with_n=True)}."]
+    lines = [f"Best cell: {_cell_name(cell)}, {metric} {_format_summary(summary, with_n=True)}.", *flag_line]
     finetune_tuners = list(dict.fromkeys(str(c["finetune"]) for c in cells))
     lines += [_ssa_effect(cells, tuner, metric) for tuner in finetune_tuners]
     lines += [line for tuner in finetune_tuners for line in _apla_vs_full(cells, tuner, metric)]
@@ -327,7 +367,7 @@ def _summary_tables(results: dict) -> list[Table]:
     rows, bold, resource_rows = [], set(), []
     for dataset in results["datasets"]:
         metric, cells = dataset["primary_metric"], dataset["cells"]
-        best = _best(cells, metric)
+        best = _best(cells, metric, healthy=True)
         probes = {(str(p.get("ssa")), str(p.get("method"))): (p.get("metrics") or {}).get(metric)
                   for p in dataset.get("probes") or []}
         for ssa in dict.fromkeys(str(c["ssa"]) for c in cells):
@@ -335,7 +375,8 @@ def _summary_tables(results: dict) -> list[Table]:
             ssa_resources = {}
             for finetune in finetunes:
                 cell = next((c for c in cells if str(c["ssa"]) == ssa and str(c["finetune"]) == finetune), None)
-                row.append(MISSING if cell is None else _format_summary(cell_summary(cell, metric), with_n=True))
+                row.append(MISSING if cell is None else
+                           _format_summary(cell_summary(cell, metric), with_n=True) + _one_class_note(cell))
                 ssa_resources = ssa_resources or (cell or {}).get("ssa_resources") or {}
                 if best is not None and cell is best[0]:
                     bold.add((len(rows), len(row) - 1))
@@ -354,6 +395,8 @@ def _summary_tables(results: dict) -> list[Table]:
             "the foundation model). SSA params: trainable backbone parameters during SSA (the DINO head aside). "
             "SSA weight change: ||W_ssa - W_0|| / ||W_0|| of the backbone weights, the SSA export against the "
             "foundation model (near 0: SSA left the model as it was).")
+    if any(one_class_seeds(c) for d in results["datasets"] for c in d["cells"]):
+        note += f" {ONE_CLASS_MARK}: {_ONE_CLASS_RULE}; never bold."
     return [Table(header, rows, frozenset(bold), note),
             Table(["task", "fine-tuning", "FT params", "FT peak MiB", "FT images/s"], resource_rows,
                   note="Fine-tuning resources: means over every SSA starting point and seed of the tuner.")]
@@ -374,12 +417,16 @@ def _metrics_table(dataset: dict) -> Table:
         summaries = [cell_summary(cell, name) for name in names]
         n_primary = summaries[0].n
         metric_cells = [_format_summary(s, with_n=(i == 0 or s.n != n_primary)) for i, s in enumerate(summaries)]
+        metric_cells[0] += _one_class_note(cell)
         rows.append([str(cell["ssa"]), str(cell["finetune"]), _status(cell), *metric_cells])
-        primary_means.append(summaries[0].mean if _finished(summaries[0]) else -math.inf)
+        healthy = _finished(summaries[0]) and not one_class_seeds(cell)
+        primary_means.append(summaries[0].mean if healthy else -math.inf)
     top = max(primary_means, default=-math.inf)
     bold = frozenset((i, 3) for i, mean in enumerate(primary_means) if mean == top and top > -math.inf)
     note = (f"Test split; mean ± std (ddof=1) over finished seeds, n = seeds; the std only with two seeds or more. "
             f"Bold: best {primary} (primary metric, higher is better).")
+    if any(one_class_seeds(c) for c in dataset["cells"]):
+        note += f" {ONE_CLASS_MARK}: {_ONE_CLASS_RULE}; never bold."
     return Table(["SSA", "fine-tuning", "status", f"{primary} (primary)", *names[1:]], rows, bold, note)
 
 

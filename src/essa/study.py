@@ -68,6 +68,15 @@ class StageConfig:
 
 
 @dataclass
+class SSAStageConfig(StageConfig):
+    """The SSA stage: SSA sees every image of the task's train split (labels unused; never val or test), also when
+    fine-tuning uses fewer (``data.max_train``): unlabelled images are the cheap ones."""
+
+    max_images: int | None = None  # a seeded subsample of those images (None: all)
+    extra_data: list[str] = field(default_factory=list)  # more unlabelled image folders, added to every dataset's
+
+
+@dataclass
 class DatasetSpec:
     """A labelled task of the study. ``data``: essa.task.TaskDataConfig keys (root, max_train, duplicates...)."""
 
@@ -88,7 +97,7 @@ class StudyConfig:
     batch_size: int = 32
     seeds: list[int] = field(default_factory=lambda: [0])  # fine-tuning seeds
     ssa_seed: int = 0  # SSA runs once per dataset and SSA tuner
-    ssa: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, tuners=[NO_SSA, "full", "apla"]))
+    ssa: SSAStageConfig = field(default_factory=lambda: SSAStageConfig(epochs=10, tuners=[NO_SSA, "full", "apla"]))
     finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, tuners=["full", "apla"]))
     probes: list[str] = field(default_factory=lambda: list(PROBES))  # frozen features before and after SSA
     # Devices, strategy, precision and memory options of every SSA and fine-tuning cell (a stage's config.trainer
@@ -215,12 +224,13 @@ class Study:
     def adapt_sections(self, dataset: DatasetSpec, spec: TunerSpec) -> dict:
         from essa.task import TaskDataConfig
 
-        splits = {k: v for k, v in dataset.data.items() if k not in ("root", "num_workers")}
+        # the whole train split: data.max_train limits the labelled images of fine-tuning only
+        splits = {k: v for k, v in dataset.data.items() if k not in ("root", "num_workers", "max_train")}
         single_label = dataset.task != "multilabel" and self._task(dataset).task != "multilabel"
         own = {
             "backbone": dataclasses.asdict(self.cfg.backbone), "tuner": {"name": spec.name, "options": spec.options},
             "data": {"root": dataset.data.get("root"), "split": "train", "val_split": "val" if single_label else None,
-                     "splits": splits,
+                     "splits": splits, "max_images": self.cfg.ssa.max_images, "extra": list(self.cfg.ssa.extra_data),
                      "num_workers": dataset.data.get("num_workers", TaskDataConfig.num_workers)},
             "ssl": {"global_size": self.cfg.img_size},
             "optim": {"epochs": self.cfg.ssa.epochs, "batch_size": self.cfg.batch_size},
@@ -480,7 +490,9 @@ class Study:
             rows = _read_json(out / f"seed_{seed}" / "metrics.json")
             if rows and rows[-1].get("split") == "test":
                 tests.append(rows[-1])
-                seeds[str(seed)] = {k: rows[-1][k] for k in metric_names(self._task(dataset).task) if k in rows[-1]}
+                # the test metrics, and the shares the report's one-class flag reads
+                keep = (*metric_names(self._task(dataset).task), "predicted_share", "label_share")
+                seeds[str(seed)] = {k: rows[-1][k] for k in keep if k in rows[-1]}
             error = state.get((out / f"seed_{seed}").as_posix(), {}).get("error")
             if error:
                 errors.append(f"seed {seed}: {error}")

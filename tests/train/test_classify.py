@@ -58,3 +58,21 @@ def test_checkpoints_hold_only_what_trains_and_refuse_another_head(make_vit):
         other.model.blocks[0].mlp.fc1.weight.add_(1.0)  # other frozen (foundation) weights
     with pytest.raises(ValueError, match="trained from other frozen backbone weights"):
         other.on_load_checkpoint(checkpoint)
+
+
+def test_layer_decay_scales_the_lr_by_depth_and_one_keeps_the_two_groups(make_vit):
+    from essa.train.classify import layer_decay_groups
+
+    model = tuners.apply(make_vit(num_classes=2), "full")  # 4 blocks
+    plain = layer_decay_groups(model, 1.0)
+    assert [(g["apply_decay"], g["lr_scale"]) for g in plain] == [(True, 1.0), (False, 1.0)]
+    groups = layer_decay_groups(model, 0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale[id(named["head.weight"])] == scale[id(named["norm.weight"])] == 1.0
+    assert scale[id(named["blocks.3.attn.qkv.weight"])] == 0.5 and scale[id(named["blocks.0.mlp.fc1.bias"])] == 0.5 ** 4
+    assert scale[id(named["patch_embed.proj.weight"])] == scale[id(named["cls_token"])] == 0.5 ** 5
+    assert len(scale) == sum(p.requires_grad for p in model.parameters())  # every trainable parameter, once
+    module = ClassifierModule(model, "multiclass", np.full(3, 1e-3), 0.0, layer_decay=0.5)
+    optimizer = module.configure_optimizers()
+    assert sorted({g["lr_scale"] for g in optimizer.param_groups}) == [0.5 ** k for k in range(5, -1, -1)]

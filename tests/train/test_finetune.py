@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -54,7 +55,8 @@ def test_a_pretrained_vit_beats_the_majority_baseline_and_exports_a_classifier(t
     run = result["seeds"][0]["run_dir"]
     rows = json.loads((run / "metrics.json").read_text())
     epochs, test = rows[:-1], rows[-1]
-    assert [r["epoch"] for r in epochs] == [0, 1, 2] and all(r["split"] == "val" for r in epochs)
+    # epoch -1: the linear-probe head before step 0 (head.init=lp), the first candidate for the best checkpoint
+    assert [r["epoch"] for r in epochs] == [-1, 0, 1, 2] and all(r["split"] == "val" for r in epochs)
     assert test["split"] == "test" and test == result["seeds"][0]["test"]
     # The majority-class baseline (always "normal, benign") has balanced accuracy 0.5; seeds 0-2 of this recipe
     # reach 0.635-0.662 (AUC 0.74), so 0.6 leaves a margin of 0.1 over the baseline and 0.035 under the runs.
@@ -113,7 +115,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = finetune(out / "given.yaml", resume=True, trainer_kwargs=QUIET)
     ref_rows = json.loads((reference["seeds"][0]["run_dir"] / "metrics.json").read_text())
     res_rows = json.loads((resumed["seeds"][0]["run_dir"] / "metrics.json").read_text())
-    assert [r["epoch"] for r in res_rows] == [0, 1, 2, ref_rows[-1]["epoch"]]
+    assert [r["epoch"] for r in res_rows] == [-1, 0, 1, 2, ref_rows[-1]["epoch"]]
     # Tolerance: float32 reductions may differ in the last bits between processes; 1e-5 on weights, 1e-4 on
     # losses and metrics (a single flipped prediction of 78 validation images would change accuracy by 0.013).
     a = backbones.create(weights=reference["seeds"][0]["classifier"]).state_dict()
@@ -204,3 +206,103 @@ def test_a_multilabel_task_trains_and_its_classifier_and_features_are_evaluated(
                          checkpoint=str(run), bootstrap=50, out=str(tmp_path / "eval"))
     assert set(evaluated["rows"]) == {"linear", "classifier"}  # no kNN for multilabel tasks
     assert evaluated["rows"]["classifier"]["auc"] == pytest.approx(test["auc"])
+
+
+# ----- LP-FT, class weights --------------------------------------------------------------------------------------
+SMALL = {"data": {"root": str(BREAST), "num_workers": 0, "duplicates": "skip", "max_train": 96},  # 3 steps/epoch
+         "optim": {"epochs": 2, "batch_size": 32, "lr": 1e-3, "warmup_steps": 1}}
+
+
+def test_the_lp_head_is_the_linear_probe_of_the_frozen_features_fitted_before_step_0(tmp_path):
+    from essa.evaluate.features import cls_features
+    from essa.evaluate.linear_probe import fit_linear_probe
+    from essa.finetuning import HEAD_INIT_FILE
+
+    # lr 0 throughout: the trained head stays the one fitted before step 0, so the exported classifier is the probe
+    sections = _sections(tmp_path / "run", data=SMALL["data"],
+                         optim={**SMALL["optim"], "lr": 0.0, "min_lr": 0.0, "epochs": 1})
+    result = finetune(resolve_config(sections=sections), trainer_kwargs=QUIET)
+    task, run = result["task"], result["seeds"][0]["run_dir"]
+    assert resolve_config(sections=sections).head.init == "lp"  # the default
+
+    # essa's linear probe, fitted here independently on the CLS features of the model as it started (lr 0: the
+    # exported classifier's backbone is the initial one; head.pool=token: the head reads the CLS token)
+    classifier = backbones.create(weights=run / "classifier.safetensors").eval()
+    train = cls_features(classifier, task.source, task.splits["train"], img_size=28)
+    val = cls_features(classifier, task.source, task.splits["val"], img_size=28)
+    probe = fit_linear_probe(train.values, train.labels, val.values, val.labels, task="binary", num_classes=2)
+    recorded = json.loads((run / HEAD_INIT_FILE).read_text())
+    assert recorded["C"] == probe.C and recorded["val_auc"] == pytest.approx(probe.selection[probe.C])
+    # validated before step 0 (epoch -1), it is the tested checkpoint: no epoch of lr 0 improves on it
+    rows = json.loads((run / "metrics.json").read_text())
+    assert rows[0]["epoch"] == -1 and rows[0]["step"] == 0 and rows[0]["auc"] == pytest.approx(recorded["val_auc"])
+    assert rows[-1]["split"] == "test" and (rows[-1]["epoch"], rows[-1]["step"]) == (-1, 0)
+
+    weight, bias = probe.as_linear()
+    assert np.allclose(classifier.head.weight.detach().numpy(), weight, atol=1e-5)
+    assert np.allclose(classifier.head.bias.detach().numpy(), bias, atol=1e-5)
+    with torch.no_grad():  # the probe's own probabilities on the val images
+        scores = torch.softmax(classifier.head(val.values), 1)
+    assert np.allclose(scores.numpy(), probe.predict_scores(val.values), atol=1e-5)
+    # breast ultrasound's train split is imbalanced (about 2.7 benign per malignant): auto weights the loss
+    assert result["seeds"][0]["test"]["class_weights"] is True
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAtStep(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise _Crash(f"crashed at step {self.step}")
+
+
+def test_a_run_resumed_after_the_lp_stage_is_bit_identical_and_keeps_the_checkpoints_head(tmp_path, monkeypatch):
+    from essa import finetuning
+
+    reference = finetune(resolve_config(sections=_sections(tmp_path / "ref", **SMALL)), trainer_kwargs=QUIET)
+    out = tmp_path / "crashed"
+    with pytest.raises(_Crash):  # epoch 1, step 1 of 3; last.ckpt holds step 4
+        finetune(resolve_config(sections=_sections(out, **SMALL)),
+                 trainer_kwargs={**QUIET, "callbacks": [_CrashAtStep(4)]})
+    assert torch.load(out / "seed_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a resumed run refitted the linear-probe head over its checkpoint's head")
+
+    monkeypatch.setattr(finetuning, "fit_probe_head", no_refit)
+    resumed = finetune(resolve_config(sections=_sections(out, **SMALL)), resume=True, trainer_kwargs=QUIET)
+    a = backbones.create(weights=reference["seeds"][0]["classifier"]).state_dict()
+    b = backbones.create(weights=resumed["seeds"][0]["classifier"]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ref_rows = json.loads((reference["seeds"][0]["run_dir"] / "metrics.json").read_text())
+    res_rows = json.loads((resumed["seeds"][0]["run_dir"] / "metrics.json").read_text())
+    strip = {"train_seconds", "images_per_s", "peak_memory_mib"}
+    assert [{k: v for k, v in r.items() if k not in strip} for r in ref_rows] == [
+        {k: v for k, v in r.items() if k not in strip} for r in res_rows]
+
+
+def test_class_weights_auto_follows_the_class_ratio_and_true_false_are_kept(tmp_path):
+    from essa.finetuning import AUTO_CLASS_RATIO, class_ratio, uses_class_weights
+
+    assert AUTO_CLASS_RATIO == 1.5 and resolve_config().head.class_weights == "auto"
+    assert class_ratio([0, 0, 0, 1, 1], 2, multilabel=False) == 1.5
+    assert not uses_class_weights("auto", [0, 0, 0, 1, 1], 2, multilabel=False)  # 1.5: not above the ratio
+    assert uses_class_weights("auto", [0, 0, 0, 0, 1, 1], 2, multilabel=False)  # 2.0
+    assert uses_class_weights("auto", [0, 0, 1, 1], 3, multilabel=False)  # a class without images: inf
+    assert not uses_class_weights("auto", [0, 1, 2, 0, 1, 2], 3, multilabel=False)
+    # multilabel: each label's positives against its negatives
+    assert class_ratio([(0,), (1,), (0, 1), ()], 2, multilabel=True) == 1.0
+    assert uses_class_weights("auto", [(0,), (0,), (0, 1), ()], 2, multilabel=True)  # label 0: 3 vs 1
+    assert uses_class_weights(True, [0, 1], 2, multilabel=False)
+    assert not uses_class_weights(False, [0, 0, 0, 0, 1], 2, multilabel=False)
+    for value in (True, False, "auto"):
+        assert resolve_config(sections=_sections(tmp_path, head={"class_weights": value})).head.class_weights == value
+    with pytest.raises(ValueError, match="head.class_weights='yes'; valid choices: true, false, auto"):
+        resolve_config(sections=_sections(tmp_path, head={"class_weights": "yes"}))
+    with pytest.raises(ValueError, match="head.init='probe'; valid choices: lp, random"):
+        resolve_config(sections=_sections(tmp_path, head={"init": "probe"}))

@@ -6,6 +6,10 @@ the inverse regularisation strength C suits every backbone. Single-label tasks f
 C is chosen by the task's primary metric (:func:`essa.evaluate.metrics.primary_metric`) on the validation split;
 without one, on a seeded 20 % of the training features held out for it, after which the probe is refitted on all of
 them. The grid is walked from strong to weak regularisation, warm-starting each fit from the previous one.
+
+:meth:`LinearProbe.as_linear` folds the standardisation into the coefficients: the (C, D) weight and (C,) bias of
+a linear layer on the raw features whose softmax (per-label sigmoid for multilabel) is the probe's probabilities,
+which is how ``essa finetune`` starts fine-tuning from a probe (``head.init: lp``, LP-FT).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 10))
 MAX_ITER = 1000
 #: Fraction of the training features held out to choose C when no validation split is given.
 HELD_OUT = 0.2
+#: Logit margin of a class the probe never saw in training (or of a constant multilabel label): e^-20 ~ 2e-9.
+ABSENT_LOGIT = 20.0
 
 
 @dataclass
@@ -50,6 +56,38 @@ class LinearProbe:
         """(N, C) class probabilities (softmax rows; per-label sigmoids for multilabel) of (N, D) features."""
         x = _features(feats, "feats", self.scaler.n_features_in_)
         return _probabilities(self.model, self.scaler.transform(x), self.task, self.num_classes)
+
+    def as_linear(self) -> tuple[np.ndarray, np.ndarray]:
+        """(C, D) weight and (C,) bias (float64) of a linear layer on the raw (unstandardised) features whose
+        logits give :meth:`predict_scores`: softmax of the C logits, or a sigmoid per label for multilabel.
+
+        A binary probe's single decision value z becomes the logits (-z/2, z/2); a class absent from the training
+        labels gets weight 0 and a bias :data:`ABSENT_LOGIT` below the others (probability ~0, as in
+        :meth:`predict_scores`); a multilabel label constant in the training labels gets weight 0 and bias
+        +-:data:`ABSENT_LOGIT`."""
+        if self.task == "multilabel":
+            rows = [_binary_row(e, self.scaler.n_features_in_) for e in self.model.estimators_]
+            weight, bias = np.stack([w for w, _ in rows]), np.array([b for _, b in rows])
+        else:
+            coef, intercept = self.model.coef_, self.model.intercept_
+            classes = self.model.classes_
+            if len(classes) == 2 and coef.shape[0] == 1:  # binary: one decision value for classes_[1]
+                coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+            weight = np.zeros((self.num_classes, coef.shape[1]))
+            bias = np.full(self.num_classes, float(intercept.min()) - ABSENT_LOGIT)
+            weight[classes], bias[classes] = coef, intercept
+        # standardised x' = (x - mean) / scale: w . x' + b = (w / scale) . x + (b - (w / scale) . mean)
+        weight = weight / self.scaler.scale_
+        return weight, bias - weight @ self.scaler.mean_
+
+
+def _binary_row(estimator, dim: int) -> tuple[np.ndarray, float]:
+    """Weight and bias (standardised features) of one one-vs-rest label: its logistic regression, or 0 and
+    +-ABSENT_LOGIT for a label that is constant in the training labels (sklearn's constant predictor)."""
+    if hasattr(estimator, "coef_"):
+        return estimator.coef_[0], float(estimator.intercept_[0])
+    constant = float(np.ravel(estimator.y_)[0])
+    return np.zeros(dim), ABSENT_LOGIT if constant > 0.5 else -ABSENT_LOGIT
 
 
 def _probabilities(model, x: np.ndarray, task: str, num_classes: int) -> np.ndarray:

@@ -10,12 +10,42 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from essa.train.run_dir import check_trainable_state, drop_frozen
 from essa.train.optim import decay_groups
 from essa.train.timing import StepTiming
 from essa.train.trainer import module_full_weights
+
+
+def layer_id(name: str, depth: int) -> int:
+    """The depth of a ViT parameter for layer-wise lr decay: 0 for the patch embedding, position embedding and
+    prefix tokens, ``i + 1`` for anything in ``blocks.i`` (tuner parameters included), ``depth + 1`` for the rest
+    (final norm, head)."""
+    if name.startswith(("patch_embed.", "cls_token", "reg_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: nn.Module, decay: float) -> list[dict]:
+    """AdamW groups (:func:`essa.train.optim.decay_groups`) per layer, each with ``lr_scale`` = ``decay ** (depth +
+    1 - layer_id)``: the head trains at the scheduled lr, block i at decay^(depth - i) of it, the embeddings at
+    decay^(depth + 1). ``decay == 1``: the two groups of decay_groups, with scale 1."""
+    if decay == 1.0:
+        return [{**g, "lr_scale": 1.0} for g in decay_groups(model)]
+    depth = len(model.blocks)
+    layers: dict[int, list] = {}
+    for name, p in model.named_parameters():
+        layers.setdefault(layer_id(name, depth), []).append((name, p))
+    groups = []
+    for layer in sorted(layers):
+        for group in decay_groups(layers[layer]):
+            if group["params"]:
+                groups.append({**group, "lr_scale": decay ** (depth + 1 - layer)})
+    return groups
 
 
 def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Tensor:
@@ -38,13 +68,14 @@ class ClassifierModule(StepTiming, L.LightningModule):
         lr: (total_steps,) learning rate of each optimisation step.
         weight_decay: AdamW weight decay of matrices (none on biases, norms and tokens).
         class_weights: (C,) cross-entropy class weights, or (L,) multilabel positive weights; None: unweighted.
+        layer_decay: layer-wise lr decay (:func:`layer_decay_groups`); 1: every parameter at the scheduled lr.
     """
 
     def __init__(self, model: VisionTransformer, task: str, lr: np.ndarray, weight_decay: float,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, layer_decay: float = 1.0):
         super().__init__()
         self.model, self.task = model, task
-        self.lr_schedule, self.weight_decay = lr, weight_decay
+        self.lr_schedule, self.weight_decay, self.layer_decay = lr, weight_decay, layer_decay
         # Not persistent: rebuilt from the training split, so checkpoints hold only what trains.
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.strict_loading = False  # frozen backbone weights are rebuilt from the foundation model
@@ -66,13 +97,13 @@ class ClassifierModule(StepTiming, L.LightningModule):
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return torch.optim.AdamW(decay_groups(self.model), lr=float(self.lr_schedule[0]),
+        return torch.optim.AdamW(layer_decay_groups(self.model, self.layer_decay), lr=float(self.lr_schedule[0]),
                                  weight_decay=self.weight_decay)
 
     def on_train_batch_start(self, batch, batch_idx):
         step = min(self.global_step, len(self.lr_schedule) - 1)
         for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = float(self.lr_schedule[step])
+            group["lr"] = float(self.lr_schedule[step]) * group.get("lr_scale", 1.0)
         (x, _y), _keys = batch
         self.start_step(len(x))
 
