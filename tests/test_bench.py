@@ -25,3 +25,12 @@ def test_compute_table_gives_full_over_each_tuner():
     rows = [{"model": "m", "label": "full", "gflop": 680.0}, {"model": "m", "label": "apla", "gflop": 535.0}]
     lines = compute_table(rows, "SSA tuner").splitlines()
     assert lines[2:] == ["| m | full | 680.0 | 1.00x |", "| m | apla | 535.0 | 1.27x |"]
+
+
+def test_an_ssa_step_of_the_tuner_is_measured():
+    from essa.bench import ssa_step
+
+    result = ssa_step("vit_tiny_patch16_224", "apla", global_size=32, local_size=16, n_local=2, batch_size=2,
+                      prototypes=256, steps=1)
+    # the tuner trains in the measured step: its gradients exist (a head warm-up step would have none)
+    assert 0 < result["trainable"] < result["total"] and result["peak_mib"] > 0 and result["grads_mib"] > 0

@@ -225,7 +225,9 @@ def ssa_step(
     torch.manual_seed(0)
     cfg = resolve_config(None, sections={
         "backbone": {"name": backbone, "pretrained": False}, "tuner": {"name": tuner, "options": options or {}},
-        "data": {"root": "unused"}, "ssl": {"prototypes": prototypes, "global_size": global_size,
+        # the reference head (its hidden and bottleneck widths), and a step of the tuner, not of the head warm-up
+        "data": {"root": "unused"}, "ssl": {"prototypes": prototypes, "head_hidden": 2048, "head_bottleneck": 256,
+                                            "head_warmup": 0, "global_size": global_size,
                                             "local_size": local_size, "n_local": n_local},
         "optim": {"recompute_frozen": recompute_frozen},
     })

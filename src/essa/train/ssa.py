@@ -115,10 +115,6 @@ class SSAModule(StepTiming, L.LightningModule):
             groups += [{**g, "part": part} for g in decay_groups(params) if g["params"]]
         return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
 
-    @property
-    def in_head_warmup(self) -> bool:
-        return bool(self.schedules.head_warmup[self._step_index()])
-
     def on_train_epoch_start(self):
         self.teacher.eval()  # Lightning puts every submodule in train mode; the teacher never drops paths
 
@@ -173,8 +169,10 @@ class SSAModule(StepTiming, L.LightningModule):
         s_out = self.student.head.bottleneck(torch.cat(pieces))
         n_g, n_m = s_cls.shape[0], s_patches.shape[0]
         # before the loss moves its center: the distributions this step's DINO term compares
-        stats = head_stats(t_prototypes(t_out[:n_g]), self.loss.dino.center, float(self.schedules.teacher_temp[it]),
-                           self.student.head.prototypes(s_out[:n_g].detach()), self.loss.dino.student_temp)
+        with torch.no_grad():
+            s_logits = self.student.head.prototypes(s_out[:n_g].detach())
+            stats = head_stats(t_prototypes(t_out[:n_g]), self.loss.dino.center,
+                               float(self.schedules.teacher_temp[it]), s_logits, self.loss.dino.student_temp)
 
         terms = self.loss(
             teacher_temp=float(self.schedules.teacher_temp[it]),
