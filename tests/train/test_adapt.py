@@ -284,13 +284,13 @@ def test_extra_unlabelled_folders_add_their_images(folders, tmp_path):
     assert len(records) == 24 + 20  # the train folder named twice counts once
     assert all(r.label is None for r in records) and source.classes == []
     val_image = next(r for r in records if "NORMAL" in r.path)
-    assert source.load(val_image).size == backbones_free_size(val_image.path)
+    assert source.load(val_image).size == _image_size(val_image.path)
     cfg = _cfg(folders, tmp_path / "run2", data={**TINY["data"], "root": str(folders / "train"),
                                                  "extra": [str(folders / "val")], "max_images": 30})
     assert len(build_loader(cfg, 8).dataset.base.records) == 30  # max_images subsamples all of them
 
 
-def backbones_free_size(path):
+def _image_size(path):
     from PIL import Image
 
     with Image.open(path) as image:

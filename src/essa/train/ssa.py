@@ -165,7 +165,9 @@ class SSAModule(StepTiming, L.LightningModule):
             s_tokens = forward_masked(self.student.backbone, global_crops, masks, self.student.mask_token)
             s_cls, s_patches = s_tokens[:, 0], s_tokens[:, prefix:][flat_masks]
             s_local = self.student.backbone.forward_features(local_crops)[:, 0] if local_crops is not None else None
-        pieces = [*self._norm(s_cls, s_patches), *([] if s_local is None else self._norm(s_local, None)[:1])]
+        pieces = list(self._norm(s_cls, s_patches))
+        if s_local is not None:
+            pieces.append(self._norm(s_local, None)[0])
         s_out = self.student.head.bottleneck(torch.cat(pieces))
         n_g, n_m = s_cls.shape[0], s_patches.shape[0]
         # before the loss moves its center: the distributions this step's DINO term compares
