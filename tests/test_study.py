@@ -124,6 +124,46 @@ def test_cells_and_their_configs(tmp_path):
     assert study_mod.slug("apla r=64") == "apla_r64" and study_mod.slug("lora r=8 / qkv") == "lora_r8_qkv"
 
 
+def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):
+    """finetune.label_budgets: fine-tuning cells and probes per budget, each with its own max_train, directory and
+    label, all starting from one SSA run per tuner; datasets[i].ssa_epochs sets that task's SSA epochs."""
+    datasets = [{"name": "breast", "data": {"root": str(BREAST)}, "ssa_epochs": 3}]
+    study = study_mod.Study(_write(tmp_path, datasets=datasets, probes=["linear"], finetune={
+        "epochs": 1, "tuners": ["apla"], "label_budgets": [40, "all"]}))
+    cells = [(c.kind, c.path.relative_to(tmp_path / "run" / "breast").as_posix()) for c in study.cells]
+    assert cells == [("ssa", "ssa/apla_r16"),
+                     ("probe", "probe/pretrained__40_labels"), ("probe", "probe/ssa_apla_r16__40_labels"),
+                     ("probe", "probe/pretrained__all_labels"), ("probe", "probe/ssa_apla_r16__all_labels"),
+                     ("finetune", "finetune/none__apla__40_labels/seed_0"),
+                     ("finetune", "finetune/apla_r16__apla__40_labels/seed_0"),
+                     ("finetune", "finetune/none__apla__all_labels/seed_0"),
+                     ("finetune", "finetune/apla_r16__apla__all_labels/seed_0")]
+    dataset, apla = study.datasets[0], study_mod.TunerSpec("apla", {"r": 16})
+    assert study.adapt_sections(dataset, apla)["optim"]["epochs"] == 3  # not ssa.epochs (1)
+    for budget, max_train in ((40, 40), ("all", None)):
+        assert study.finetune_sections(dataset, apla, study_mod.TunerSpec("apla"), budget)["data"]["max_train"] \
+            == max_train
+        assert study.probe_sections(dataset, apla, budget)["data"]["max_train"] == max_train
+    assert study.cells[-1].needs is study.cells[0] and study.cells[-3].needs is study.cells[0]
+    # results: one cell per budget, labelled with it; probes named by method and budget
+    for budget in ("40_labels", "all_labels"):
+        seed_dir = tmp_path / "run" / "breast" / "finetune" / f"apla_r16__apla__{budget}" / "seed_0"
+        seed_dir.mkdir(parents=True)
+        (seed_dir / "metrics.json").write_text(json.dumps([{"split": "test", "auc": 0.5 + len(budget) / 100}]))
+        probe_dir = tmp_path / "run" / "breast" / "probe" / f"pretrained__{budget}"
+        probe_dir.mkdir(parents=True)
+        (probe_dir / "metrics.json").write_text(json.dumps([{"name": "linear", "auc": 0.6}]))
+    results = study.results({})["datasets"][0]
+    assert [(c["ssa"], c["finetune"], c["status"]) for c in results["cells"]] == [
+        ("none", "apla, 40 labels", "pending"), ("none", "apla, all labels", "pending"),
+        ("apla r=16", "apla, 40 labels", "done"), ("apla r=16", "apla, all labels", "done")]
+    assert results["cells"][3]["seeds"] == {"0": {"auc": 0.5 + 10 / 100}}
+    assert [p["method"] for p in results["probes"]] == ["linear, 40 labels", "linear, all labels"]
+    assert study.results({})["budget"]["label_budgets"] == ["40 labels", "all labels"]
+    verdict = report_mod.verdict(results)
+    assert any(line.startswith("Fine-tuning apla, 40 labels: no SSA comparison yet") for line in verdict)
+
+
 @pytest.mark.parametrize("changes, fragment", [
     ({"datasets": []}, "datasets is empty"),
     ({"ssa": {"epochs": 1, "tuners": ["apla", {"name": "apla"}]}}, r"distinct tuners, got \['apla', 'apla'\]"),
@@ -131,6 +171,10 @@ def test_cells_and_their_configs(tmp_path):
     ({"probes": ["knn", "svm"]}, "unknown 'svm'; valid choices: knn, linear"),
     ({"datasets": [{"name": "a", "root": "x"}]}, "unknown config key datasets\\[0\\].root"),
     ({"seeds": []}, "non-empty list of distinct integers"),
+    ({"finetune": {"epochs": 1, "tuners": ["apla"], "label_budgets": [0]}}, "neither a number of labelled images"),
+    ({"finetune": {"epochs": 1, "tuners": ["apla"], "label_budgets": ["most"]}}, "'most' is neither"),
+    ({"finetune": {"epochs": 1, "tuners": ["apla"], "label_budgets": ["all", None]}}, "must be distinct"),
+    ({"datasets": [{"name": "a", "data": {"root": "x"}, "ssa_epochs": 0}]}, "ssa_epochs must be at least 1"),
 ])
 def test_bad_study_configs_are_explained(tmp_path, changes, fragment):
     with pytest.raises(ValueError, match=fragment):  # ConfigError, or TunerError for a bad tuner
@@ -161,24 +205,30 @@ def test_the_command_lists_cells_maps_scale_flags_and_explains_bad_input(tmp_pat
 
 
 def test_the_offline_study_example_is_the_promised_grid_on_shared_data(monkeypatch):
-    """examples/offline_study.yaml: 3 real tasks x 6 SSA tuners x 2 fine-tuning tuners x 3 seeds, SSA on the
-    train split only, every cell of a task under one budget, from the shared pretrained ViT."""
+    """examples/offline_study.yaml: 3 real tasks x 4 SSA tuners x 2 label budgets x APLA fine-tuning x 3 seeds, SSA
+    on every train image only, every cell of a task under one budget, from the shared pretrained ViT."""
     if SHARED.resolve() != (REPO.parent / "shared").resolve():
         pytest.skip("the example names ../shared; ESSA_SHARED points elsewhere")
     monkeypatch.chdir(REPO)  # its paths are relative to the repository root
     study = study_mod.Study(REPO / "examples" / "offline_study.yaml")
-    assert [c.kind for c in study.cells].count("finetune") == 3 * 6 * 2 * 3
-    assert [c.kind for c in study.cells].count("ssa") == 3 * 5 and [c.kind for c in study.cells].count("probe") == 18
+    kinds = [c.kind for c in study.cells]
+    assert kinds.count("finetune") == 3 * 4 * 2 * 3 and kinds.count("ssa") == 3 * 3 and kinds.count("probe") == 24
     assert study.cfg.seeds == [0, 1, 2] and study.cfg.probes == ["knn", "linear"]
     assert study.cfg.backbone.weights.endswith("shared/models/vit_tiny_p4_32_cifar10.safetensors")
-    for dataset in study.datasets:
+    apla = study_mod.TunerSpec("apla")
+    for dataset, epochs in zip(study.datasets, (26, 3, 3)):
         task = study._task(dataset)  # the data are there and split
-        assert len(task.splits["train"]) == 300 and task.splits["val"] and task.splits["test"]
-        ssa = study.adapt_sections(dataset, study_mod.TunerSpec("apla"))
+        assert len(task.splits["train"]) > 300 and task.splits["val"] and task.splits["test"]
+        ssa = study.adapt_sections(dataset, apla)
         assert (ssa["data"]["split"], ssa["data"]["val_split"]) == ("train", "val")
-        ft = study.finetune_sections(dataset, study_mod.TunerSpec("apla"), study_mod.TunerSpec("full"))
-        assert ft["data"]["max_train"] == 300 and "max_train" not in ssa["data"]["splits"]
+        assert ssa["optim"]["epochs"] == epochs and "max_train" not in ssa["data"]["splits"]
         assert ssa["data"]["max_images"] is None  # SSA: every unlabelled train image
+        # about 440 SSA steps on every task
+        assert 400 <= epochs * (len(task.splits["train"]) // study.cfg.batch_size) <= 460
+        for budget, max_train in ((300, 300), ("all", None)):
+            ft = study.finetune_sections(dataset, apla, apla, budget)
+            assert ft["data"]["max_train"] == max_train
+            assert study.probe_sections(dataset, apla, budget)["data"]["max_train"] == max_train
     brain = study._task(study.datasets[2])
     split_of = {r.path: name for name, records in brain.splits.items() for r in records}
     assert brain.duplicates.dropped

@@ -76,6 +76,38 @@ class SSAStageConfig(StageConfig):
     extra_data: list[str] = field(default_factory=list)  # more unlabelled image folders, added to every dataset's
 
 
+#: A label budget that keeps every labelled train image (``finetune.label_budgets: [300, all]``).
+ALL_LABELS = "all"
+
+
+@dataclass
+class FinetuneStageConfig(StageConfig):
+    """The fine-tuning stage. ``label_budgets``: one more axis of the grid, the number of labelled train images
+    that fine-tuning and the probes use (``data.max_train`` per budget; ``all`` or null: every one), e.g.
+    ``[300, all]``; every budget starts from the same SSA runs (SSA sees every unlabelled train image anyway).
+    Empty: no axis, ``data.max_train`` as the dataset gives it."""
+
+    label_budgets: list[int | str | None] = field(default_factory=list)
+
+    def validate(self) -> None:
+        for budget in self.label_budgets:
+            if not (budget is None or budget == ALL_LABELS or (isinstance(budget, int) and budget >= 1)):
+                raise ConfigError(f"finetune.label_budgets: {budget!r} is neither a number of labelled images "
+                                  f"(at least 1) nor {ALL_LABELS!r}")
+        names = [budget_label(b) for b in self.label_budgets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"finetune.label_budgets must be distinct, got {self.label_budgets}")
+
+    def budgets(self) -> list[int | str | None]:
+        """The budgets of the grid; ``[None]`` (the dataset's own ``data.max_train``) without the axis."""
+        return [ALL_LABELS if b is None else b for b in self.label_budgets] or [None]
+
+
+def budget_label(budget: int | str | None) -> str:
+    """``300`` -> ``"300 labels"``; ``"all"``/None -> ``"all labels"``."""
+    return "all labels" if budget in (None, ALL_LABELS) else f"{budget} labels"
+
+
 @dataclass
 class DatasetSpec:
     """A labelled task of the study. ``data``: essa.task.TaskDataConfig keys (root, max_train, duplicates...)."""
@@ -84,6 +116,11 @@ class DatasetSpec:
     data: dict[str, Any] = field(default_factory=dict)
     task: str | None = None  # None: what the data says
     metric: str | None = None  # None: the task's primary metric
+    ssa_epochs: int | None = None  # None: ssa.epochs (a small train split may need more epochs for its steps)
+
+    def validate(self) -> None:
+        if self.ssa_epochs is not None and self.ssa_epochs < 1:
+            raise ConfigError(f"datasets: {self.name}: ssa_epochs must be at least 1, got {self.ssa_epochs}")
 
 
 @dataclass
@@ -98,7 +135,8 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0])  # fine-tuning seeds
     ssa_seed: int = 0  # SSA runs once per dataset and SSA tuner
     ssa: SSAStageConfig = field(default_factory=lambda: SSAStageConfig(epochs=10, tuners=[NO_SSA, "full", "apla"]))
-    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, tuners=["full", "apla"]))
+    finetune: FinetuneStageConfig = field(default_factory=lambda: FinetuneStageConfig(epochs=20,
+                                                                                      tuners=["full", "apla"]))
     probes: list[str] = field(default_factory=lambda: list(PROBES))  # frozen features before and after SSA
     # Devices, strategy, precision and memory options of every SSA and fine-tuning cell (a stage's config.trainer
     # overrides them). Several devices or nodes run every cell in this process (Lightning starts the others).
@@ -233,21 +271,31 @@ class Study:
                      "splits": splits, "max_images": self.cfg.ssa.max_images, "extra": list(self.cfg.ssa.extra_data),
                      "num_workers": dataset.data.get("num_workers", TaskDataConfig.num_workers)},
             "ssl": {"global_size": self.cfg.img_size},
-            "optim": {"epochs": self.cfg.ssa.epochs, "batch_size": self.cfg.batch_size},
+            "optim": {"epochs": self.ssa_epochs(dataset), "batch_size": self.cfg.batch_size},
             "seed": self.cfg.ssa_seed, "out": str(self._ssa_dir(dataset, spec)),
         }
         return deep_merge(self._stage_config(self.cfg.ssa), own)
 
-    def _finetune_dir(self, dataset, ssa: TunerSpec, spec: TunerSpec) -> Path:
-        return self._dir(dataset, "finetune", f"{slug(ssa.label)}__{slug(spec.label)}")
+    def ssa_epochs(self, dataset: DatasetSpec) -> int:
+        return dataset.ssa_epochs or self.cfg.ssa.epochs
 
-    def finetune_sections(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec) -> dict:
+    def _finetune_dir(self, dataset, ssa: TunerSpec, spec: TunerSpec, budget=None) -> Path:
+        return self._dir(dataset, "finetune", f"{slug(ssa.label)}__{slug(spec.label)}" + _budget_suffix(budget))
+
+    @staticmethod
+    def _labelled(dataset: DatasetSpec, budget) -> dict:
+        """The dataset's data keys for fine-tuning and probes under a label budget (None: as the dataset says)."""
+        if budget is None:
+            return dataset.data
+        return {**dataset.data, "max_train": None if budget == ALL_LABELS else budget}
+
+    def finetune_sections(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec, budget=None) -> dict:
         own = {
             "backbone": self._backbone(dataset, ssa), "tuner": {"name": spec.name, "options": spec.options},
-            "data": dataset.data, "task": dataset.task, "metric": dataset.metric, "img_size": self.cfg.img_size,
+            "data": self._labelled(dataset, budget), "task": dataset.task, "metric": dataset.metric, "img_size": self.cfg.img_size,
             "optim": {"epochs": self.cfg.finetune.epochs, "batch_size": self.cfg.batch_size},
             "seeds": list(self.cfg.seeds),
-            "out": str(self._finetune_dir(dataset, ssa, spec)),
+            "out": str(self._finetune_dir(dataset, ssa, spec, budget)),
         }
         return deep_merge(self._stage_config(self.cfg.finetune), own)
 
@@ -263,11 +311,11 @@ class Study:
         return (trainer.devices not in (1, [0]) or trainer.num_nodes != 1
                 or int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
-    def probe_sections(self, dataset: DatasetSpec, ssa: TunerSpec) -> dict:
+    def probe_sections(self, dataset: DatasetSpec, ssa: TunerSpec, budget=None) -> dict:
         protocols = [p for p in self.cfg.probes if p != "knn" or self._task(dataset).task != "multilabel"]
-        return {"backbone": self._backbone(dataset, ssa), "data": dataset.data, "task": dataset.task,
-                "metric": dataset.metric, "protocols": protocols, "img_size": self.cfg.img_size,
-                "batch_size": self.cfg.batch_size, "out": str(self._probe_dir(dataset, ssa))}
+        return {"backbone": self._backbone(dataset, ssa), "data": self._labelled(dataset, budget),
+                "task": dataset.task, "metric": dataset.metric, "protocols": protocols, "img_size": self.cfg.img_size,
+                "batch_size": self.cfg.batch_size, "out": str(self._probe_dir(dataset, ssa, budget))}
 
     def _task(self, dataset: DatasetSpec):
         """The dataset's task (splits and all), loaded once."""
@@ -284,13 +332,17 @@ class Study:
         for ssa in self.cfg.ssa.specs():
             if ssa.name != NO_SSA:
                 ssa_cells[ssa.label] = self._ssa_cell(dataset, ssa)
+        budgets = self.cfg.finetune.budgets()
         if self.cfg.probes:
+            for budget in budgets:
+                for ssa in self.cfg.ssa.specs():
+                    self.cells.append(self._probe_cell(dataset, ssa, budget, ssa_cells.get(ssa.label)))
+        for budget in budgets:
             for ssa in self.cfg.ssa.specs():
-                self.cells.append(self._probe_cell(dataset, ssa, ssa_cells.get(ssa.label)))
-        for ssa in self.cfg.ssa.specs():
-            for spec in self.cfg.finetune.specs():
-                for seed in self.cfg.seeds:
-                    self.cells.append(self._finetune_cell(dataset, ssa, spec, seed, ssa_cells.get(ssa.label)))
+                for spec in self.cfg.finetune.specs():
+                    for seed in self.cfg.seeds:
+                        self.cells.append(self._finetune_cell(dataset, ssa, spec, budget, seed,
+                                                              ssa_cells.get(ssa.label)))
 
     def _ssa_cell(self, dataset, ssa: TunerSpec) -> Cell:
         path = self._ssa_dir(dataset, ssa)
@@ -310,21 +362,22 @@ class Study:
         self.cells.append(cell)
         return cell
 
-    def _probe_dir(self, dataset, ssa: TunerSpec) -> Path:
-        return self._dir(dataset, "probe", slug(_probe_backbone(ssa)))
+    def _probe_dir(self, dataset, ssa: TunerSpec, budget=None) -> Path:
+        return self._dir(dataset, "probe", slug(_probe_backbone(ssa)) + _budget_suffix(budget))
 
-    def _probe_cell(self, dataset, ssa: TunerSpec, needs: Cell | None) -> Cell:
-        path = self._probe_dir(dataset, ssa)
+    def _probe_cell(self, dataset, ssa: TunerSpec, budget, needs: Cell | None) -> Cell:
+        path = self._probe_dir(dataset, ssa, budget)
 
         def run():
             from essa.evaluate.run import evaluate
 
-            evaluate(**self.probe_sections(dataset, ssa))
+            evaluate(**self.probe_sections(dataset, ssa, budget))
 
         return Cell("probe", dataset, path, run, lambda: (path / "metrics.json").is_file(), needs)
 
-    def _finetune_cell(self, dataset, ssa: TunerSpec, spec: TunerSpec, seed: int, needs: Cell | None) -> Cell:
-        sections = self.finetune_sections(dataset, ssa, spec)
+    def _finetune_cell(self, dataset, ssa: TunerSpec, spec: TunerSpec, budget, seed: int,
+                       needs: Cell | None) -> Cell:
+        sections = self.finetune_sections(dataset, ssa, spec, budget)
         out = Path(sections["out"])
 
         def run():
@@ -414,7 +467,9 @@ class Study:
             "wall_seconds": sum(s.get("seconds") or 0.0 for s in state.values()),
             "budget": {"img_size": self.cfg.img_size, "batch_size": self.cfg.batch_size,
                        "ssa_epochs": self.cfg.ssa.epochs, "finetune_epochs": self.cfg.finetune.epochs,
-                       "seeds": list(self.cfg.seeds), "ssa_seed": self.cfg.ssa_seed},
+                       "seeds": list(self.cfg.seeds), "ssa_seed": self.cfg.ssa_seed,
+                       **({"label_budgets": [budget_label(b) for b in self.cfg.finetune.budgets()]}
+                          if self.cfg.finetune.label_budgets else {})},
             "notes": self._notes(),
             "datasets": [self._dataset_results(d, state) for d in self.datasets],
         }
@@ -432,9 +487,15 @@ class Study:
             "the same DINO head (see ssa/*/resources.json).",
         ]
         for d in self.datasets:
-            if d.data.get("max_train"):
+            if d.data.get("max_train") and not self.cfg.finetune.label_budgets:
                 notes.append(f"{d.name}: train split subsampled to {d.data['max_train']} images (seeded, "
                              "stratified); val and test whole.")
+            if d.ssa_epochs is not None:
+                notes.append(f"{d.name}: SSA for {d.ssa_epochs} epochs (ssa.epochs: {self.cfg.ssa.epochs}).")
+        if self.cfg.finetune.label_budgets:
+            notes.append("Label budgets: fine-tuning and probes use a seeded, stratified subsample of that many "
+                         "labelled train images (all labels: every one); SSA always sees every train image; val "
+                         "and test whole.")
         return notes + list(self.cfg.notes)
 
     def _dataset_results(self, dataset: DatasetSpec, state: dict) -> dict[str, Any]:
@@ -453,11 +514,13 @@ class Study:
                 rows = _read_json(ssa_dir / "metrics.json")
                 if rows:
                     curves[ssa.label] = rows
-            for row in _read_json(self._probe_dir(dataset, ssa) / "metrics.json") or []:
-                probes.append({"backbone": _probe_backbone(ssa), "ssa": ssa.label,
-                               "method": row["name"], "metrics": {k: v for k, v in row.items() if k != "name"}})
-            for spec in self.cfg.finetune.specs():
-                cells.append(self._cell_results(dataset, ssa, spec, state, ssa_resources))
+            for budget in self.cfg.finetune.budgets():
+                for row in _read_json(self._probe_dir(dataset, ssa, budget) / "metrics.json") or []:
+                    probes.append({"backbone": _probe_backbone(ssa), "ssa": ssa.label,
+                                   "method": row["name"] + _budget_suffix(budget, ", "),
+                                   "metrics": {k: v for k, v in row.items() if k != "name"}})
+                for spec in self.cfg.finetune.specs():
+                    cells.append(self._cell_results(dataset, ssa, spec, budget, state, ssa_resources))
         return {"name": dataset.name, "task": task.task, "primary_metric": task.primary,
                 "description": task.describe(), "cells": cells, "probes": probes, "ssa_curves": curves}
 
@@ -481,10 +544,10 @@ class Study:
             self._weight_changes[key] = (change / norm) ** 0.5 if norm else None
         return self._weight_changes[key]
 
-    def _cell_results(self, dataset, ssa, spec, state, ssa_resources) -> dict[str, Any]:
+    def _cell_results(self, dataset, ssa, spec, budget, state, ssa_resources) -> dict[str, Any]:
         from essa.evaluate.metrics import metric_names
 
-        out = self._finetune_dir(dataset, ssa, spec)
+        out = self._finetune_dir(dataset, ssa, spec, budget)
         seeds, tests, errors = {}, [], []
         for seed in self.cfg.seeds:
             rows = _read_json(out / f"seed_{seed}" / "metrics.json")
@@ -502,7 +565,7 @@ class Study:
         resources = None
         if tests:
             resources = {k: sum(r.get(k, float("nan")) for r in tests) / len(tests) for k in keys}
-        return {"ssa": ssa.label, "finetune": spec.label, "status": status, "error": "; ".join(errors) or None,
+        return {"ssa": ssa.label, "finetune": spec.label + _budget_suffix(budget, ", "), "status": status, "error": "; ".join(errors) or None,
                 "seeds": seeds, "ssa_resources": ssa_resources, "finetune_resources": resources}
 
     def report(self, state: dict) -> tuple[dict, dict]:
@@ -549,6 +612,14 @@ def _run_in_fresh_process(config: Path, cell_id: str) -> None:
     if process.exitcode != 0:
         message = errors.get(timeout=1) if not errors.empty() else f"exit code {process.exitcode}"
         raise CellError(message)
+
+
+def _budget_suffix(budget, separator: str = "__") -> str:
+    """What a label budget adds to a directory name (``__300_labels``) or a label (``, 300 labels``); nothing
+    without the axis (None)."""
+    if budget is None:
+        return ""
+    return separator + (slug(budget_label(budget)) if separator == "__" else budget_label(budget))
 
 
 def _write_json(path: Path, value) -> None:
