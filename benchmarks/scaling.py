@@ -11,7 +11,7 @@ Two tables:
    scaling, and what is missing is the cost of DDP (gradient all-reduce, gathered health checks, sharded kNN).
 2. Peak training memory of one process for full and APLA SSA: plain, with activation checkpointing
    (``trainer.grad_checkpointing``), and with gradient accumulation (``trainer.accumulate_grad_batches=2`` at half
-   the batch: the same optimisation step). Memory is ``essa.bench.MemoryMeter``'s (CPU: peak resident set size
+   the batch: the same optimisation step). Memory is ``essa.train.resources.MemoryMeter``'s (CPU: peak resident set size
    minus the size before the model was built).
 
 Random-weight backbones (no download); the DINO head has ``--prototypes`` prototypes. Each run trains ``--steps``

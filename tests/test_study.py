@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from essa import report as report_mod, study as study_mod
-from essa.cli import main
+from essa.commands import main, run as run_command
 from tests.conftest import REPO, SHARED
 
 BREAST = SHARED / "data" / "medmnist" / "breastmnist.npz"
@@ -183,7 +183,7 @@ def test_bad_study_configs_are_explained(tmp_path, changes, fragment):
 
 def _run_args(*argv):
     """The parsed ``essa run`` arguments of ``--config CONFIG *rest``."""
-    from essa.cli import build_parser
+    from essa.commands import build_parser
 
     return build_parser().parse_args(["run", "--config", *map(str, argv)])
 
@@ -193,7 +193,7 @@ def test_the_command_lists_cells_maps_scale_flags_and_explains_bad_input(tmp_pat
     assert main(["run", "--config", str(config), "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 7 and all(line.startswith("todo") for line in lines)
-    study = study_mod.Study(config, overrides=study_mod._overrides(_run_args(
+    study = study_mod.Study(config, overrides=run_command._overrides(_run_args(
         config, "--devices", "2", "--strategy", "ddp", "--accumulate-grad-batches", "2")))
     assert study.distributed  # several processes: every cell in this one, Lightning starts the others
     ssa = study.adapt_sections(study.datasets[0], study_mod.TunerSpec("apla"))

@@ -1,3 +1,3 @@
-from essa.cli import main
+from essa.commands import main
 
 raise SystemExit(main())

@@ -28,7 +28,7 @@ from torch import nn
 from essa import config as config_mod, tuners
 from essa.config import BackboneConfig, TrainerConfig, TunerConfig
 from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
-from essa.bench import MemoryMeter
+from essa.train.resources import MemoryMeter
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir
 from essa.train.trainer import build_trainer, full_weights, over_processes, prepare_backbones, shard, steps_per_epoch
 

@@ -20,6 +20,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from essa import export
+from essa.errors import EssaError
 
 # Keyword arguments that change the input resolution only: weights built for one value load into another by
 # resampling, so a file's header never contradicts them.
@@ -31,7 +32,7 @@ _HUB_PROBE_TIMEOUT_S = 3.0
 TOKEN_AVG_POOL = "token+avg"
 
 
-class BackboneError(ValueError):
+class BackboneError(EssaError, ValueError):
     """A backbone could not be built from what the user asked for."""
 
 

@@ -9,59 +9,18 @@ from model creation on; on CPU the peak resident set size minus the resident siz
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import importlib
 import json
-import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from essa.train.resources import MemoryMeter
+
 _RESULT_PREFIX = "ESSA_BENCH_RESULT "
-
-
-def restart_cpu_peak() -> None:
-    """Make the next peak resident memory of this process its own: free what earlier work left in the heap (glibc
-    keeps freed memory resident, where the next run would reuse it unseen), then restart the kernel's high-water
-    mark (Linux ``clear_refs``; it also resets ``ru_maxrss``, which MemoryMeter reads on CPU)."""
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except (OSError, AttributeError):  # not glibc, or not Linux: the peak then covers the process so far
-        pass
-
-
-class MemoryMeter:
-    """Peak training memory in MiB from construction on (see module docstring). ``restart``: on CPU, first
-    :func:`restart_cpu_peak`, for several runs in one process (each then measures its own peak)."""
-
-    def __init__(self, device: torch.device, restart: bool = False):
-        self.device = device
-        if restart and device.type == "cpu":
-            restart_cpu_peak()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self.base = torch.cuda.memory_allocated(device)
-        else:
-            import psutil
-
-            self.base = psutil.Process().memory_info().rss
-
-    def peak_mib(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        return (peak - self.base) / 2**20
 
 
 def _mib(tensors) -> float:

@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from essa.errors import EssaError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(EssaError, ValueError):
     """A config file or override that does not fit the config's schema."""
 
 

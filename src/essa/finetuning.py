@@ -61,7 +61,7 @@ import torch
 
 from essa import backbones, config as config_mod, data, tuners
 from essa.train.optim import default_lr
-from essa.bench import MemoryMeter
+from essa.train.resources import MemoryMeter
 from essa.config import BackboneConfig, ConfigError, TrainerConfig, TunerConfig
 from essa.evaluate import metrics
 from essa.evaluate.features import classifier_scores, forward_images

@@ -1,7 +1,7 @@
 import json
 import shutil
 
-from essa.cli import main
+from essa.commands import main
 
 from .conftest import write_image
 

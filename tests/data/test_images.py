@@ -76,6 +76,6 @@ def test_eval_tensor_is_imagenet_normalised(tmp_path):
 def test_dataset_stats_of_constant_images(tmp_path):
     write_image(tmp_path / "a" / "x.png", (51, 102, 204), mode="RGB")
     write_image(tmp_path / "b" / "y.png", (51, 102, 204), mode="RGB")
-    mean, std = data.transforms.dataset_stats(data.open_source(tmp_path), img_size=8)
+    mean, std = data.dataset.dataset_stats(data.open_source(tmp_path), img_size=8)
     assert mean == pytest.approx((0.2, 0.4, 0.8), abs=1e-6)
     assert std == pytest.approx((0, 0, 0), abs=1e-3)

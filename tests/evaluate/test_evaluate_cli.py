@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from essa import backbones, data, tuners
-from essa.cli import main
+from essa.commands import main
 from essa.evaluate.run import evaluate
 from tests.conftest import SHARED
 

@@ -2,13 +2,11 @@
 
 import copy
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,7 +14,7 @@ import torch
 import yaml
 
 from essa import backbones, tuners
-from essa.adaptation import AdaptConfig, adapt, build_loader, resolve_config
+from essa.adaptation import adapt, build_loader, resolve_config
 from essa.train.ssa import CollapseError, SSAModule
 from tests.conftest import SHARED
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from safetensors.torch import load_file
 
 from essa import config as config_mod
-from essa.cli import main
+from essa.commands import main
 from essa.config import ConfigError, TrainerConfig
 from essa.train import run_dir
 from essa.train.loader import EpochSampler, ResumableLoader
@@ -281,8 +281,9 @@ def test_bad_shards_and_settings_are_explained(capsys):
 
 def test_flags_set_the_trainer_section():
     from essa.adaptation import AdaptConfig
-    from essa.cli import build_parser
-    from essa.train.cli import ADAPT_FLAGS, config_path, overrides
+    from essa.commands import build_parser
+    from essa.commands.adapt import ADAPT_FLAGS
+    from essa.commands.common import config_path, overrides
 
     args = build_parser().parse_args(["adapt", "--data", "x", "--devices", "0,1", "--num-nodes", "2", "--strategy",
                                       "fsdp", "--accumulate-grad-batches", "4", "--grad-checkpointing",

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from essa import backbones, config as config_mod, data
-from essa.cli import main
+from essa.commands import main
 from essa.evaluate.run import evaluate
 from essa.finetuning import finetune, resolve_config
 from tests.conftest import SHARED

@@ -16,7 +16,8 @@ from essa.adaptation import resolve_config
 from essa.bench import SavedActivations
 from essa.ssl import block_masks, forward_masked
 from essa.ssl.teacher import make_teacher
-from essa.train.memory import _malloc_trim, recompute_frozen
+from essa.train.memory import recompute_frozen
+from essa.train.resources import malloc_trim
 from essa.train.ssa import SSAModule
 from tests.conftest import tiny_vit
 
@@ -213,11 +214,11 @@ def test_release_free_heap_returns_freed_pages():
     """In a fresh interpreter (the allocator's state is then known): 64 freed 4 MiB blocks below a live one stay
     resident until release_free_heap hands them back."""
     pytest.importorskip("psutil")
-    if _malloc_trim() is None:
+    if malloc_trim() is None:
         pytest.skip("not glibc: nothing to trim")
     script = """
 import psutil, torch
-from essa.train.memory import release_free_heap
+from essa.train.resources import release_free_heap
 big = torch.ones(16 * 2**20 // 4)  # 16 MiB: under glibc's 32 MiB ceiling of the dynamic threshold
 del big  # a freed mmapped block raises glibc's mmap threshold: the blocks below go to the heap
 blocks = [torch.ones(2**20) for _ in range(64)]

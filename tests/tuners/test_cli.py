@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from essa import backbones
-from essa.cli import main
+from essa.commands import main
 
 
 def test_tuners_table_counts_match_the_model(capsys):

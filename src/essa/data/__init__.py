@@ -34,9 +34,10 @@ API:
   ``summary()``); policy ``report`` / ``drop`` (keep the test copy, else val, else train) / ``error``.
 - ``ImageDataset(source, records=None, transform=None, cache=None)``: ``(tensor (3, S, S), label)``; label an
   int, a float multi-hot tensor (multi-label) or -1 (unlabelled); unreadable files skipped and listed in
-  ``report``. ``DiskCache(folder, size)``: decoded, downsized images on disk.
+  ``report``. ``DiskCache(folder, size)``: decoded, downsized images on disk. ``dataset.dataset_stats(source,
+  records)`` -> (mean, std) of the pixels, to normalise with instead of ImageNet's.
 - ``transforms``: ``eval_transform(img_size, mean, std)``, ``train_transform(img_size, mean, std, scale, hflip)``,
-  ``IMAGENET_MEAN``, ``IMAGENET_STD`` (the default normalisation), ``dataset_stats(source, records)`` -> (mean, std).
+  ``IMAGENET_MEAN``, ``IMAGENET_STD`` (the default normalisation).
 - ``dataset_card(path_or_config, *, scan=True, near=False, ...) -> dict`` and ``format_card(card)``: what
   ``essa data inspect PATH [--json]`` prints.
 - ``DataError`` (a ``ValueError``): bad input, with a message naming the file and what was expected.

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import torch
+from torchvision.transforms import v2
 
 from essa.data.cache import DiskCache
 from essa.data.records import DataError, Record
 from essa.data.source import Source
-from essa.data.transforms import eval_transform
+from essa.data.transforms import eval_transform, tensor_steps
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -81,3 +83,27 @@ class ImageDataset(torch.utils.data.Dataset):
         """``{"path", "reason"}`` for each record skipped so far, in record order."""
         failed = self._failed.nonzero().flatten().tolist()
         return [{"path": self.records[j].path, "reason": self._reason(j)} for j in failed]
+
+
+def dataset_stats(
+    source: Source, records: list[Record] | None = None, img_size: int = 224, max_images: int = 1000,
+    seed: int = 0, workers: int = 0,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel ``(mean, std)`` of pixel values in 0..1, over the eval view (resize + centre crop) of at most
+    ``max_images`` records (a seeded sample); unreadable records are skipped. Pass them to the transforms."""
+    records = list(source.records if records is None else records)
+    if len(records) > max_images:
+        records = random.Random(seed).sample(records, max_images)
+    plain = v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size), *tensor_steps()])
+    loader = torch.utils.data.DataLoader(ImageDataset(source, records, plain), batch_size=64, num_workers=workers)
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for batch, _ in loader:
+        pixels = batch.double().transpose(0, 1).reshape(3, -1)
+        total += pixels.sum(1)
+        squares += (pixels**2).sum(1)
+        count += pixels.shape[1]
+    mean = total / count
+    std = (squares / count - mean**2).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())

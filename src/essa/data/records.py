@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from essa.errors import EssaError
+
 # Canonical split names, and the folder names / CSV values that mean them (compared lower-cased).
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {
@@ -13,7 +15,7 @@ SPLIT_ALIASES = {
 }
 
 
-class DataError(ValueError):
+class DataError(EssaError, ValueError):
     """Input data that essa cannot use; the message names the file and what was expected."""
 
 

@@ -2,7 +2,7 @@
 
 Both transforms end in: ``ToImage`` -> float32 in 0..1 (``v / 255``) -> ``Normalize(mean, std)`` per channel, giving a
 (3, img_size, img_size) tensor. ``mean`` / ``std`` default to the ImageNet statistics, which foundation models were
-pretrained with; ``dataset_stats`` computes a dataset's own statistics to use instead.
+pretrained with; ``essa.data.dataset.dataset_stats`` computes a dataset's own statistics to use instead.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _to_tensor() -> list:
+def tensor_steps() -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
 
 
 def eval_transform(img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """Resize the shorter side to ``img_size``, centre-crop ``img_size`` square, normalise."""
     return v2.Compose([
-        v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size), *_to_tensor(), v2.Normalize(mean, std),
+        v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size), *tensor_steps(), v2.Normalize(mean, std),
     ])
 
 
@@ -39,32 +39,6 @@ def train_transform(
         v2.Resize(img_size, antialias=True),
         v2.RandomResizedCrop(img_size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(hflip),
-        *_to_tensor(),
+        *tensor_steps(),
         v2.Normalize(mean, std),
     ])
-
-
-def dataset_stats(
-    source: Source, records: list[Record] | None = None, img_size: int = 224, max_images: int = 1000,
-    seed: int = 0, workers: int = 0,
-) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Per-channel ``(mean, std)`` of pixel values in 0..1, over the eval view (resize + centre crop) of at most
-    ``max_images`` records (a seeded sample); unreadable records are skipped. Pass them to the transforms."""
-    from essa.data.dataset import ImageDataset  # dataset imports this module for its default transform
-
-    records = list(source.records if records is None else records)
-    if len(records) > max_images:
-        records = random.Random(seed).sample(records, max_images)
-    plain = v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size), *_to_tensor()])
-    loader = torch.utils.data.DataLoader(ImageDataset(source, records, plain), batch_size=64, num_workers=workers)
-    total = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    for batch, _ in loader:
-        pixels = batch.double().transpose(0, 1).reshape(3, -1)
-        total += pixels.sum(1)
-        squares += (pixels**2).sum(1)
-        count += pixels.shape[1]
-    mean = total / count
-    std = (squares / count - mean**2).clamp_min(0).sqrt()
-    return tuple(mean.tolist()), tuple(std.tolist())

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from essa.train.run_dir import check_trainable_state, drop_frozen
 from essa.train.optim import decay_groups
-from essa.train.timing import StepTiming
+from essa.train.resources import StepTiming
 from essa.train.trainer import module_full_weights
 
 

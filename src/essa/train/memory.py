@@ -28,9 +28,7 @@ memory of the backward pass.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -90,22 +88,6 @@ def _recomputing_forward(block: Block, x: torch.Tensor, **attn_kwargs) -> torch.
     else:
         hidden = _mlp_hidden(block, x)
     return x + block.drop_path2(block.ls2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))))
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
-        return None
-
-
-def release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere). The next allocations there
-    fault fresh pages in: about a millisecond per 10 MiB."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def recompute_frozen(backbone: nn.Module) -> list[str]:

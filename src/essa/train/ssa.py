@@ -16,10 +16,11 @@ from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.heads import HeadInputNorm
 from essa.ssl.collapse import CollapseWatch, head_stats
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
-from essa.train.memory import recompute_frozen, release_free_heap
+from essa.train.memory import recompute_frozen
+from essa.train.resources import release_free_heap
 from essa.train.optim import decay_groups, default_lr
 from essa.train.run_dir import check_trainable_state, drop_frozen
-from essa.train.timing import StepTiming
+from essa.train.resources import StepTiming
 from essa.train.trainer import module_full_weights
 
 

@@ -15,10 +15,12 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from essa.errors import EssaError
+
 REGISTRY: dict[str, type["Tuner"]] = {}
 
 
-class TunerError(ValueError):
+class TunerError(EssaError, ValueError):
     """Bad tuner name or options."""
 
 

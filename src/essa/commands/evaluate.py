@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from essa import config as config_mod
-from essa.train.cli import overrides
+from essa.commands.common import overrides
 
 
 def _names(text: str) -> list[str]:

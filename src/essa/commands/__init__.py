@@ -1,7 +1,8 @@
 """The ``essa`` command. Thin: it parses arguments and calls the library.
 
-Each subcommand lives in a module with ``add_parser(subparsers)``, which registers the subcommand and sets
-``func`` (called with the parsed arguments, returning an exit code).
+Each subcommand is a module of this package with ``add_parser(subparsers)``, which registers the subcommand and sets
+``func`` (called with the parsed arguments, returning an exit code). The modules import the library (torch, timm)
+only inside ``func``, so ``essa --help`` and ``essa COMMAND --help`` stay fast; the library holds no argparse.
 """
 
 from __future__ import annotations
@@ -12,18 +13,10 @@ import sys
 
 import essa
 
-# Modules that each contribute one subcommand.
-COMMANDS = (
-    "essa.tuners.cli",
-    "essa.data.cli",
-    "essa.train.cli",
-    "essa.evaluate.cli",
-    "essa.study",
-)
+from essa.errors import EssaError
 
-
-class UsageError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit code 2."""
+# Modules that each contribute one subcommand, in the order of ``essa --help``.
+COMMANDS = ("tuners", "data", "adapt", "finetune", "evaluate", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"essa {essa.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
-        importlib.import_module(module).add_parser(sub)
+        importlib.import_module(f"essa.commands.{module}").add_parser(sub)
     return parser
 
 
@@ -41,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as err:
+    except (EssaError, ValueError, FileNotFoundError) as err:
         print(f"essa {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -1,12 +1,10 @@
-"""``essa adapt`` and ``essa finetune``: the command-line faces of :func:`essa.adaptation.adapt` and
-:func:`essa.finetuning.finetune`."""
+"""What the commands share: flags that map to config keys, their parsing, and the run directory's saved config."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from essa import config as config_mod
 
 
 def add_common(p) -> None:
@@ -107,68 +105,3 @@ SCALE_FLAGS = {
     "accumulate_grad_batches": "trainer.accumulate_grad_batches", "grad_checkpointing": "trainer.grad_checkpointing",
     "compile": "trainer.compile",
 }
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("adapt", help="self-supervised adaptation (DINOv2 objective) with any tuner")
-    add_common(p)
-    add_scale_flags(p)
-    p.add_argument("--val", help="labelled image folder (one folder per class) for the kNN monitor")
-    p.set_defaults(func=run_adapt)
-
-    p = sub.add_parser("finetune", help="supervised adaptation of a (self-supervised adapted) backbone to a "
-                                        "labelled task, over seeds, with test metrics")
-    add_common(p)
-    add_scale_flags(p)
-    p.add_argument("--seeds", type=int_list, help="training seeds, e.g. 0,1,2 (one run directory each); "
-                                                  "--seed N is the same as --seeds N")
-    p.add_argument("--task", help="binary, multiclass, multilabel or ordinal (default: what the data says)")
-    p.add_argument("--metric", help="primary metric (default: auc for binary and multilabel, kappa for ordinal, "
-                                    "balanced_accuracy for multiclass)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 for full, 1e-3 for other tuners)")
-    p.set_defaults(func=run_finetune)
-
-
-ADAPT_FLAGS = {
-    "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "val": "data.val",
-    "tuner": "tuner.name", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
-    "img_size": "ssl.global_size", "seed": "seed", "out": "out", **SCALE_FLAGS,
-}
-
-
-def run_adapt(args) -> int:
-    from essa.adaptation import AdaptConfig, adapt
-    from essa.train.trainer import is_global_zero
-
-    cfg = config_mod.load(AdaptConfig, config_path(args), overrides=overrides(args, ADAPT_FLAGS))
-    result = adapt(cfg, resume=args.resume)
-    if not is_global_zero():  # a distributed run prints once
-        return 0
-    last = result["metrics"][-1] if result["metrics"] else {}
-    print(f"adapted backbone: {result['backbone']}")
-    print(f"tuner state:      {result['tuner']}")
-    if "knn_bal_acc" in last:
-        print(f"kNN balanced accuracy (last epoch): {last['knn_bal_acc']:.4f}")
-    return 0
-
-
-FINETUNE_FLAGS = {
-    "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "tuner": "tuner.name",
-    "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.lr", "img_size": "img_size",
-    "seeds": "seeds", "task": "task", "metric": "metric", "out": "out", **SCALE_FLAGS,
-}
-
-
-def run_finetune(args) -> int:
-    from essa.finetuning import FinetuneConfig, finetune
-    from essa.train.trainer import is_global_zero
-
-    if args.seed is not None and args.seeds is None:
-        args.seeds = [args.seed]
-    cfg = config_mod.load(FinetuneConfig, config_path(args), overrides=overrides(args, FINETUNE_FLAGS))
-    result = finetune(cfg, resume=args.resume)
-    if not is_global_zero():  # a distributed run prints once
-        return 0
-    print(result["table"])
-    print(f"run directory: {result['run_dir']} (summary.json, seed_N/metrics.json, seed_N/classifier.safetensors)")
-    return 0

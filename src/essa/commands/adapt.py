@@ -1,0 +1,37 @@
+"""``essa adapt``: the command-line face of :func:`essa.adaptation.adapt`."""
+
+from __future__ import annotations
+
+from essa import config as config_mod
+from essa.commands.common import SCALE_FLAGS, add_common, add_scale_flags, config_path, overrides
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("adapt", help="self-supervised adaptation (DINOv2 objective) with any tuner")
+    add_common(p)
+    add_scale_flags(p)
+    p.add_argument("--val", help="labelled image folder (one folder per class) for the kNN monitor")
+    p.set_defaults(func=run_adapt)
+
+
+ADAPT_FLAGS = {
+    "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "val": "data.val",
+    "tuner": "tuner.name", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
+    "img_size": "ssl.global_size", "seed": "seed", "out": "out", **SCALE_FLAGS,
+}
+
+
+def run_adapt(args) -> int:
+    from essa.adaptation import AdaptConfig, adapt
+    from essa.train.trainer import is_global_zero
+
+    cfg = config_mod.load(AdaptConfig, config_path(args), overrides=overrides(args, ADAPT_FLAGS))
+    result = adapt(cfg, resume=args.resume)
+    if not is_global_zero():  # a distributed run prints once
+        return 0
+    last = result["metrics"][-1] if result["metrics"] else {}
+    print(f"adapted backbone: {result['backbone']}")
+    print(f"tuner state:      {result['tuner']}")
+    if "knn_bal_acc" in last:
+        print(f"kNN balanced accuracy (last epoch): {last['knn_bal_acc']:.4f}")
+    return 0

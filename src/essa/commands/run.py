@@ -1,0 +1,58 @@
+"""``essa run``: the command-line face of :class:`essa.study.Study`."""
+
+from __future__ import annotations
+
+from essa.commands.common import SCALE_FLAGS, add_scale_flags, int_list
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="a whole study: datasets x SSA tuner x fine-tuning tuner x seeds, with a report")
+    p.add_argument("--config", required=True, help="study YAML, e.g. examples/quickstart.yaml")
+    p.add_argument("--backbone", help="timm ViT name (overrides backbone.name)")
+    p.add_argument("--weights", help="local backbone weights instead of the pretrained ones, e.g. "
+                                     "../shared/models/vit_tiny_p4_32_cifar10.safetensors")
+    p.add_argument("--data", help="data.root of every dataset that names none (a folder, .csv or .npz); it "
+                                  "replaces the source, so the config's source options (data.options) are dropped")
+    p.add_argument("--seeds", type=int_list, help="fine-tuning seeds, e.g. 0,1,2")
+    p.add_argument("--out", help="study directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any study config key, repeatable, e.g. --set img_size=64 --set ssa.epochs=2")
+    p.add_argument("--list", action="store_true", help="list the cells and whether each is done, then exit")
+    add_scale_flags(p)
+    p.set_defaults(func=run_command)
+
+
+def _overrides(args) -> list[str]:
+    out = []
+    if args.backbone:
+        out.append(f"backbone.name={args.backbone}")
+    if args.weights:
+        out += [f"backbone.weights={args.weights}", "backbone.pretrained=false"]
+        if not args.backbone:
+            out.append("backbone.name=null")  # the weights file's header names the architecture
+    if args.data:
+        out += [f"data.root={args.data}", "data.options={}"]
+    if args.seeds:
+        out.append(f"seeds={args.seeds}")
+    if args.out:
+        out.append(f"out={args.out}")
+    out += [f"{key}={getattr(args, attr)}" for attr, key in SCALE_FLAGS.items() if getattr(args, attr) is not None]
+    return out + list(args.set)
+
+
+def run_command(args) -> int:
+    from essa.report import verdict
+    from essa.study import Study
+
+    study = Study(args.config, overrides=_overrides(args))
+    if args.list:
+        for cell in study.cells:
+            print(f"{'done' if cell.done() else 'todo'}  {cell.kind:8s} {cell.id}")
+        return 0
+    result = study.run()
+    for dataset in result["results"]["datasets"]:
+        print(f"\n{dataset['name']}:")
+        for line in verdict(dataset):
+            print(f"  {line}")
+    print(f"\nreport: {result['markdown']} and {result['html']}")
+    return 0
