@@ -115,3 +115,15 @@ def test_the_command_parser_imports_no_torch():
             "print(sorted(m for m in ('torch', 'timm', 'peft', 'lightning') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_import_essa_is_light_and_its_submodules_load_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, essa; light = 'torch' not in sys.modules; "
+            "model = essa.backbones.create('vit_tiny_patch16_224', pretrained=False, img_size=16, patch_size=8, "
+            "depth=1); print(light, type(model).__name__, callable(essa.tuners.apply), "
+            "hasattr(essa, 'nonsense'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "VisionTransformer", "True", "False"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from essa import export
@@ -69,13 +70,8 @@ def vit_names(pretrained: bool = False) -> list[str]:
     return timm.list_models(module="vision_transformer", pretrained=pretrained)
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    arch, _, tag = name.partition(".")
-    return arch, tag
-
-
 def _check_name(name: str) -> None:
-    arch, tag = _split_name(name)
+    arch, tag = split_model_name_tag(name)
     archs = vit_names()
     if arch not in archs:
         close = difflib.get_close_matches(arch, archs, n=5, cutoff=0.5)
@@ -122,7 +118,7 @@ def _offline_message(name: str, err: Exception) -> str:
     return (
         f"could not get the pretrained weights of {name!r}: the Hugging Face Hub is unreachable and they are not "
         f"in the local cache ({type(err).__name__}). Use a local weights file instead: "
-        f"essa.backbones.create({_split_name(name)[0]!r}, weights='path/to/weights.safetensors') in Python, or "
+        f"essa.backbones.create({split_model_name_tag(name)[0]!r}, weights='path/to/weights.safetensors') in Python, or "
         "`--set backbone.weights=path/to/weights.safetensors` on the command line (safetensors, or a PyTorch "
         "state dict loadable with weights_only=True). On a machine with internet, download once with "
         f"timm.create_model({name!r}, pretrained=True) and copy ~/.cache/huggingface, or set HF_HUB_OFFLINE=1 "
@@ -171,7 +167,7 @@ def _resolve_arch(
             f"{str(path)!r} does not say which architecture it holds (no timm_name in its header); "
             "name it, e.g. essa.backbones.create('vit_small_patch14_dinov2', weights=...)"
         )
-    if name is not None and head_name is not None and _split_name(name)[0] != _split_name(head_name)[0]:
+    if name is not None and head_name is not None and split_model_name_tag(name)[0] != split_model_name_tag(head_name)[0]:
         raise BackboneError(
             f"backbone name {name!r} contradicts the header of {str(path)!r}, which says timm_name="
             f"{head_name!r}; leave the name out or give the matching one"
@@ -240,13 +236,13 @@ def create(
             except OSError as err:  # huggingface_hub's "neither reachable nor cached" errors are OSErrors
                 raise BackboneError(_offline_message(name, err)) from err
     else:
-        model = timm.create_model(_split_name(name)[0], pretrained=False, num_classes=num_classes, **timm_kwargs)
+        model = timm.create_model(split_model_name_tag(name)[0], pretrained=False, num_classes=num_classes, **timm_kwargs)
     if not isinstance(model, VisionTransformer):
         raise BackboneError(f"{name!r} built a {type(model).__name__}, not a timm VisionTransformer")
     if token_avg:
         model = _token_avg(model, num_classes)
 
-    model.essa_arch = {"timm_name": _split_name(name)[0],
+    model.essa_arch = {"timm_name": split_model_name_tag(name)[0],
                        "model_args": {**kwargs, "num_classes": num_classes} if num_classes else dict(kwargs)}
     if state_dict is not None:
         _load_into(model, state_dict, meta, Path(weights))

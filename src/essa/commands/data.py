@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    from essa.data.inspect import dataset_card, format_card
+    from essa.data.card import dataset_card, format_card
 
     options = dict(_option(o) for o in args.option)
     card = dataset_card(args.path, scan=not args.no_scan, near=args.near, threshold=args.threshold,

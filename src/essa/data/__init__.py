@@ -51,7 +51,7 @@ from essa.data.dataset import ImageDataset
 from essa.data.dispatch import open_source
 from essa.data.duplicates import DuplicateGroup, DuplicateReport, find_duplicates
 from essa.data.files import Decode
-from essa.data.inspect import dataset_card, format_card
+from essa.data.card import dataset_card, format_card
 from essa.data.records import DataError, Record
 from essa.data.source import CombinedSource, Source
 from essa.data.splits import split, subsample
