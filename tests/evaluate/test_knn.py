@@ -32,3 +32,21 @@ def test_k_is_clipped_and_bad_input_is_explained():
         knn_scores(bank, labels, k=0)
     with pytest.raises(ValueError, match=r"bank must be \(N, D\)"):
         knn_scores(bank, labels[:3])
+
+
+def test_balanced_votes_divide_each_class_by_its_share_of_the_bank():
+    # 6 of class 0 near (1, 0), 2 of class 1 near (0.8, 0.6): a query at (0.8, 0.6) sees 4 neighbours
+    bank = torch.tensor([[1.0, 0.0]] * 6 + [[0.8, 0.6]] * 2)
+    labels = torch.tensor([0] * 6 + [1] * 2)
+    query = torch.tensor([[0.8, 0.6]])
+    plain = knn_scores(bank, labels, query, k=8, temperature=1.0)
+    balanced = knn_scores(bank, labels, query, k=8, temperature=1.0, balanced=True)
+    w0, w1 = math.exp(0.8), math.exp(1.0)
+    assert torch.allclose(plain, torch.tensor([[6 * w0, 2 * w1]]) / (6 * w0 + 2 * w1), atol=1e-6)
+    assert plain.argmax().item() == 0  # the majority outvotes the closer minority
+    assert torch.allclose(balanced, torch.tensor([[w0, w1]]) / (w0 + w1), atol=1e-6)  # 6 w0 / 6 vs 2 w1 / 2
+    assert balanced.argmax().item() == 1
+    # a balanced bank: the same scores either way; a class absent from the bank gets no votes
+    even = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    assert torch.allclose(knn_scores(bank, even, query, k=8), knn_scores(bank, even, query, k=8, balanced=True))
+    assert knn_scores(bank, labels, query, k=8, num_classes=3, balanced=True)[0, 2] == 0

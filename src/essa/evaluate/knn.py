@@ -1,7 +1,9 @@
 """Weighted k-nearest-neighbour classification on cosine similarity (as in DINO's kNN monitor).
 
 Each of the ``k`` most similar bank features votes for its class with weight ``exp(similarity / temperature)``;
-the class scores are the normalised vote sums.
+the class scores are the normalised vote sums. ``balanced``: each class's votes are divided by its share of the bank
+first, so that a class holding most of the bank does not win every vote by its numbers alone (on nearly parallel
+features an imbalanced bank otherwise predicts its majority class for every query).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ def knn_scores(
     k: int = 200,
     temperature: float = 0.1,
     num_classes: int | None = None,
+    balanced: bool = False,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Class scores of each query.
@@ -26,6 +29,7 @@ def knn_scores(
         bank: (N, D) features with labels ``bank_labels`` (N,) in 0..C-1.
         queries: (Q, D) features; None means leave-one-out on the bank (each bank item is classified by the others).
         k: neighbours (clipped to the number available).
+        balanced: divide each class's votes by its count in the bank (a class absent from the bank gets none).
     Returns:
         (Q, C) scores that sum to 1 per row.
     """
@@ -41,6 +45,9 @@ def knn_scores(
     if k <= 0:
         raise ValueError("kNN needs at least two bank items for leave-one-out")
     one_hot = F.one_hot(bank_labels.long(), num_classes).float()
+    if balanced:
+        counts = one_hot.sum(0)
+        one_hot = one_hot / counts.clamp(min=1) * counts.sum() / (counts > 0).sum()
     out = []
     for start in range(0, queries.shape[0], chunk):
         sim = queries[start : start + chunk] @ bank.T  # (q, N)
