@@ -254,6 +254,30 @@ def test_verdict_known_cases():
     assert "single seed: no noise estimate" in derm[1] and "+0.0500" in derm[1]
 
 
+def test_the_verdict_reads_each_cells_tuner_not_its_label():
+    """A cell's SSA tuner is its recorded ``ssa_tuner`` name: custom labels stay in the no-SSA and APLA-vs-full
+    comparisons, and a label that merely starts with a tuner's name is not taken for it."""
+    def tuned(label, name, values, ssa_res=None):
+        return {**cell(label, "full", seeds("auc", values), ssa_res=ssa_res),
+                "ssa_tuner": {"name": name, "options": {}}, "finetune_tuner": {"name": "full", "options": {}}}
+
+    cells = [tuned("foundation", "none", [0.80, 0.81, 0.82]),
+             tuned("cheap adapter", "apla", [0.90, 0.91, 0.92], ssa_res=APLA_SSA),
+             tuned("everything", "full", [0.85, 0.86, 0.87], ssa_res=FULL_SSA),
+             tuned("apla baseline", "lora", [0.70, 0.71, 0.72])]
+    lines = verdict({"name": "d", "primary_metric": "auc", "cells": cells})
+    assert lines[1].startswith("Fine-tuning full: best SSA cell (cheap adapter) 0.9100 (n=3) vs no SSA 0.8100 (n=3)")
+    apla_vs_full = [line for line in lines if "vs SSA everything" in line]
+    assert len(apla_vs_full) == 1  # the LoRA cell labelled "apla baseline" is not an APLA cell
+    assert apla_vs_full[0].startswith("Fine-tuning full: SSA cheap adapter vs SSA everything: auc +0.0500")
+    assert f"SSA peak memory ×{1100 / 1765:.2f}" in apla_vs_full[0]
+    # without ssa_tuner (results written before the study recorded it) the labels are read: none says "none" or
+    # starts with "full", so neither comparison is made
+    old = [{k: v for k, v in c.items() if k not in ("ssa_tuner", "finetune_tuner")} for c in cells]
+    lines = verdict({"name": "d", "primary_metric": "auc", "cells": old})
+    assert "no SSA comparison yet" in lines[1] and not any("vs SSA" in line for line in lines)
+
+
 def test_verdict_without_finished_cells():
     dataset = {"name": "d", "primary_metric": "auc", "cells": [cell("none", "full", {}, status="pending")]}
     assert verdict(dataset) == ["No cell has a finished seed with a auc value yet."]
@@ -301,7 +325,7 @@ def test_interrupted_call_keeps_previous_report(tmp_path, monkeypatch):
         path.write_bytes(b"half a png")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("essa.report.accuracy_vs_memory_png", fail)
+    monkeypatch.setattr("essa.report.figures.accuracy_vs_memory_png", fail)
     results["datasets"][0]["cells"][9].update(status="done", seeds=seeds("auc", [0.99]))
     with pytest.raises(KeyboardInterrupt):
         write_report(results, tmp_path)

@@ -158,6 +158,10 @@ def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):
         ("none", "apla, 40 labels", "pending"), ("none", "apla, all labels", "pending"),
         ("apla r=16", "apla, 40 labels", "done"), ("apla r=16", "apla, all labels", "done")]
     assert results["cells"][3]["seeds"] == {"0": {"auc": 0.5 + 10 / 100}}
+    # beside each label, the tuners it names (the report reads the tuner there, not from the label)
+    assert [(c["ssa_tuner"], c["finetune_tuner"]) for c in results["cells"][1:3]] == [
+        ({"name": "none", "options": {}}, {"name": "apla", "options": {}}),
+        ({"name": "apla", "options": {"r": 16}}, {"name": "apla", "options": {}})]
     assert [p["method"] for p in results["probes"]] == ["linear, 40 labels", "linear, all labels"]
     assert study.results({})["budget"]["label_budgets"] == ["40 labels", "all labels"]
     verdict = report_mod.verdict(results)
@@ -217,7 +221,7 @@ def test_the_offline_study_example_is_the_promised_grid_on_shared_data(monkeypat
     assert study.cfg.backbone.weights.endswith("shared/models/vit_tiny_p4_32_cifar10.safetensors")
     apla = study_mod.TunerSpec("apla")
     for dataset, epochs in zip(study.datasets, (26, 3, 3)):
-        task = study._task(dataset)  # the data are there and split
+        task = study.task_of(dataset)  # the data are there and split
         assert len(task.splits["train"]) > 300 and task.splits["val"] and task.splits["test"]
         ssa = study.adapt_sections(dataset, apla)
         assert (ssa["data"]["split"], ssa["data"]["val_split"]) == ("train", "val")
@@ -229,7 +233,7 @@ def test_the_offline_study_example_is_the_promised_grid_on_shared_data(monkeypat
             ft = study.finetune_sections(dataset, apla, apla, budget)
             assert ft["data"]["max_train"] == max_train
             assert study.probe_sections(dataset, apla, budget)["data"]["max_train"] == max_train
-    brain = study._task(study.datasets[2])
+    brain = study.task_of(study.datasets[2])
     split_of = {r.path: name for name, records in brain.splits.items() for r in records}
     assert brain.duplicates.dropped
     for group in brain.duplicates.groups:  # no image left in two splits
@@ -253,12 +257,12 @@ def test_weight_change_measures_how_far_an_export_moved_from_the_foundation_mode
     backbone = {"name": None, "weights": str(tmp_path / "foundation.safetensors"), "pretrained": False}
     study = study_mod.Study(_write(tmp_path, backbone=backbone))
     norm = sum(float(v.float().square().sum()) for k, v in weights.items() if not k.startswith("head"))
-    assert study._weight_change(tmp_path / "foundation.safetensors") == 0.0
-    assert study._weight_change(tmp_path / "moved.safetensors") == pytest.approx(
+    assert study.weight_change(tmp_path / "foundation.safetensors") == 0.0
+    assert study.weight_change(tmp_path / "moved.safetensors") == pytest.approx(
         float(delta.square().sum()) ** 0.5 / norm ** 0.5, rel=1e-5)
-    assert study._weight_change(tmp_path / "missing.safetensors") is None
+    assert study.weight_change(tmp_path / "missing.safetensors") is None
     random_start = study_mod.Study(_write(tmp_path))  # TINY: random weights, no fixed starting point
-    assert random_start._weight_change(tmp_path / "moved.safetensors") is None
+    assert random_start.weight_change(tmp_path / "moved.safetensors") is None
 
 
 def test_the_quickstart_and_paper_examples_parse_into_their_grids():

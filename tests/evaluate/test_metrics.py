@@ -173,8 +173,18 @@ def test_summarise_seeds_and_format():
     assert summary["auc"]["mean"] == pytest.approx(0.82)
     assert summary["auc"]["std"] == pytest.approx(0.02)  # sample std: sqrt((0.02^2 + 0 + 0.02^2) / 2)
     assert summary["auc"]["n"] == 3
-    assert summary["kappa"] == {"mean": 0.5, "std": 0.0, "n": 1}  # NaN and missing seeds are left out
-    assert metrics.format_mean_std(0.8123, 0.0131, 3) == "0.812 ± 0.013 (n=3)"
+    # a NaN seed is counted and shows as a NaN mean (a broken seed must not vanish); a missing one is not counted
+    assert math.isnan(summary["kappa"]["mean"]) and math.isnan(summary["kappa"]["std"]) and summary["kappa"]["n"] == 2
+    assert metrics.summarise_seeds([{"auc": 0.8}, {"kappa": 0.5}])["kappa"] == pytest.approx(
+        {"mean": 0.5, "std": math.nan, "n": 1}, nan_ok=True)
+    assert metrics.format_summary(metrics.Summary(0.8123, 0.0131, 3)) == "0.8123 ± 0.0131 (n=3)"
+    assert metrics.format_summary(metrics.Summary(0.8123, 0.0131, 3), digits=3) == "0.812 ± 0.013 (n=3)"
+    assert metrics.format_summary(metrics.Summary(0.8123, 0.0131, 3), with_n=False) == "0.8123 ± 0.0131"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one seed has no spread to estimate, and that is not an error
-        assert metrics.summarise_seeds([{"auc": 0.9}])["auc"]["std"] == 0.0
+        one = metrics.summarise_seeds([{"auc": 0.9}])["auc"]
+        assert one["mean"] == 0.9 and math.isnan(one["std"]) and one["n"] == 1
+        assert metrics.format_summary(metrics.Summary(**one)) == "0.9000 (n=1)"  # no std for one seed
+    assert metrics.seed_summary([0.9, None]).n == 2 and math.isnan(metrics.seed_summary([0.9, None]).mean)
+    assert metrics.seed_summary([]) == pytest.approx((math.nan, math.nan, 0), nan_ok=True)
+    assert metrics.format_summary(metrics.seed_summary([])) == "–"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from essa import io
 from essa.data.records import Record
 from essa.data.source import Source
 
@@ -41,9 +41,6 @@ class DiskCache:
         image = source.load(record)
         if min(image.size) > self.size:
             image = F.resize(image, self.size, antialias=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        with open(partial, "wb") as handle:
+        with io.replacing(path) as partial, open(partial, "wb") as handle:
             np.save(handle, np.asarray(image))
-        os.replace(partial, path)
         return image

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import sklearn
@@ -328,24 +329,45 @@ def compute_with_ci(
     return out
 
 
-def summarise_seeds(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean, sample standard deviation (ddof=1; 0 for one seed) and count of each metric over runs with different seeds.
+class Summary(NamedTuple):
+    """Mean, std (ddof=1; NaN below two seeds) and number of seeds of one metric."""
 
-    ``rows``: one metrics dict per seed. A metric missing or NaN in a row (e.g. an undefined AUC) is left out of
-    that metric's statistics, so its ``n`` says how many seeds it rests on.
+    mean: float
+    std: float
+    n: int
+
+
+def seed_summary(values: Iterable[float | None]) -> Summary:
+    """The one seed statistic of essa (``essa finetune``'s summary, ``essa evaluate``'s, the study report's): mean,
+    sample standard deviation (ddof=1; NaN below two seeds: one seed has no spread to estimate) and count of
+    ``values``, one per seed. A NaN (or None, JSON null) value makes the mean NaN: a broken seed should show, not
+    vanish from the mean. No values: ``Summary(nan, nan, 0)``."""
+    vals = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+    if len(vals) == 0:
+        return Summary(math.nan, math.nan, 0)
+    std = float(vals.std(ddof=1)) if len(vals) >= 2 else math.nan
+    return Summary(float(vals.mean()), std, len(vals))
+
+
+def summarise_seeds(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """:func:`seed_summary` of each metric over runs with different seeds.
+
+    ``rows``: one metrics dict per seed. A row lacking a metric is not counted for it (its ``n`` says how many seeds
+    it rests on); a NaN value is counted, and makes that metric's mean NaN.
     Returns: metric -> {"mean", "std", "n"}.
     """
     if not rows:
         raise ValueError("summarise_seeds needs at least one row of metrics")
     names = list(dict.fromkeys(name for row in rows for name in row))
-    out = {}
-    for name in names:
-        vals = np.array([row[name] for row in rows if name in row and not math.isnan(row[name])], dtype=np.float64)
-        std = float(vals.std(ddof=1)) if len(vals) > 1 else (0.0 if len(vals) else math.nan)
-        out[name] = {"mean": float(vals.mean()) if len(vals) else math.nan, "std": std, "n": len(vals)}
-    return out
+    return {name: seed_summary(row[name] for row in rows if name in row)._asdict() for name in names}
 
 
-def format_mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
-    """``"0.812 ± 0.013 (n=3)"``: every printed number carries its spread and seed count."""
-    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
+def format_summary(summary: Summary, digits: int = 4, with_n: bool = True) -> str:
+    """``"0.8123 ± 0.0131 (n=3)"``: every printed number carries its spread and seed count; the std only when it is
+    defined (two seeds or more: ``"0.8123 (n=1)"``); ``"–"`` without a seed."""
+    if summary.n == 0:
+        return "–"
+    text = f"{summary.mean:.{digits}f}"
+    if summary.n >= 2:
+        text += f" ± {summary.std:.{digits}f}"
+    return f"{text} (n={summary.n})" if with_n else text

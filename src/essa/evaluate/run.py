@@ -25,7 +25,6 @@ with several classifiers, ``summary.json`` / ``summary.csv`` (mean ± std over t
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from essa import backbones, config as config_mod
+from essa import backbones, config as config_mod, io
 from essa.config import BackboneConfig, ConfigError
 from essa.evaluate import metrics
 from essa.evaluate.features import Outputs, cached_cls_features, classifier_scores
@@ -63,8 +62,7 @@ def write_predictions(path: Path, task: Task, outputs: Outputs) -> Path:
         truth, predicted = [join(row) for row in labels], [join(row) for row in scores >= metrics.THRESHOLD]
     else:
         truth, predicted = labels.tolist(), scores.argmax(1).tolist()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with io.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "predicted", *(f"score:{c}" for c in task.classes)])
         for record, y, p, row in zip(outputs.records, truth, predicted, scores):
@@ -88,15 +86,16 @@ def report_predictions(task: Task, outputs: Outputs, out_dir: Path, name: str, *
 
 
 def summarise(rows: dict[str, dict[str, float]], names: list[str]) -> dict[str, Any]:
-    """Mean, std (ddof=1) and count over runs (``rows``: run name -> metrics) of each metric in ``names``."""
+    """Mean, std (ddof=1; NaN for one run) and count over runs (``rows``: run name -> metrics) of each metric in
+    ``names`` (:func:`essa.evaluate.metrics.seed_summary`: a NaN run makes the mean NaN)."""
     stats = metrics.summarise_seeds([{k: row[k] for k in names if k in row} for row in rows.values()])
     return {"runs": list(rows), "metrics": stats}
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """``summary.json`` and ``summary.csv`` (metric, mean, std, n) in ``out``."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    with open(out / "summary.csv", "w", newline="") as f:
+    io.write_json(out / "summary.json", summary)
+    with io.replacing(out / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["metric", "mean", "std", "n"])
         for metric, s in summary["metrics"].items():
@@ -104,12 +103,14 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 
 def _digits(metric: str) -> int:
+    """Decimals of the command's tables: 3 for metrics (the study report prints 4; the README quotes these tables as
+    printed), 1 for resources."""
     return 1 if metric in RESOURCES else 3
 
 
 def mean_std_column(summary: dict[str, Any]) -> dict[str, str]:
-    """Table cells ``mean ± std (n=...)`` of a :func:`summarise` result."""
-    return {m: metrics.format_mean_std(s["mean"], s["std"], s["n"], _digits(m)) for m, s in summary["metrics"].items()}
+    """Table cells ``mean ± std (n=...)`` of a :func:`summarise` result (``mean (n=1)`` for one run)."""
+    return {m: metrics.format_summary(metrics.Summary(**s), _digits(m)) for m, s in summary["metrics"].items()}
 
 
 def ci_column(values: dict[str, float], names: list[str]) -> dict[str, str]:

@@ -1,0 +1,145 @@
+"""The tables of a report: the study's header and summary, and per dataset its test metrics, resources and
+frozen-feature probes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from essa.evaluate.metrics import format_summary
+from essa.report.document import Block, Bullets, Heading, Table
+from essa.report.formatting import (
+    MISSING,
+    ONE_CLASS_MARK,
+    ONE_CLASS_RULE,
+    format_duration,
+    format_resource,
+    format_value,
+    one_class_note,
+    status_text,
+)
+from essa.report.stats import best, cell_summary, finished, metric_names, number, one_class_seeds
+
+STATUSES = ("done", "partial", "pending", "failed")
+
+
+def header_blocks(results: dict) -> list[Block]:
+    """Title, backbone, wall time, cell counts, budget and notes of the study."""
+    cells = [cell for dataset in results["datasets"] for cell in dataset["cells"]]
+    counts = {status: 0 for status in STATUSES}
+    for cell in cells:
+        status = str(cell.get("status") or "pending")
+        counts[status] = counts.get(status, 0) + 1
+    count_text = ", ".join(f"{n} {status}" for status, n in counts.items())
+    blocks: list[Block] = [
+        Heading(f"Study report: {results.get('name', MISSING)}", 1),
+        Bullets([f"Backbone: {results.get('backbone', MISSING)}",
+                 f"Total wall time: {format_duration(results.get('wall_seconds'))}",
+                 f"Cells: {count_text} (of {len(cells)})"]),
+    ]
+    budget = results.get("budget") or {}
+    if budget:
+        blocks += [Heading("Budget", 2), Bullets([f"{key}: {format_value(value)}" for key, value in budget.items()])]
+    notes = results.get("notes") or []
+    if notes:
+        blocks += [Heading("Notes", 2), Bullets([str(note) for note in notes])]
+    return blocks
+
+
+def summary_tables(results: dict) -> list[Table]:
+    """The study on one screen: per dataset and SSA tuner, the primary metric of each fine-tuning tuner, the
+    frozen-feature probes and the SSA resources; then the fine-tuning resources per dataset and tuner."""
+    finetunes = list(dict.fromkeys(str(c["finetune"]) for d in results["datasets"] for c in d["cells"]))
+    methods = list(dict.fromkeys(str(p.get("method")) for d in results["datasets"] for p in d.get("probes") or []))
+    keys = ("trainable_params", "peak_memory_mib", "images_per_s")
+    rows, bold, resource_rows = [], set(), []
+    for dataset in results["datasets"]:
+        metric, cells = dataset["primary_metric"], dataset["cells"]
+        top = best(cells, metric, healthy=True)
+        probes = {(str(p.get("ssa")), str(p.get("method"))): (p.get("metrics") or {}).get(metric)
+                  for p in dataset.get("probes") or []}
+        for ssa in dict.fromkeys(str(c["ssa"]) for c in cells):
+            row = [str(dataset["name"]), metric, ssa]
+            ssa_resources = {}
+            for finetune in finetunes:
+                cell = next((c for c in cells if str(c["ssa"]) == ssa and str(c["finetune"]) == finetune), None)
+                row.append(MISSING if cell is None else
+                           format_summary(cell_summary(cell, metric), with_n=True) + one_class_note(cell))
+                ssa_resources = ssa_resources or (cell or {}).get("ssa_resources") or {}
+                if top is not None and cell is top[0]:
+                    bold.add((len(rows), len(row) - 1))
+            row += [MISSING if probes.get((ssa, m)) is None else f"{number(probes[(ssa, m)]):.4f}" for m in methods]
+            row += [format_resource(key, ssa_resources.get(key)) for key in (*keys, "weight_change")]
+            rows.append(row)
+        for finetune in dict.fromkeys(str(c["finetune"]) for c in cells):
+            measured = [c.get("finetune_resources") or {} for c in cells if str(c["finetune"]) == finetune]
+            resource_rows.append([str(dataset["name"]), finetune, *(
+                format_resource(key, float(np.mean(values)) if values else None)
+                for key in keys for values in [[r[key] for r in measured if r.get(key) is not None]])])
+    header = ["task", "metric", "SSA", *(f"FT {f}" for f in finetunes), *(f"{m} probe" for m in methods),
+              "SSA params", "SSA peak MiB", "SSA images/s", "SSA weight change"]
+    note = ("Test split. FT <tuner>: the primary metric after SSA (row) and fine-tuning with that tuner, mean ± std "
+            "over seeds (n); bold: the best cell of the task. Probes: frozen features of the SSA backbone (none: "
+            "the foundation model). SSA params: trainable backbone parameters during SSA (the DINO head aside). "
+            "SSA weight change: ||W_ssa - W_0|| / ||W_0|| of the backbone weights, the SSA export against the "
+            "foundation model (near 0: SSA left the model as it was).")
+    if any(one_class_seeds(c) for d in results["datasets"] for c in d["cells"]):
+        note += f" {ONE_CLASS_MARK}: {ONE_CLASS_RULE}; never bold."
+    return [Table(header, rows, frozenset(bold), note),
+            Table(["task", "fine-tuning", "FT params", "FT peak MiB", "FT images/s"], resource_rows,
+                  note="Fine-tuning resources: means over every SSA starting point and seed of the tuner.")]
+
+
+def metrics_table(dataset: dict) -> Table:
+    """One row per cell: tuners, status and every test metric as mean ± std; the best primary mean in bold."""
+    primary = dataset["primary_metric"]
+    names = metric_names(dataset)
+    rows, primary_means = [], []
+    for cell in dataset["cells"]:
+        summaries = [cell_summary(cell, name) for name in names]
+        n_primary = summaries[0].n
+        metric_cells = [format_summary(s, with_n=(i == 0 or s.n != n_primary)) for i, s in enumerate(summaries)]
+        metric_cells[0] += one_class_note(cell)
+        rows.append([str(cell["ssa"]), str(cell["finetune"]), status_text(cell), *metric_cells])
+        healthy = finished(summaries[0]) and not one_class_seeds(cell)
+        primary_means.append(summaries[0].mean if healthy else -math.inf)
+    top = max(primary_means, default=-math.inf)
+    bold = frozenset((i, 3) for i, mean in enumerate(primary_means) if mean == top and top > -math.inf)
+    note = (f"Test split; mean ± std (ddof=1) over finished seeds, n = seeds; the std only with two seeds or more. "
+            f"Bold: best {primary} (primary metric, higher is better).")
+    if any(one_class_seeds(c) for c in dataset["cells"]):
+        note += f" {ONE_CLASS_MARK}: {ONE_CLASS_RULE}; never bold."
+    return Table(["SSA", "fine-tuning", "status", f"{primary} (primary)", *names[1:]], rows, bold, note)
+
+
+def resources_table(dataset: dict) -> Table:
+    """One row per cell: trainable parameters, peak memory and throughput of its SSA and fine-tuning runs."""
+    keys = ("trainable_params", "peak_memory_mib", "images_per_s")
+    rows = []
+    for cell in dataset["cells"]:
+        ssa = cell.get("ssa_resources") or {}
+        finetune = cell.get("finetune_resources") or {}
+        rows.append([str(cell["ssa"]), str(cell["finetune"]),
+                     *(format_resource(key, ssa.get(key)) for key in keys),
+                     *(format_resource(key, finetune.get(key)) for key in keys)])
+    header = ["SSA", "fine-tuning", "SSA params", "SSA peak MiB", "SSA images/s",
+              "FT params", "FT peak MiB", "FT images/s"]
+    return Table(header, rows, note="Fine-tuning (FT) resources are means over its finished seeds; "
+                                    f"{MISSING} = not measured (no SSA, or no finished seed).")
+
+
+def probes_table(dataset: dict) -> Table | None:
+    """Frozen-feature probes: backbone x method -> primary metric and balanced accuracy (those present)."""
+    probes = dataset.get("probes") or []
+    if not probes:
+        return None
+    candidates = list(dict.fromkeys([dataset["primary_metric"], "balanced_accuracy"]))
+    names = [name for name in candidates if any(name in (p.get("metrics") or {}) for p in probes)]
+    rows = []
+    for probe in probes:
+        values = probe.get("metrics") or {}
+        rows.append([str(probe.get("backbone", MISSING)), str(probe.get("method", MISSING)),
+                     *(f"{number(values[n]):.4f}" if n in values else MISSING for n in names)])
+    return Table(["backbone", "method", *names], rows, note="Frozen features of the backbone before SSA "
+                                                            "(pretrained) and after each SSA; test split.")

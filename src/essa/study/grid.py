@@ -1,0 +1,201 @@
+"""The grid of a study: its cells (one SSA run, one frozen-feature probe, one fine-tuning seed each), where each
+writes, and the config of the command each runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from essa import config as config_mod
+from essa.names import NO_SSA, slug
+from essa.study.config import ALL_LABELS, DatasetSpec, StageConfig, StudyConfig, TunerSpec, budget_suffix, deep_merge
+
+
+@dataclass
+class Cell:
+    """One unit of work: an SSA run, a frozen-feature probe of one backbone, or one fine-tuning seed."""
+
+    kind: str  # ssa | probe | finetune
+    dataset: DatasetSpec
+    path: Path
+    run: Callable[[], None]
+    done: Callable[[], bool]
+    needs: Cell | None = None  # the SSA cell whose export this cell starts from
+
+    @property
+    def id(self) -> str:
+        return self.path.as_posix()
+
+
+def probe_backbone(ssa: TunerSpec) -> str:
+    """The backbone a probe reads: the foundation model ("pretrained") or an SSA export ("ssa apla r=64")."""
+    return "pretrained" if ssa.name == NO_SSA else f"ssa {ssa.label}"
+
+
+class Grid:
+    """The cells of a study (datasets x SSA tuner x label budget x fine-tuning tuner x seeds), in the order they
+    run: per dataset, its SSA runs, the probes of every backbone per label budget, then its fine-tuning seeds.
+    ``config``: a StudyConfig, a YAML path or None, then ``sections`` and ``key=value`` overrides (as every essa
+    command)."""
+
+    def __init__(self, config: StudyConfig | str | Path | None = None, *, overrides: list[str] | None = None,
+                 trainer_kwargs: dict | None = None, **sections):
+        self.cfg = config_mod.resolve(StudyConfig, config, sections, overrides)
+        self.out = Path(self.cfg.out)
+        self.trainer_kwargs = trainer_kwargs
+        self.datasets = self.cfg.dataset_specs()
+        self._tasks: dict[str, Any] = {}
+        self.cells: list[Cell] = []
+        for dataset in self.datasets:
+            self._add_cells(dataset)
+
+    # ----- paths ----------------------------------------------------------------------------------------------
+    def _dir(self, dataset: DatasetSpec, *parts: str) -> Path:
+        return self.out / slug(dataset.name) / Path(*parts)
+
+    def ssa_dir(self, dataset: DatasetSpec, spec: TunerSpec) -> Path:
+        return self._dir(dataset, "ssa", slug(spec.label))
+
+    def probe_dir(self, dataset: DatasetSpec, ssa: TunerSpec, budget=None) -> Path:
+        return self._dir(dataset, "probe", slug(probe_backbone(ssa)) + budget_suffix(budget))
+
+    def finetune_dir(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec, budget=None) -> Path:
+        return self._dir(dataset, "finetune", f"{slug(ssa.label)}__{slug(spec.label)}" + budget_suffix(budget))
+
+    # ----- configs of the cells -------------------------------------------------------------------------------
+    def _backbone(self, dataset: DatasetSpec, ssa: TunerSpec) -> dict:
+        """The backbone a cell starts from: the foundation model, or the export of its SSA run."""
+        if ssa.name == NO_SSA:
+            return dataclasses.asdict(self.cfg.backbone)
+        return {"name": None, "pretrained": False, "model_args": {},
+                "weights": str(self.ssa_dir(dataset, ssa) / "backbone.safetensors")}
+
+    def adapt_sections(self, dataset: DatasetSpec, spec: TunerSpec) -> dict:
+        from essa.task import TaskDataConfig
+
+        # the whole train split: data.max_train limits the labelled images of fine-tuning only
+        splits = {k: v for k, v in dataset.data.items() if k not in ("root", "num_workers", "max_train")}
+        single_label = dataset.task != "multilabel" and self.task_of(dataset).task != "multilabel"
+        own = {
+            "backbone": dataclasses.asdict(self.cfg.backbone), "tuner": {"name": spec.name, "options": spec.options},
+            "data": {"root": dataset.data.get("root"), "split": "train", "val_split": "val" if single_label else None,
+                     "splits": splits, "max_images": self.cfg.ssa.max_images, "extra": list(self.cfg.ssa.extra_data),
+                     "num_workers": dataset.data.get("num_workers", TaskDataConfig.num_workers)},
+            "ssl": {"global_size": self.cfg.img_size},
+            "optim": {"epochs": self.ssa_epochs(dataset), "batch_size": self.cfg.batch_size},
+            "seed": self.cfg.ssa_seed, "out": str(self.ssa_dir(dataset, spec)),
+        }
+        return deep_merge(self._stage_config(self.cfg.ssa), own)
+
+    def ssa_epochs(self, dataset: DatasetSpec) -> int:
+        return dataset.ssa_epochs or self.cfg.ssa.epochs
+
+    @staticmethod
+    def _labelled(dataset: DatasetSpec, budget) -> dict:
+        """The dataset's data keys for fine-tuning and probes under a label budget (None: as the dataset says)."""
+        if budget is None:
+            return dataset.data
+        return {**dataset.data, "max_train": None if budget == ALL_LABELS else budget}
+
+    def finetune_sections(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec, budget=None) -> dict:
+        own = {
+            "backbone": self._backbone(dataset, ssa), "tuner": {"name": spec.name, "options": spec.options},
+            "data": self._labelled(dataset, budget), "task": dataset.task, "metric": dataset.metric,
+            "img_size": self.cfg.img_size,
+            "optim": {"epochs": self.cfg.finetune.epochs, "batch_size": self.cfg.batch_size},
+            "seeds": list(self.cfg.seeds),
+            "out": str(self.finetune_dir(dataset, ssa, spec, budget)),
+        }
+        return deep_merge(self._stage_config(self.cfg.finetune), own)
+
+    def _stage_config(self, stage: StageConfig) -> dict:
+        return deep_merge({"trainer": dataclasses.asdict(self.cfg.trainer)}, stage.config)
+
+    def probe_sections(self, dataset: DatasetSpec, ssa: TunerSpec, budget=None) -> dict:
+        protocols = [p for p in self.cfg.probes if p != "knn" or self.task_of(dataset).task != "multilabel"]
+        return {"backbone": self._backbone(dataset, ssa), "data": self._labelled(dataset, budget),
+                "task": dataset.task, "metric": dataset.metric, "protocols": protocols, "img_size": self.cfg.img_size,
+                "batch_size": self.cfg.batch_size, "out": str(self.probe_dir(dataset, ssa, budget))}
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the cells train over several processes (then they all run in this one, as Lightning needs)."""
+        trainer = self.cfg.trainer
+        return (trainer.devices not in (1, [0]) or trainer.num_nodes != 1
+                or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+    def task_of(self, dataset: DatasetSpec):
+        """The dataset's task (splits and all), loaded once."""
+        if dataset.name not in self._tasks:
+            from essa.task import TaskDataConfig, load_task
+
+            data = config_mod.from_dict(TaskDataConfig, dataset.data, where=f"{dataset.name}.data")
+            self._tasks[dataset.name] = load_task(data, dataset.task, dataset.metric)
+        return self._tasks[dataset.name]
+
+    # ----- the cells ------------------------------------------------------------------------------------------
+    def _add_cells(self, dataset: DatasetSpec) -> None:
+        ssa_cells = {}
+        for ssa in self.cfg.ssa.specs():
+            if ssa.name != NO_SSA:
+                ssa_cells[ssa.label] = self._ssa_cell(dataset, ssa)
+        budgets = self.cfg.finetune.budgets()
+        if self.cfg.probes:
+            for budget in budgets:
+                for ssa in self.cfg.ssa.specs():
+                    self.cells.append(self._probe_cell(dataset, ssa, budget, ssa_cells.get(ssa.label)))
+        for budget in budgets:
+            for ssa in self.cfg.ssa.specs():
+                for spec in self.cfg.finetune.specs():
+                    for seed in self.cfg.seeds:
+                        self.cells.append(self._finetune_cell(dataset, ssa, spec, budget, seed,
+                                                              ssa_cells.get(ssa.label)))
+
+    def _ssa_cell(self, dataset: DatasetSpec, ssa: TunerSpec) -> Cell:
+        path = self.ssa_dir(dataset, ssa)
+
+        def run():
+            from essa.adaptation import adapt
+
+            adapt(resume=(path / "config.yaml").exists(), trainer_kwargs=self.trainer_kwargs,
+                  **self.adapt_sections(dataset, ssa))
+
+        def done():
+            from essa.adaptation import RESOURCES_FILE
+
+            return (path / RESOURCES_FILE).is_file() and (path / "backbone.safetensors").is_file()
+
+        cell = Cell("ssa", dataset, path, run, done)
+        self.cells.append(cell)
+        return cell
+
+    def _probe_cell(self, dataset: DatasetSpec, ssa: TunerSpec, budget, needs: Cell | None) -> Cell:
+        path = self.probe_dir(dataset, ssa, budget)
+
+        def run():
+            from essa.evaluate.run import evaluate
+
+            evaluate(**self.probe_sections(dataset, ssa, budget))
+
+        return Cell("probe", dataset, path, run, lambda: (path / "metrics.json").is_file(), needs)
+
+    def _finetune_cell(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec, budget, seed: int,
+                       needs: Cell | None) -> Cell:
+        sections = self.finetune_sections(dataset, ssa, spec, budget)
+        out = Path(sections["out"])
+
+        def run():
+            from essa.finetuning import finetune
+
+            finetune(resume=True, only=[seed], trainer_kwargs=self.trainer_kwargs, **sections)
+
+        def done():
+            from essa.finetuning import test_row
+            from essa.train.run_dir import RunDir
+
+            return test_row(RunDir(out / f"seed_{seed}")) is not None
+
+        return Cell("finetune", dataset, out / f"seed_{seed}", run, done, needs)

@@ -1,0 +1,158 @@
+"""Running a study: every unfinished cell in order (SSA and fine-tuning cells each in a fresh process of a fork
+server), its status in ``cells.json``, progress with an estimate of the time left, and the results and report
+rewritten after every cell."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from essa import config as config_mod, io
+from essa.study.config import StudyConfig
+from essa.study.grid import Cell, Grid
+from essa.study.results import Results, WeightChanges, study_results
+
+#: The file that records every cell's status and duration.
+CELLS_FILE = "cells.json"
+
+
+class Study(Grid):
+    """The cells of a study (:class:`~essa.study.grid.Grid`), run, and their results and report."""
+
+    def __init__(self, config: StudyConfig | str | Path | None = None, *, overrides: list[str] | None = None,
+                 trainer_kwargs: dict | None = None, **sections):
+        super().__init__(config, overrides=overrides, trainer_kwargs=trainer_kwargs, **sections)
+        self._weight_changes = WeightChanges(self.cfg.backbone, self.cfg.img_size)
+
+    def check_inputs(self) -> None:
+        """Fail before any work when a dataset cannot be read or split, or the backbone cannot be built."""
+        for dataset in self.datasets:
+            self.task_of(dataset)
+        self.cfg.backbone.build(img_size=self.cfg.img_size)
+
+    def run(self, log: Callable[[str], None] = print) -> dict[str, Any]:
+        """Run every unfinished cell; returns the results (also in ``results.json``) and the report paths."""
+        self.check_inputs()
+        self.out.mkdir(parents=True, exist_ok=True)
+        config_mod.dump(self.cfg, self.out / "config.yaml")
+        state = io.read_json(self.out / CELLS_FILE) or {}
+        failed: set[str] = set()
+        for cell in self.cells:
+            if cell.done():
+                if state.get(cell.id, {}).get("status") != "done":
+                    state[cell.id] = {"status": "done", "seconds": None}  # finished outside this record
+                continue
+            if cell.needs is not None and cell.needs.id in failed:
+                failed.add(cell.id)
+                state[cell.id] = {"status": "failed", "seconds": None, "error": f"{cell.needs.id} failed"}
+                continue
+            log(self.progress(state, cell))
+            start = time.perf_counter()
+            try:
+                if self.cfg.fresh_process and cell.kind != "probe" and not self.distributed:
+                    _run_in_fresh_process(self.out / "config.yaml", cell.id)
+                else:
+                    cell.run()
+                state[cell.id] = {"status": "done", "seconds": time.perf_counter() - start}
+            except (ValueError, RuntimeError, OSError) as err:  # a broken cell must not stop the others
+                failed.add(cell.id)
+                state[cell.id] = {"status": "failed", "seconds": time.perf_counter() - start,
+                                  "error": f"{type(err).__name__}: {err}"}
+                log(f"[study] {cell.id} failed: {err}\n{traceback.format_exc(limit=3)}")
+            io.write_json(self.out / CELLS_FILE, state, default=str)
+            self.report(state)
+        io.write_json(self.out / CELLS_FILE, state, default=str)
+        results, paths = self.report(state)
+        log(self.progress(state, None))
+        return {"results": results, **paths}
+
+    def progress(self, state: dict, running: Cell | None) -> str:
+        """``[study] 3/14 done, running: ..., 10 left, about 12 min left``; the estimate is the mean duration of
+        the finished cells of each kind times the cells of that kind still to run."""
+        done = [c for c in self.cells if state.get(c.id, {}).get("status") == "done"]
+        failed = [c for c in self.cells if state.get(c.id, {}).get("status") == "failed"]
+        left = [c for c in self.cells if c not in done and c not in failed]
+        seconds: dict[str, list[float]] = {}
+        for c in done:
+            if state[c.id].get("seconds") is not None:
+                seconds.setdefault(c.kind, []).append(state[c.id]["seconds"])
+        known = [c for c in left if c.kind in seconds]
+        estimate = sum(sum(seconds[c.kind]) / len(seconds[c.kind]) for c in known)
+        eta = f"about {_duration(estimate)} left" if known else "no estimate yet"
+        if len(known) < len(left) and known:
+            eta += f" for {len(known)} of them"
+        parts = [f"[study] {len(done)}/{len(self.cells)} done"]
+        if failed:
+            parts.append(f"{len(failed)} failed")
+        if running is not None:
+            parts.append(f"running: {running.kind} {running.id}")
+        parts.append(f"{len(left) - (running is not None)} left after it" if running else f"{len(left)} left")
+        return ", ".join(parts) + f" ({eta})"
+
+    def weight_change(self, export: Path) -> float | None:
+        """How far SSA moved the backbone in ``export`` (:class:`~essa.study.results.WeightChanges`)."""
+        return self._weight_changes(export)
+
+    def results(self, state: dict) -> Results:
+        """What :func:`essa.report.write_report` reads (the schema: :mod:`essa.study.results`)."""
+        return study_results(self, state, self.weight_change)
+
+    def report(self, state: dict) -> tuple[Results, dict]:
+        from essa.report import write_report  # matplotlib: only once there is something to report
+
+        results = self.results(state)
+        io.write_json(self.out / "results.json", results, default=str)
+        return results, write_report(results, self.out)
+
+
+class CellError(RuntimeError):
+    """A cell run in a fresh process failed; the message is the child's error."""
+
+
+def _cell_main(config: str, cell_id: str, errors) -> None:
+    """The body of a fresh cell process: rebuild the study's grid from its saved config and run one cell."""
+    import multiprocessing
+
+    from essa._die_with_parent import die_with_parent
+
+    die_with_parent()  # the fork server, which dies with the study
+    multiprocessing.set_start_method("fork", force=True)  # data-loader workers as in a plain process
+    cell = next(c for c in Grid(config).cells if c.id == cell_id)
+    try:
+        cell.run()
+    except Exception as err:
+        errors.put(f"{type(err).__name__}: {err}")
+        raise
+
+
+def _run_in_fresh_process(config: Path, cell_id: str) -> None:
+    """Run one cell in a child of a fork server that imported the training stack once (a child starts in well
+    under a second, and never inherits this process's threads or heap)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["essa._die_with_parent", "essa.adaptation", "essa.finetuning", "essa.train.ssa",
+                                "essa.train.classify", "lightning", "timm"])
+    errors = ctx.Queue()
+    process = ctx.Process(target=_cell_main, args=(str(config), cell_id, errors))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        message = errors.get(timeout=1) if not errors.empty() else f"exit code {process.exitcode}"
+        raise CellError(message)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run(config: StudyConfig | str | Path | None = None, *, overrides: list[str] | None = None,
+        trainer_kwargs: dict | None = None, log: Callable[[str], None] = print, **sections) -> dict[str, Any]:
+    """Run a study (see :mod:`essa.study`). Returns {"results", "markdown", "html", "figures"}."""
+    return Study(config, overrides=overrides, trainer_kwargs=trainer_kwargs, **sections).run(log)
