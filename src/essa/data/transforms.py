@@ -7,13 +7,10 @@ pretrained with; ``essa.data.dataset.dataset_stats`` computes a dataset's own st
 
 from __future__ import annotations
 
-import random
 
 import torch
 from torchvision.transforms import v2
 
-from essa.data.records import Record
-from essa.data.source import Source
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
