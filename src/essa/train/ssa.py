@@ -21,7 +21,7 @@ from essa.train.resources import release_free_heap
 from essa.train.optim import decay_groups, default_lr
 from essa.train.run_dir import check_trainable_state, drop_frozen
 from essa.train.resources import StepTiming
-from essa.train.trainer import module_full_weights
+from essa.train.trainer import attached_trainer, module_full_weights
 
 
 class CollapseError(RuntimeError):
@@ -205,7 +205,8 @@ class SSAModule(StepTiming, L.LightningModule):
 
     def _whole_batch(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, ...) of this process, or in a distributed run the rows of every process (world * B, ...)."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.world_size == 1:
             return x
         return self.all_gather(x).flatten(0, 1)
 
