@@ -27,7 +27,7 @@ from torch import nn
 
 from essa import config as config_mod, tuners
 from essa.config import BackboneConfig, TrainerConfig, TunerConfig
-from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
+from essa.train.loader import ResumableLoader, mix_seed, training_loader
 from essa.train.resources import MemoryMeter
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir
 from essa.train.trainer import build_trainer, full_weights, over_processes, prepare_backbones, shard, steps_per_epoch
@@ -247,24 +247,16 @@ def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoade
         g = torch.Generator().manual_seed(cfg.seed)
         keep = sorted(torch.randperm(len(records), generator=g)[: cfg.data.max_images].tolist())
         records = [records[i] for i in keep]
-    if len(records) < cfg.optim.batch_size:
-        raise ValueError(
-            f"{cfg.data.root} has {len(records)} images, fewer than one batch (optim.batch_size="
-            f"{cfg.optim.batch_size}); lower --batch-size"
-        )
     ssl = cfg.ssl
     transform = MultiCropTransform(
         n_global=ssl.n_global, n_local=ssl.n_local, global_size=ssl.global_size,
         local_size=_local_size(cfg, patch_size), global_scale=tuple(ssl.global_scale),
         local_scale=tuple(ssl.local_scale),
     )
-    # ImageDataset replaces an unreadable file by the next readable one and lists it in its report.
-    dataset = SeededDataset(data.ImageDataset(source, records, transform), cfg.seed)
-    sampler = EpochSampler(len(records), cfg.seed, cfg.optim.batch_size)
     collate = functools.partial(_ssa_collate, seed=cfg.seed, patch_size=patch_size, n_global=ssl.n_global,
                                 mask_ratio=tuple(ssl.mask_ratio), mask_probability=ssl.mask_probability)
-    return ResumableLoader(dataset, sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                           persistent_workers=False)
+    return training_loader(source, records, transform, seed=cfg.seed, batch_size=cfg.optim.batch_size,
+                           num_workers=cfg.data.num_workers, collate_fn=collate, what=str(cfg.data.root))
 
 
 def _labelled_images(cfg: AdaptConfig, task=None):
@@ -360,11 +352,9 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     """
     cfg = resolve_config(config, overrides, sections)
     run = RunDir(cfg.out)
-    if resume and (run.path / "config.yaml").exists():
-        saved = config_mod.load(AdaptConfig, run.path / "config.yaml")
-        if saved != cfg:
-            raise ValueError(f"--resume continues {run.path} with its own config.yaml; the given config differs: "
-                             f"leave the other options out or use another --out")
+    if resume:
+        run.refuse_other_config(cfg, f"--resume continues {run.path} with its own config.yaml; the given config "
+                                     "differs: leave the other options out or use another --out")
     run.prepare(cfg, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 

@@ -72,7 +72,7 @@ from essa.evaluate.run import (
 from essa.ssl.schedules import cosine
 from essa.task import Task, TaskDataConfig, check_task_key, load_task
 from essa.train.classify import ClassifierModule, class_weights
-from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset
+from essa.train.loader import ResumableLoader, training_loader
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state
 from essa.train.trainer import (
     build_trainer, full_weights, is_global_zero, over_processes, prepare_backbones, shard, steps_per_epoch,
@@ -171,14 +171,9 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int):
 
 def build_loader(cfg: FinetuneConfig, task: Task, seed: int) -> ResumableLoader:
     """The train split with the training augmentation, in a seeded order that a resumed run continues exactly."""
-    records = task.splits["train"]
-    if len(records) < cfg.optim.batch_size:
-        raise ValueError(f"the train split of {cfg.data.root} has {len(records)} images, fewer than one batch "
-                         f"(optim.batch_size={cfg.optim.batch_size}); lower --batch-size")
     transform = data.transforms.train_transform(cfg.img_size, scale=tuple(cfg.augment.scale), hflip=cfg.augment.hflip)
-    dataset = SeededDataset(data.ImageDataset(task.source, records, transform), seed)
-    sampler = EpochSampler(len(records), seed, cfg.optim.batch_size)
-    return ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers, persistent_workers=False)
+    return training_loader(task.source, task.splits["train"], transform, seed=seed, batch_size=cfg.optim.batch_size,
+                           num_workers=cfg.data.num_workers, what=f"the train split of {cfg.data.root}")
 
 
 def lr_schedule(optim: OptimConfig, tuner: str, total_steps: int) -> np.ndarray:
@@ -366,10 +361,8 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
     out = Path(cfg.out)
     runs = {seed: (dataclasses.replace(cfg, seeds=[seed]), RunDir(out / f"seed_{seed}")) for seed in cfg.seeds}
     for seed_cfg, run in runs.values():
-        saved = run.path / "config.yaml"
-        if saved.exists() and config_mod.load(FinetuneConfig, saved) != seed_cfg:
-            raise ValueError(f"{run.path} was run with another config ({saved}); give the same options, "
-                             "or another --out")
+        run.refuse_other_config(seed_cfg, f"{run.path} was run with another config ({run.path / 'config.yaml'}); "
+                                          "give the same options, or another --out")
     task = load_task(cfg.data, cfg.task, cfg.metric)
     if is_global_zero():  # in a distributed run, process 0 writes and prints
         out.mkdir(parents=True, exist_ok=True)

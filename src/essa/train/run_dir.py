@@ -37,6 +37,13 @@ class RunDir:
     def best(self) -> Path:
         return self.checkpoints / "best.ckpt"
 
+    def refuse_other_config(self, cfg, message: str) -> None:
+        """Raise ValueError(``message``) when the directory's ``config.yaml`` holds another config than ``cfg`` (a
+        config of the same class): a run continues, or is read back, only with the config it was made with."""
+        saved = self.path / "config.yaml"
+        if saved.exists() and config_mod.load(type(cfg), saved) != cfg:
+            raise ValueError(message)
+
     def prepare(self, cfg, resume: bool) -> None:
         """Create the directory; refuse to silently overwrite a run that has checkpoints."""
         if self.last.exists() and not resume:
