@@ -59,7 +59,8 @@ def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Ten
 
 
 class ClassifierModule(StageModule):
-    """One fine-tuning run of ``model`` (a timm ViT with a head of C outputs), the network that trains.
+    """One fine-tuning run of ``model`` (a timm ViT with a head of C outputs): the network that trains and the tuned
+    model, head included.
 
     Args:
         task: one of ``essa.evaluate.metrics.TASKS``.
@@ -80,6 +81,10 @@ class ClassifierModule(StageModule):
     @property
     def network(self) -> nn.Module:
         return self.model
+
+    @property
+    def tuned(self) -> nn.Module:
+        return self.model  # head included
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -60,7 +60,8 @@ class SSAModule(StageModule):
     and only the DINO head trains (the mask token, used inside the backbone, waits too); then the tuner trains
     with its own lr ramp. The teacher follows both by EMA.
 
-    The network that trains (:attr:`network`, whose frozen weights checkpoints leave out) is the student."""
+    The network that trains (:attr:`network`, whose frozen weights checkpoints leave out) is the student; the
+    tuned model (:attr:`tuned`, whose trainable parameters ``resources.json`` counts) is its backbone."""
 
     keeps_eval_submodules = True  # the teacher
 
@@ -95,6 +96,10 @@ class SSAModule(StageModule):
     @property
     def network(self) -> nn.Module:
         return self.student
+
+    @property
+    def tuned(self) -> nn.Module:
+        return self.student.backbone  # the DINO head and the mask token are not part of the export
 
     # ----- what a checkpoint holds besides the student's trainable tensors and the teacher's copies ------------
     def checkpoint_state(self) -> dict:

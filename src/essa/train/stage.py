@@ -1,24 +1,44 @@
 """The training-stage skeleton that ``essa adapt`` (:mod:`essa.adaptation`) and ``essa finetune``
-(:mod:`essa.finetuning`) share.
+(:mod:`essa.finetuning`, once per seed) share.
 
+- :func:`fit_stage`: the sequence of a training run: prepare the run directory, seed, checkpointing and the
+  epoch-end callback, the Trainer, the memory meter, the tuned network, its loader (sharded over the processes),
+  the module, ``Trainer.fit`` (resumed from ``checkpoints/last.ckpt`` with ``resume``), the peak memory and the
+  throughput, the reload of the checkpoint to export, ``resources.json``, the stage's export on process 0, and
+  the broadcast of what it returned. What differs between the stages is a :class:`Stage`'s methods.
 - :class:`StageModule`: the LightningModule both stages' modules subclass (:class:`essa.train.ssa.SSAModule`,
   :class:`essa.train.classify.ClassifierModule`): the history of epoch rows, the sums behind each epoch's means,
   the step timing (:class:`essa.train.resources.StepTiming`), checkpoints that hold only what trains, and one
   training step whose parts the Trainer's hooks call, which :meth:`StageModule.standalone_step` also runs whole
   outside a Trainer (``essa.bench`` times it).
+- :data:`RESOURCES_FILE` and :func:`export_merged`, which both stages write their results with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from essa.train.resources import StepTiming
-from essa.train.run_dir import check_trainable_state, drop_frozen
-from essa.train.trainer import module_full_weights
+from essa import tuners
+from essa.train.loader import ResumableLoader
+from essa.train.resources import MemoryMeter, StepTiming
+from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state, drop_frozen
+from essa.train.trainer import build_trainer, full_weights, module_full_weights, over_processes, shard
+
+#: What a finished run measured, in its run directory (``essa finetune``: each seed's): ``trainable_params`` (of
+#: :attr:`StageModule.tuned`), the stage's own entries, ``peak_memory_mib`` (peak training memory from before the
+#: model was built: of the last session when resumed; of process 0 in a distributed run), ``images_per_s``
+#: (training images per second of optimisation steps, of all processes together) and ``train_seconds`` (summed
+#: over sessions).
+RESOURCES_FILE = "resources.json"
 
 
 class StageModule(StepTiming, L.LightningModule):
@@ -46,6 +66,11 @@ class StageModule(StepTiming, L.LightningModule):
     @property
     def network(self) -> nn.Module:
         """The network that trains: checkpoints hold its trainable tensors and its frozen weights' checksum."""
+        raise NotImplementedError
+
+    @property
+    def tuned(self) -> nn.Module:
+        """The tuned model whose trainable parameters ``resources.json`` counts (``trainable_params``)."""
         raise NotImplementedError
 
     # ----- the epoch's means --------------------------------------------------------------------------------
@@ -129,3 +154,112 @@ class StageModule(StepTiming, L.LightningModule):
         optimizer.step()
         self.after_optimizer_step()
         return loss.detach()
+
+
+def export_merged(model: nn.Module, path: str | Path) -> Path:
+    """:func:`essa.tuners.save_merged` with its UserWarnings silenced: the export's header records the tuners that
+    cannot be folded into plain weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return tuners.save_merged(model, path)
+
+
+@dataclass
+class Fitted:
+    """A stage after ``Trainer.fit``: what :meth:`Stage.reload` and :meth:`Stage.export` get, and what
+    :func:`fit_stage` returns with ``resources`` and ``exported`` filled in."""
+
+    run: RunDir
+    trainer: L.Trainer
+    module: StageModule
+    loader: ResumableLoader
+    peak_memory_mib: float  # of this process, from before the model was built to the end of training
+    throughput: dict[str, float]  # images_per_s of all processes together
+    resources: dict[str, Any] | None = None  # what resources.json holds (each process computes its own)
+    exported: Any = None  # what Stage.export returned on process 0, in every process
+
+
+class Stage:
+    """A training stage's own parts, which :func:`fit_stage` calls in this order; every process calls each but
+    :meth:`export`."""
+
+    #: ``checkpoints/last.ckpt`` every this many optimisation steps (and at each epoch end)
+    checkpoint_every_n_steps: int = 50
+    #: The epoch-row metric whose best value keeps ``checkpoints/best.ckpt`` (None: no best.ckpt), and which epoch
+    #: a tie keeps ("earlier" or "later").
+    monitor: str | None = None
+    ties: str = "earlier"
+    #: Some steps leave trainable parameters without a gradient (the SSA head warm-up), which DDP must look for.
+    unused_parameters: bool = False
+
+    def start(self) -> None:
+        """Once the run directory is prepared and the seed set, before the Trainer exists (e.g. load the data whose
+        presence decides :attr:`monitor`)."""
+
+    def epoch_metrics(self, module: StageModule) -> dict[str, Any]:
+        """The epoch row's metrics besides the module's means (validation, kNN); called with the whole weights."""
+        return {}
+
+    def network(self) -> nn.Module:
+        """The tuned network the module trains (built after the memory meter: its weights count as training
+        memory)."""
+        raise NotImplementedError
+
+    def loader(self, network: nn.Module) -> ResumableLoader:
+        """The training loader (:func:`essa.train.loader.training_loader`); :func:`fit_stage` shards it."""
+        raise NotImplementedError
+
+    def module(self, network: nn.Module, loader: ResumableLoader, trainer: L.Trainer,
+               checkpointing: Checkpointing) -> StageModule:
+        """The module that trains ``network``; may start its history and ``checkpointing``'s best value."""
+        raise NotImplementedError
+
+    def reload(self, fitted: Fitted) -> dict[str, Any]:
+        """After training, with the whole weights: load the checkpoint to export into ``fitted.module`` (and
+        evaluate it). Returns the stage's own ``resources.json`` entries."""
+        return {}
+
+    def export(self, fitted: Fitted) -> Any:
+        """Process 0, after ``resources.json`` is written (``fitted.resources``): write the stage's files. Every
+        process gets what it returns."""
+        return None
+
+
+def fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, trainer_kwargs: dict | None = None) -> Fitted:
+    """Train a stage in ``run``: ``cfg`` is its config (``trainer`` and ``optim.epochs`` / ``optim.grad_clip``
+    sections; ``config.yaml``), ``seed`` seeds everything, ``resume`` continues ``checkpoints/last.ckpt`` if there
+    is one, ``trainer_kwargs`` override the Trainer's arguments (tests, benchmarks). Every process calls it and
+    gets the same ``exported``."""
+    run.prepare(cfg, resume)
+    L.seed_everything(seed, workers=True, verbose=False)
+    stage.start()
+    checkpointing = Checkpointing(run, stage.checkpoint_every_n_steps, monitor=stage.monitor, ties=stage.ties)
+    trainer = build_trainer(cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
+                            callbacks=[checkpointing, EpochEnd(run, checkpointing, stage.epoch_metrics)],
+                            trainer_kwargs=trainer_kwargs, unused_parameters=stage.unused_parameters)
+    # before the model exists: its weights count as training memory; each run (seed) measures its own peak
+    meter = MemoryMeter(trainer.strategy.root_device, restart=True)
+    network = stage.network()
+    loader = stage.loader(network)
+    shard(loader, trainer)
+    module = stage.module(network, loader, trainer, checkpointing)
+    with warnings.catch_warnings() if module.keeps_eval_submodules else contextlib.nullcontext():
+        if module.keeps_eval_submodules:  # on purpose
+            warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
+        trainer.fit(module, train_dataloaders=loader,
+                    ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
+    fitted = Fitted(run, trainer, module, loader, peak_memory_mib=meter.peak_mib(),
+                    throughput=over_processes(trainer, {"images_per_s": module.images_per_s}, op="sum"))
+
+    exported = None
+    with full_weights(trainer, writeback=True):
+        own = stage.reload(fitted)
+        fitted.resources = {
+            "trainable_params": tuners.count_parameters(module.tuned)[0], **own,
+            "peak_memory_mib": fitted.peak_memory_mib, **fitted.throughput, "train_seconds": module.timing["seconds"],
+        }
+        if trainer.is_global_zero:
+            (run.path / RESOURCES_FILE).write_text(json.dumps(fitted.resources, indent=2))
+            exported = stage.export(fitted)
+    fitted.exported = trainer.strategy.broadcast(exported)  # the other processes return once the files exist
+    return fitted
