@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from essa import config as config_mod, tuners
-from essa.config import BackboneConfig, TrainerConfig, TunerConfig
+from essa.config import BackboneConfig, StageOptimConfig, TrainerConfig, TunerConfig
 from essa.train import stage
 from essa.train.loader import ResumableLoader, mix_seed, training_loader
 from essa.train.run_dir import RunDir
@@ -130,11 +130,9 @@ class SSLConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(StageOptimConfig):
+    # epochs, batch_size, lr (None: 1e-4 for full SSA, 1e-3 for parameter-efficient tuners, as the reference), min_lr
     epochs: int = 300
-    batch_size: int = 64
-    lr: float | None = None  # None: 1e-4 for full SSA, 1e-3 for parameter-efficient tuners (reference)
-    min_lr: float = 1e-6
     warmup: float | str = 1 / 30  # the tuner's lr ramp (after the head warm-up); reference: 10 of 300 epochs
     weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-4])
     grad_clip: float = 1.0

@@ -66,7 +66,7 @@ import torch
 
 from essa import backbones, config as config_mod, data, tuners
 from essa.train.optim import default_lr
-from essa.config import BackboneConfig, ConfigError, TrainerConfig, TunerConfig
+from essa.config import BackboneConfig, ConfigError, StageOptimConfig, TrainerConfig, TunerConfig
 from essa.evaluate import metrics
 from essa.evaluate.features import classifier_scores, forward_images
 from essa.evaluate.linear_probe import fit_linear_probe
@@ -114,11 +114,8 @@ class AugmentConfig:
 
 
 @dataclass
-class OptimConfig:
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float | None = None  # None: 1e-4 for the full tuner, 1e-3 for the others
-    min_lr: float = 1e-6
+class OptimConfig(StageOptimConfig):
+    # epochs (100), batch_size, lr (None: 1e-4 for the full tuner, 1e-3 for the others), min_lr
     warmup_steps: int = 500
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
