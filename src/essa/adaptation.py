@@ -362,9 +362,10 @@ class _SSAStage(Stage):
         # after each epoch: kNN on the teacher's CLS features (best checkpoint by its balanced accuracy)
         return knn_metrics(module.teacher.backbone, self.knn_data, self.cfg) if self.knn_data is not None else {}
 
-    def network(self) -> nn.Module:
+    def tuned_model(self) -> nn.Module:
         backbone = self.cfg.backbone.build(img_size=self.cfg.ssl.global_size, dynamic_img_size=True)
-        return tuners.apply(backbone, self.cfg.tuner.name, **self.cfg.tuner.options)
+        tuners.apply(backbone, self.cfg.tuner.name, **self.cfg.tuner.options)
+        return backbone
 
     def loader(self, backbone) -> ResumableLoader:
         return build_loader(self.cfg, backbone.patch_embed.patch_size[0], self.task)
@@ -382,7 +383,7 @@ class _SSAStage(Stage):
 
     def reload(self, fitted: Fitted) -> dict[str, Any]:
         module, cfg = fitted.module, self.cfg
-        self.exported = exported = export_choice(module.history, self.knn_data is not None)
+        exported = export_choice(module.history, self.knn_data is not None)
         if exported["checkpoint"] == "best":  # else the module holds the last epoch's weights
             state = torch.load(self.run.best, map_location="cpu", weights_only=True)
             module.load_state_dict(state["state_dict"], strict=False)

@@ -293,7 +293,7 @@ class _SeedStage(Stage):
     def epoch_metrics(self, module) -> dict[str, Any]:
         return _val_metrics(module, self.cfg, self.task)
 
-    def network(self):
+    def tuned_model(self):
         model = build_classifier(self.cfg, self.task.num_classes)
         prepare_backbones(self.cfg.trainer, model)
         return model
@@ -304,7 +304,8 @@ class _SeedStage(Stage):
     def module(self, model, loader, trainer, checkpointing) -> ClassifierModule:
         cfg, seed, task, run = self.cfg, self.seed, self.task, self.run
         head_init = None
-        if cfg.head.init == "lp" and not (self.resume and run.last.exists()):  # a resumed run's head is in its checkpoint
+        # a resumed run's head is in its checkpoint
+        if cfg.head.init == "lp" and not (self.resume and run.last.exists()):
             head_init = fit_probe_head(model, cfg, task, seed, device=trainer.strategy.root_device)
             if trainer.is_global_zero:
                 (run.path / HEAD_INIT_FILE).write_text(json.dumps(head_init, indent=2))

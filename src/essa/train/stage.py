@@ -2,7 +2,7 @@
 (:mod:`essa.finetuning`, once per seed) share.
 
 - :func:`fit_stage`: the sequence of a training run: prepare the run directory, seed, checkpointing and the
-  epoch-end callback, the Trainer, the memory meter, the tuned network, its loader (sharded over the processes),
+  epoch-end callback, the Trainer, the memory meter, the tuned model, its loader (sharded over the processes),
   the module, ``Trainer.fit`` (resumed from ``checkpoints/last.ckpt`` with ``resume``), the peak memory and the
   throughput, the reload of the checkpoint to export, ``resources.json``, the stage's export on process 0, and
   the broadcast of what it returned. What differs between the stages is a :class:`Stage`'s methods.
@@ -44,8 +44,9 @@ RESOURCES_FILE = "resources.json"
 class StageModule(StepTiming, L.LightningModule):
     """What the modules of both training stages share.
 
-    Subclasses give :attr:`network`, the network that trains (its frozen weights are left out of checkpoints), and
-    the parts of their training step: :meth:`schedule_step` (this step's hyperparameters), :meth:`batch_images`,
+    Subclasses give :attr:`network`, the network that trains (its frozen weights are left out of checkpoints),
+    :attr:`tuned`, the tuned model (``resources.json`` counts its trainable parameters), and the parts of their
+    training step: :meth:`schedule_step` (this step's hyperparameters), :meth:`batch_images`,
     ``training_step``, optionally ``on_after_backward``, :meth:`after_optimizer_step` and :meth:`step_timing`.
 
     Bookkeeping: ``history`` (one row per epoch, kept in checkpoints), ``_sums`` (what :meth:`add_to_epoch` and
@@ -58,7 +59,7 @@ class StageModule(StepTiming, L.LightningModule):
 
     def __init__(self):
         super().__init__()
-        self.strict_loading = False  # checkpoints leave the frozen weights out; they are rebuilt from the foundation model
+        self.strict_loading = False  # checkpoints leave the frozen weights out (rebuilt from the foundation model)
         self.history: list[dict] = []
         self._sums: dict[str, float] = {}
         self.timing = {"images": 0, "seconds": 0.0}  # the optimisation steps only (no data loading, no validation)
@@ -200,18 +201,18 @@ class Stage:
         """The epoch row's metrics besides the module's means (validation, kNN); called with the whole weights."""
         return {}
 
-    def network(self) -> nn.Module:
-        """The tuned network the module trains (built after the memory meter: its weights count as training
-        memory)."""
+    def tuned_model(self) -> nn.Module:
+        """The tuned model (the backbone or classifier with its tuner applied) the module will train, and
+        :attr:`StageModule.tuned`; built after the memory meter, so its weights count as training memory."""
         raise NotImplementedError
 
-    def loader(self, network: nn.Module) -> ResumableLoader:
+    def loader(self, tuned: nn.Module) -> ResumableLoader:
         """The training loader (:func:`essa.train.loader.training_loader`); :func:`fit_stage` shards it."""
         raise NotImplementedError
 
-    def module(self, network: nn.Module, loader: ResumableLoader, trainer: L.Trainer,
+    def module(self, tuned: nn.Module, loader: ResumableLoader, trainer: L.Trainer,
                checkpointing: Checkpointing) -> StageModule:
-        """The module that trains ``network``; may start its history and ``checkpointing``'s best value."""
+        """The module that trains ``tuned``; may start its history and ``checkpointing``'s best value."""
         raise NotImplementedError
 
     def reload(self, fitted: Fitted) -> dict[str, Any]:
@@ -239,10 +240,10 @@ def fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, traine
                             trainer_kwargs=trainer_kwargs, unused_parameters=stage.unused_parameters)
     # before the model exists: its weights count as training memory; each run (seed) measures its own peak
     meter = MemoryMeter(trainer.strategy.root_device, restart=True)
-    network = stage.network()
-    loader = stage.loader(network)
+    tuned = stage.tuned_model()
+    loader = stage.loader(tuned)
     shard(loader, trainer)
-    module = stage.module(network, loader, trainer, checkpointing)
+    module = stage.module(tuned, loader, trainer, checkpointing)
     with warnings.catch_warnings() if module.keeps_eval_submodules else contextlib.nullcontext():
         if module.keeps_eval_submodules:  # on purpose
             warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
