@@ -4,9 +4,14 @@
                tuner={"name": "apla", "options": {"r": 64}}, out="runs/ssa-apla")
 
 The run directory gets ``config.yaml`` (resolved), ``metrics.csv``/``metrics.json`` (one row per epoch: loss terms,
-feature rank, kNN), ``checkpoints/{last,best}.ckpt``, ``resources.json`` (trainable parameters, peak training memory,
-training images/s), and the adapted backbone: ``backbone.safetensors`` (merged
-plain timm weights of the teacher, architecture in the header) and ``tuner.safetensors`` (the tuner state).
+feature rank, kNN), ``checkpoints/{last,best}.ckpt``, ``resources.json`` (:data:`RESOURCES_FILE`: trainable
+parameters, the DINO head, the number of images, the exported epoch, peak training memory, training images/s and
+seconds), and the adapted backbone: ``backbone.safetensors`` (merged plain timm weights of the teacher, architecture
+in the header) and ``tuner.safetensors`` (the tuner state).
+
+The run follows :func:`essa.train.stage.fit_stage`, the sequence ``essa finetune`` follows too; this module holds the
+SSA config, the SSA loader (multi-crop views, masks), the kNN monitor and the export choice, and the SSA stage's
+parts (``_SSAStage``); the module that trains is :class:`essa.train.ssa.SSAModule`.
 """
 
 from __future__ import annotations
@@ -14,29 +19,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 
 from essa import config as config_mod, tuners
-from essa.config import BackboneConfig, TrainerConfig, TunerConfig
-from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset, mix_seed
-from essa.train.resources import MemoryMeter
-from essa.train.run_dir import Checkpointing, EpochEnd, RunDir
-from essa.train.trainer import build_trainer, full_weights, over_processes, prepare_backbones, shard, steps_per_epoch
+from essa.config import BackboneConfig, StageOptimConfig, TrainerConfig, TunerConfig
+from essa.train import stage
+from essa.train.loader import ResumableLoader, mix_seed, training_loader
+from essa.train.run_dir import RunDir
+from essa.train.stage import Fitted, Stage, export_merged, fit_stage
+from essa.train.trainer import prepare_backbones, steps_per_epoch
 
 
-#: What a finished run measured: backbone trainable parameters, DINO head parameters, peak training memory (MiB;
-#: of the last session when resumed; of process 0 in a distributed run), training images/s (of all processes
-#: together) and seconds (summed over sessions).
-RESOURCES_FILE = "resources.json"
+#: What a finished run measured (essa.train.stage.RESOURCES_FILE): the backbone's trainable parameters, the DINO
+#: head's parameters and size, the number of SSA images, which epoch was exported and why, peak training memory
+#: (MiB), training images/s and seconds.
+RESOURCES_FILE = stage.RESOURCES_FILE
 #: Splits of a labelled task (``essa.task``) that ``data.split`` and ``data.val_split`` can name.
 SPLITS = ("train", "val", "test")
 #: ``ssl.head_input`` values.
@@ -126,11 +130,9 @@ class SSLConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(StageOptimConfig):
+    # epochs, batch_size, lr (None: 1e-4 for full SSA, 1e-3 for parameter-efficient tuners, as the reference), min_lr
     epochs: int = 300
-    batch_size: int = 64
-    lr: float | None = None  # None: 1e-4 for full SSA, 1e-3 for parameter-efficient tuners (reference)
-    min_lr: float = 1e-6
     warmup: float | str = 1 / 30  # the tuner's lr ramp (after the head warm-up); reference: 10 of 300 epochs
     weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-4])
     grad_clip: float = 1.0
@@ -247,24 +249,16 @@ def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoade
         g = torch.Generator().manual_seed(cfg.seed)
         keep = sorted(torch.randperm(len(records), generator=g)[: cfg.data.max_images].tolist())
         records = [records[i] for i in keep]
-    if len(records) < cfg.optim.batch_size:
-        raise ValueError(
-            f"{cfg.data.root} has {len(records)} images, fewer than one batch (optim.batch_size="
-            f"{cfg.optim.batch_size}); lower --batch-size"
-        )
     ssl = cfg.ssl
     transform = MultiCropTransform(
         n_global=ssl.n_global, n_local=ssl.n_local, global_size=ssl.global_size,
         local_size=_local_size(cfg, patch_size), global_scale=tuple(ssl.global_scale),
         local_scale=tuple(ssl.local_scale),
     )
-    # ImageDataset replaces an unreadable file by the next readable one and lists it in its report.
-    dataset = SeededDataset(data.ImageDataset(source, records, transform), cfg.seed)
-    sampler = EpochSampler(len(records), cfg.seed, cfg.optim.batch_size)
     collate = functools.partial(_ssa_collate, seed=cfg.seed, patch_size=patch_size, n_global=ssl.n_global,
                                 mask_ratio=tuple(ssl.mask_ratio), mask_probability=ssl.mask_probability)
-    return ResumableLoader(dataset, sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                           persistent_workers=False)
+    return training_loader(source, records, transform, seed=cfg.seed, batch_size=cfg.optim.batch_size,
+                           num_workers=cfg.data.num_workers, collate_fn=collate, what=str(cfg.data.root))
 
 
 def _labelled_images(cfg: AdaptConfig, task=None):
@@ -345,10 +339,65 @@ def _export(module, run: RunDir) -> dict[str, Path]:
     teacher = copy.deepcopy(module.teacher.backbone)
     for s, t in zip(module.student.backbone.parameters(), teacher.parameters(), strict=True):
         t.requires_grad_(s.requires_grad)  # the tuner state is what trains in the student
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the export header records non-mergeable tuners
-        backbone_path = tuners.save_merged(teacher, run.path / "backbone.safetensors")
+    backbone_path = export_merged(teacher, run.path / "backbone.safetensors")
     return {"backbone": backbone_path, "tuner": tuners.save(teacher, run.path / "tuner.safetensors")}
+
+
+class _SSAStage(Stage):
+    """``essa adapt`` as :func:`essa.train.stage.fit_stage` runs it."""
+
+    ties = "later"
+
+    def __init__(self, cfg: AdaptConfig, run: RunDir):
+        self.cfg, self.run = cfg, run
+        self.checkpoint_every_n_steps = cfg.monitor.checkpoint_every_n_steps
+        self.unused_parameters = bool(cfg.ssl.head_warmup)
+
+    def start(self) -> None:
+        self.task = _task(self.cfg)
+        self.knn_data = _labelled_images(self.cfg, self.task)
+        self.monitor = "knn_bal_acc" if self.knn_data is not None else None
+
+    def epoch_metrics(self, module) -> dict[str, float]:
+        # after each epoch: kNN on the teacher's CLS features (best checkpoint by its balanced accuracy)
+        return knn_metrics(module.teacher.backbone, self.knn_data, self.cfg) if self.knn_data is not None else {}
+
+    def tuned_model(self) -> nn.Module:
+        backbone = self.cfg.backbone.build(img_size=self.cfg.ssl.global_size, dynamic_img_size=True)
+        tuners.apply(backbone, self.cfg.tuner.name, **self.cfg.tuner.options)
+        return backbone
+
+    def loader(self, backbone) -> ResumableLoader:
+        return build_loader(self.cfg, backbone.patch_embed.patch_size[0], self.task)
+
+    def module(self, backbone, loader, trainer, checkpointing):
+        from essa.train.ssa import SSAModule
+
+        # the head sized to the images SSA sees (a resumed run sees the same ones, so gets the same head)
+        self.cfg = cfg = dataclasses.replace(self.cfg, ssl=head_size(self.cfg.ssl, loader.sampler.size))
+        module = SSAModule(cfg, backbone, iters_per_epoch=steps_per_epoch(loader, trainer))
+        for note in module.schedules.warnings:
+            warnings.warn(note, stacklevel=4)  # the caller of adapt (adapt -> fit_stage -> here)
+        prepare_backbones(cfg.trainer, module.student.backbone, module.teacher.backbone)
+        return module
+
+    def reload(self, fitted: Fitted) -> dict[str, Any]:
+        module, cfg = fitted.module, self.cfg
+        exported = export_choice(module.history, self.knn_data is not None)
+        if exported["checkpoint"] == "best":  # else the module holds the last epoch's weights
+            state = torch.load(self.run.best, map_location="cpu", weights_only=True)
+            module.load_state_dict(state["state_dict"], strict=False)
+        if fitted.trainer.is_global_zero:
+            print(f"exported epoch {exported['epoch']} (step {exported['step']}): {exported['reason']}")
+        return {
+            "head_params": sum(p.numel() for p in module.student.head.parameters()),
+            "head": {"prototypes": cfg.ssl.prototypes, "hidden": cfg.ssl.head_hidden,
+                     "bottleneck": cfg.ssl.head_bottleneck, "warmup_steps": module.schedules.head_warmup_steps},
+            "images": fitted.loader.sampler.size, "exported": exported,
+        }
+
+    def export(self, fitted: Fitted) -> dict[str, Path]:
+        return _export(fitted.module, self.run)
 
 
 def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = False, overrides: list[str] | None = None,
@@ -356,73 +405,18 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     """Run SSA. ``config``: an AdaptConfig, a YAML path, or None; ``sections`` override it by section
     (``backbone={...}, tuner={...}, optim={"epochs": 2}``, or top-level keys such as ``out=...``).
 
-    Returns {"run_dir", "backbone", "tuner", "metrics"}.
+    Returns {"run_dir", "backbone", "tuner", "metrics", "resources"}.
     """
-    cfg = resolve_config(config, overrides, sections)
+    cfg = resolve_config(config, sections, overrides)
     run = RunDir(cfg.out)
-    if resume and (run.path / "config.yaml").exists():
-        saved = config_mod.load(AdaptConfig, run.path / "config.yaml")
-        if saved != cfg:
-            raise ValueError(f"--resume continues {run.path} with its own config.yaml; the given config differs: "
-                             f"leave the other options out or use another --out")
-    run.prepare(cfg, resume)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    task = _task(cfg)
-    knn_data = _labelled_images(cfg, task)
-    checkpointing = Checkpointing(run, cfg.monitor.checkpoint_every_n_steps,
-                                  monitor="knn_bal_acc" if knn_data is not None else None, ties="later")
-    # after each epoch: kNN on the teacher's CLS features (best checkpoint by its balanced accuracy)
-    epoch_end = EpochEnd(run, checkpointing,
-                         lambda m: knn_metrics(m.teacher.backbone, knn_data, cfg) if knn_data is not None else {})
-    trainer = build_trainer(cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
-                            callbacks=[checkpointing, epoch_end], trainer_kwargs=trainer_kwargs,
-                            unused_parameters=bool(cfg.ssl.head_warmup))
-    # before the model exists: its weights count as training memory
-    meter = MemoryMeter(trainer.strategy.root_device, restart=True)
-    backbone = cfg.backbone.build(img_size=cfg.ssl.global_size, dynamic_img_size=True)
-    tuners.apply(backbone, cfg.tuner.name, **cfg.tuner.options)
-    patch = backbone.patch_embed.patch_size[0]
-    loader = build_loader(cfg, patch, task)
-    shard(loader, trainer)
-
-    from essa.train.ssa import SSAModule
-
-    # the head sized to the images SSA sees (a resumed run sees the same ones, so gets the same head)
-    cfg = dataclasses.replace(cfg, ssl=head_size(cfg.ssl, loader.sampler.size))
-    module = SSAModule(cfg, backbone, iters_per_epoch=steps_per_epoch(loader, trainer))
-    for note in module.schedules.warnings:
-        warnings.warn(note, stacklevel=2)
-    prepare_backbones(cfg.trainer, module.student.backbone, module.teacher.backbone)
-    with warnings.catch_warnings():
-        # the teacher stays in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
-        trainer.fit(module, train_dataloaders=loader,
-                    ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
-
-    throughput = over_processes(trainer, {"images_per_s": module.images_per_s}, op="sum")  # of all processes
-    exported = export_choice(module.history, knn_data is not None)
-    with full_weights(trainer, writeback=True):
-        if exported["checkpoint"] == "best":  # else the module holds the last epoch's weights
-            state = torch.load(run.best, map_location="cpu", weights_only=True)
-            module.load_state_dict(state["state_dict"], strict=False)
-        resources = {
-            "trainable_params": tuners.count_parameters(module.student.backbone)[0],
-            "head_params": sum(p.numel() for p in module.student.head.parameters()),
-            "head": {"prototypes": cfg.ssl.prototypes, "hidden": cfg.ssl.head_hidden,
-                     "bottleneck": cfg.ssl.head_bottleneck, "warmup_steps": module.schedules.head_warmup_steps},
-            "images": loader.sampler.size, "exported": exported,
-            "peak_memory_mib": meter.peak_mib(), **throughput, "train_seconds": module.timing["seconds"],
-        }
-        paths = None
-        if trainer.is_global_zero:
-            print(f"exported epoch {exported['epoch']} (step {exported['step']}): {exported['reason']}")
-            (run.path / RESOURCES_FILE).write_text(json.dumps(resources, indent=2))
-            paths = _export(module, run)
-    paths = trainer.strategy.broadcast(paths)  # the other processes return once the files exist
-    return {"run_dir": run.path, **paths, "metrics": module.history, "resources": resources}
+    if resume:
+        run.refuse_other_config(cfg, f"--resume continues {run.path} with its own config.yaml; the given config "
+                                     "differs: leave the other options out or use another --out")
+    fitted = fit_stage(_SSAStage(cfg, run), cfg, run, seed=cfg.seed, resume=resume, trainer_kwargs=trainer_kwargs)
+    return {"run_dir": run.path, **fitted.exported, "metrics": fitted.module.history, "resources": fitted.resources}
 
 
-def resolve_config(config=None, overrides=None, sections=None) -> AdaptConfig:
-    """An AdaptConfig from an instance, a YAML path or the defaults, then sections, then ``key=value`` overrides."""
+def resolve_config(config=None, sections=None, overrides=None) -> AdaptConfig:
+    """An AdaptConfig from an instance, a YAML path or the defaults, then sections, then ``key=value`` overrides
+    (:func:`essa.config.resolve`'s order)."""
     return config_mod.resolve(AdaptConfig, config, sections, overrides)

@@ -1,5 +1,8 @@
 """Memory and throughput of training steps, each configuration measured in a fresh process.
 
+The steps are the stages' own (:meth:`essa.train.stage.StageModule.standalone_step` of the SSA and fine-tuning
+modules): what is timed is what ``essa adapt`` and ``essa finetune`` run, not a copy of it.
+
 A fresh process per configuration keeps one configuration's allocator state (and, on CPU, its high-water mark of
 resident memory) from leaking into the next. Memory is the training memory: on CUDA the peak of allocated memory
 from model creation on; on CPU the peak resident set size minus the resident size before the model was built
@@ -124,24 +127,30 @@ def supervised_step(
     device: str = "cpu",
     lr: float = 1e-4,
 ) -> dict[str, Any]:
-    """One supervised training step (forward, cross-entropy, backward, AdamW) of ``backbone`` with ``tuner``."""
+    """One supervised training step of ``backbone`` with ``tuner``, as ``essa finetune`` runs it: the fine-tuning
+    module's own step (:meth:`essa.train.stage.StageModule.standalone_step` of
+    :class:`essa.train.classify.ClassifierModule`: cross-entropy, backward, gradient clipping, AdamW with the
+    finetune defaults' weight decay and layer decay) at a constant ``lr``."""
+    import numpy as np
+
     from essa import backbones, tuners
+    from essa.finetuning import OptimConfig
+    from essa.train.classify import ClassifierModule
 
     dev = torch.device(device)
     torch.manual_seed(0)
     meter = MemoryMeter(dev)
     model = backbones.create(backbone, img_size=img_size, num_classes=num_classes).to(dev)
     tuners.apply(model, tuner, **(options or {}))
-    params = list(tuners.trainable_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    optim = OptimConfig(lr=lr)
+    module = ClassifierModule(model, "multiclass", np.full(1, lr), optim.weight_decay, layer_decay=optim.layer_decay)
+    opt = module.configure_optimizers()
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
-    model.train()
+    module.train()
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        module.standalone_step(((x, y), None), opt, optim.grad_clip)
 
     timing = time_steps(step, batch_size, dev, warmup, steps)
     trainable, total = tuners.count_parameters(model)
@@ -163,10 +172,13 @@ def ssa_step(
     recompute_frozen: bool = True,
     loss_chunk: int | None | str = "default",
 ) -> dict[str, Any]:
-    """One SSA step of the full objective (student on 2 masked global + ``n_local`` local crops, teacher on the
-    global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, momentum update) on random images,
-    set up as ``essa adapt`` sets it up (``optim.recompute_frozen``; the loss's ``chunk_size`` unless
-    ``loss_chunk`` is an int, or None for no chunking).
+    """One SSA step of the full objective on random images, as ``essa adapt`` runs it: the SSA module's own step
+    (:meth:`essa.train.stage.StageModule.standalone_step` of :class:`essa.train.ssa.SSAModule`: the schedules'
+    learning rates and weight decay, the student on 2 masked global + ``n_local`` local crops, the teacher on the
+    global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, the teacher's momentum update), set up as
+    ``essa adapt`` sets it up (``optim.recompute_frozen``; the loss's ``chunk_size`` unless ``loss_chunk`` is an
+    int, or None for no chunking). The step is one of the tuner after the head warm-up and the prototype freeze
+    (``ssl.head_warmup`` and ``ssl.freeze_prototypes`` 0): every trainable parameter gets its gradient.
 
     Besides the peak and the timing, the result breaks the memory down (MiB): ``weights_mib`` (student, teacher
     and buffers; shared tensors once), ``grads_mib``, ``optimizer_mib`` (AdamW states), ``saved_mib`` (activations
@@ -177,7 +189,6 @@ def ssa_step(
     from essa import tuners
     from essa.adaptation import resolve_config
     from essa.ssl import block_masks
-    from essa.ssl.teacher import ema_update
     from essa.train.ssa import SSAModule
 
     dev = torch.device(device)
@@ -185,10 +196,13 @@ def ssa_step(
     cfg = resolve_config(None, sections={
         "backbone": {"name": backbone, "pretrained": False}, "tuner": {"name": tuner, "options": options or {}},
         # the reference head (its hidden and bottleneck widths), and a step of the tuner, not of the head warm-up
+        # or the prototype freeze
         "data": {"root": "unused"}, "ssl": {"prototypes": prototypes, "head_hidden": 2048, "head_bottleneck": 256,
-                                            "head_warmup": 0, "global_size": global_size,
+                                            "head_warmup": 0, "freeze_prototypes": 0, "global_size": global_size,
                                             "local_size": local_size, "n_local": n_local},
         "optim": {"recompute_frozen": recompute_frozen},
+        # random images and weights: the collapse watch runs, as in a run after the warm-ups, but never stops a step
+        "monitor": {"collapse_patience": sys.maxsize},
     })
     meter = MemoryMeter(dev)
     model = cfg.backbone.build(img_size=global_size, dynamic_img_size=True)
@@ -196,7 +210,6 @@ def ssa_step(
     module = SSAModule(cfg, model, iters_per_epoch=100).to(dev)
     if loss_chunk != "default":
         module.loss.chunk_size = loss_chunk
-    module._it = 0
     opt = module.configure_optimizers()
     saved = SavedActivations(module.parameters())
     grid = global_size // model.patch_embed.patch_size[0]
@@ -207,14 +220,13 @@ def ssa_step(
     }
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
-    def step(count_saved: bool = False):
-        opt.zero_grad(set_to_none=True)
+    @contextlib.contextmanager
+    def forward(count_saved: bool):
         with autocast, saved if count_saved else contextlib.nullcontext():
-            loss = module.training_step(batch, 0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.optim.grad_clip)
-        opt.step()
-        ema_update(*module._ema, 0.996)
+            yield
+
+    def step(count_saved: bool = False):
+        module.standalone_step(batch, opt, cfg.optim.grad_clip, forward_context=forward(count_saved))
 
     step(count_saved=True)  # the first step also counts what the backward pass keeps (unhooked steps are timed)
     timing = time_steps(step, batch_size, dev, max(warmup - 1, 0), steps)

@@ -4,6 +4,9 @@ that name the bad key and the valid ones.
     cfg = load(AdaptConfig, "adapt.yaml", overrides=["tuner.name=apla", "tuner.options={r: 64}"])
 
 Each override is ``dotted.key=value`` with the value parsed as YAML (``64`` is an int, ``[0, 1]`` a list).
+
+The sections the commands share live here: ``backbone`` (:class:`BackboneConfig`), ``tuner`` (:class:`TunerConfig`),
+``trainer`` (:class:`TrainerConfig`), and :class:`StageOptimConfig`, the ``optim`` fields of both training stages.
 """
 
 from __future__ import annotations
@@ -90,6 +93,19 @@ class TrainerConfig:
             raise ConfigError(f"trainer.precision={self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
         if self.accumulate_grad_batches < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches={self.accumulate_grad_batches} must be at least 1")
+
+
+@dataclasses.dataclass
+class StageOptimConfig:
+    """The fields of the optim section that both training stages have; each stage's ``OptimConfig`` subclasses it
+    with its own fields and its own default of ``epochs``. ``batch_size`` is per process; ``lr`` None: the tuner's
+    default (essa.train.optim.default_lr: 1e-4 for the full tuner, 1e-3 for the others); the cosine ends at
+    ``min_lr``."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float | None = None
+    min_lr: float = 1e-6
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -36,13 +36,20 @@ metrics with their 95 % bootstrap intervals, ``peak_memory_mib``, ``images_per_s
 ``trainable_params``, ``class_weights`` (whether the loss was weighted) and, for single-label tasks,
 ``predicted_share`` / ``label_share``: the fraction of the test images in the most-predicted class and in the most
 frequent true class, by which ``essa.report`` flags a classifier that predicts (almost) one class),
-``head_init.json`` (``head.init: lp``), ``test_predictions.csv``, ``test_confusion_matrix.png``,
+``resources.json`` (as ``essa adapt`` writes it: ``trainable_params``, ``images``, ``peak_memory_mib``,
+``images_per_s``, ``train_seconds``), ``head_init.json`` (``head.init: lp``), ``test_predictions.csv``,
+``test_confusion_matrix.png``,
 ``checkpoints/{last,best}.ckpt``, and ``classifier.safetensors``: the merged plain timm classifier, which
 ``essa.backbones.create(weights=...)`` rebuilds with its head. A re-run skips finished seeds.
 
 Peak memory: on CUDA the allocator's peak; on CPU the peak resident memory minus the resident memory at the seed's
 start (the first seed of a process also counts one-off library allocations; ``essa bench`` measures each
 configuration in a fresh process for comparisons).
+
+Each seed follows :func:`essa.train.stage.fit_stage`, the sequence ``essa adapt`` follows too; this module holds the
+fine-tuning config, the recipe's pieces (classifier, loader, lr schedule, class weights, the linear-probe head) and
+the seed stage's parts (``_SeedStage``: the head init before step 0, testing the best checkpoint, the export and the
+test row); the module that trains is :class:`essa.train.classify.ClassifierModule`.
 """
 
 from __future__ import annotations
@@ -50,19 +57,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 
 from essa import backbones, config as config_mod, data, tuners
 from essa.train.optim import default_lr
-from essa.train.resources import MemoryMeter
-from essa.config import BackboneConfig, ConfigError, TrainerConfig, TunerConfig
+from essa.config import BackboneConfig, ConfigError, StageOptimConfig, TrainerConfig, TunerConfig
 from essa.evaluate import metrics
 from essa.evaluate.features import classifier_scores, forward_images
 from essa.evaluate.linear_probe import fit_linear_probe
@@ -72,11 +76,10 @@ from essa.evaluate.run import (
 from essa.ssl.schedules import cosine
 from essa.task import Task, TaskDataConfig, check_task_key, load_task
 from essa.train.classify import ClassifierModule, class_weights
-from essa.train.loader import EpochSampler, ResumableLoader, SeededDataset
-from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state
-from essa.train.trainer import (
-    build_trainer, full_weights, is_global_zero, over_processes, prepare_backbones, shard, steps_per_epoch,
-)
+from essa.train.loader import ResumableLoader, training_loader
+from essa.train.run_dir import RunDir, check_trainable_state
+from essa.train.stage import Fitted, Stage, export_merged, fit_stage
+from essa.train.trainer import is_global_zero, prepare_backbones, steps_per_epoch
 
 #: Pooling of the tokens the head reads: timm's ``global_pool`` values, and essa's CLS + mean of the patch tokens.
 POOLS = ("token", "avg", backbones.TOKEN_AVG_POOL)
@@ -84,6 +87,8 @@ POOLS = ("token", "avg", backbones.TOKEN_AVG_POOL)
 MAX_WARMUP_FRACTION = 0.2
 #: What the linear-probe head of ``head.init: lp`` was (C, its val metric), in each seed's run directory.
 HEAD_INIT_FILE = "head_init.json"
+#: The entries of a seed's ``resources.json`` (essa.train.stage.RESOURCES_FILE) that its test row repeats.
+RESOURCE_KEYS = ("peak_memory_mib", "images_per_s", "train_seconds", "trainable_params")
 
 
 #: ``head.init`` values: ``lp`` fits essa's linear probe on the frozen head inputs first (LP-FT); ``random``: timm's
@@ -109,11 +114,8 @@ class AugmentConfig:
 
 
 @dataclass
-class OptimConfig:
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float | None = None  # None: 1e-4 for the full tuner, 1e-3 for the others
-    min_lr: float = 1e-6
+class OptimConfig(StageOptimConfig):
+    # epochs (100), batch_size, lr (None: 1e-4 for the full tuner, 1e-3 for the others), min_lr
     warmup_steps: int = 500
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
@@ -155,8 +157,9 @@ class FinetuneConfig:
         tuners.base.build(self.tuner.name, self.tuner.options)  # a bad tuner fails before any work
 
 
-def resolve_config(config=None, overrides=None, sections=None) -> FinetuneConfig:
-    """A FinetuneConfig from an instance, a YAML path or the defaults, then sections, then ``key=value`` overrides."""
+def resolve_config(config=None, sections=None, overrides=None) -> FinetuneConfig:
+    """A FinetuneConfig from an instance, a YAML path or the defaults, then sections, then ``key=value`` overrides
+    (:func:`essa.config.resolve`'s order)."""
     return config_mod.resolve(FinetuneConfig, config, sections, overrides)
 
 
@@ -171,14 +174,9 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int):
 
 def build_loader(cfg: FinetuneConfig, task: Task, seed: int) -> ResumableLoader:
     """The train split with the training augmentation, in a seeded order that a resumed run continues exactly."""
-    records = task.splits["train"]
-    if len(records) < cfg.optim.batch_size:
-        raise ValueError(f"the train split of {cfg.data.root} has {len(records)} images, fewer than one batch "
-                         f"(optim.batch_size={cfg.optim.batch_size}); lower --batch-size")
     transform = data.transforms.train_transform(cfg.img_size, scale=tuple(cfg.augment.scale), hflip=cfg.augment.hflip)
-    dataset = SeededDataset(data.ImageDataset(task.source, records, transform), seed)
-    sampler = EpochSampler(len(records), seed, cfg.optim.batch_size)
-    return ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers, persistent_workers=False)
+    return training_loader(task.source, task.splits["train"], transform, seed=seed, batch_size=cfg.optim.batch_size,
+                           num_workers=cfg.data.num_workers, what=f"the train split of {cfg.data.root}")
 
 
 def lr_schedule(optim: OptimConfig, tuner: str, total_steps: int) -> np.ndarray:
@@ -283,71 +281,82 @@ def _save_start(module: ClassifierModule, path: Path) -> None:
     torch.save(checkpoint, path)
 
 
+class _SeedStage(Stage):
+    """One seed of ``essa finetune`` as :func:`essa.train.stage.fit_stage` runs it: trains, tests the best
+    checkpoint, exports it and writes the test row."""
+
+    def __init__(self, cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume: bool):
+        self.cfg, self.seed, self.task, self.run, self.resume = cfg, seed, task, run, resume
+        self.checkpoint_every_n_steps = cfg.checkpoint_every_n_steps
+        self.monitor = task.primary
+
+    def epoch_metrics(self, module) -> dict[str, Any]:
+        return _val_metrics(module, self.cfg, self.task)
+
+    def tuned_model(self):
+        model = build_classifier(self.cfg, self.task.num_classes)
+        prepare_backbones(self.cfg.trainer, model)
+        return model
+
+    def loader(self, model) -> ResumableLoader:
+        return build_loader(self.cfg, self.task, self.seed)
+
+    def module(self, model, loader, trainer, checkpointing) -> ClassifierModule:
+        cfg, seed, task, run = self.cfg, self.seed, self.task, self.run
+        head_init = None
+        # a resumed run's head is in its checkpoint
+        if cfg.head.init == "lp" and not (self.resume and run.last.exists()):
+            head_init = fit_probe_head(model, cfg, task, seed, device=trainer.strategy.root_device)
+            if trainer.is_global_zero:
+                (run.path / HEAD_INIT_FILE).write_text(json.dumps(head_init, indent=2))
+                print(f"seed {seed}: head initialised by the linear probe (C={head_init['C']:.3g}, "
+                      f"val {task.primary} {head_init[f'val_{task.primary}']})")
+        self.loss_weights = None
+        train_labels = [r.label for r in task.splits["train"]]
+        if uses_class_weights(cfg.head.class_weights, train_labels, task.num_classes, task.task == "multilabel"):
+            self.loss_weights = class_weights(train_labels, task.num_classes, multilabel=task.task == "multilabel")
+        total_steps = cfg.optim.epochs * steps_per_epoch(loader, trainer)
+        module = ClassifierModule(model, task.task, lr_schedule(cfg.optim, cfg.tuner.name, total_steps),
+                                  cfg.optim.weight_decay, self.loss_weights, cfg.optim.layer_decay)
+        if head_init is not None:  # the linear-probe head before step 0 is the first candidate for the best checkpoint
+            start = {"epoch": -1, "step": 0, **_val_metrics(module, cfg, task)}
+            module.history = [start]
+            if math.isfinite(start.get(task.primary, math.nan)):
+                checkpointing.best_value = start[task.primary]
+            if trainer.is_global_zero:
+                _save_start(module, run.best)
+        return module
+
+    def reload(self, fitted: Fitted) -> dict[str, Any]:
+        cfg, task, module = self.cfg, self.task, fitted.module
+        self.best = torch.load(self.run.best, map_location="cpu", weights_only=True)
+        check_trainable_state(self.best, module, module.model, str(self.run.best))
+        module.load_state_dict(self.best["state_dict"], strict=False)
+        # every process tests its share of the test split; process 0 writes the files
+        self.test = classifier_scores(module.model, task.source, task.splits["test"], task=task.task,
+                                      img_size=cfg.img_size, batch_size=cfg.optim.batch_size,
+                                      num_workers=cfg.data.num_workers, distributed=True)
+        return {"images": fitted.loader.sampler.size}
+
+    def export(self, fitted: Fitted) -> dict:
+        """The merged classifier and the test row, written last into the metrics: it marks the seed as finished."""
+        task, run, module, best = self.task, self.run, fitted.module, self.best
+        export_merged(module.model, run.path / CLASSIFIER_FILE)
+        row = {
+            "epoch": best["epoch"], "step": best["global_step"], "split": "test",  # the tested (best) checkpoint's
+            **report_predictions(task, self.test, run.path, "test", bootstrap=self.cfg.bootstrap),
+            **prediction_shares(task, self.test), "class_weights": self.loss_weights is not None,
+            **{key: fitted.resources[key] for key in RESOURCE_KEYS},
+        }
+        run.write_metrics(module.history + [row])
+        return row
+
+
 def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume: bool,
                 trainer_kwargs: dict | None) -> dict:
     """Train one seed in ``run``, test its best checkpoint and export it; returns the test row."""
-    run.prepare(cfg, resume)
-    L.seed_everything(seed, workers=True, verbose=False)
-    checkpointing = Checkpointing(run, cfg.checkpoint_every_n_steps, monitor=task.primary)
-    trainer = build_trainer(
-        cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
-        callbacks=[checkpointing, EpochEnd(run, checkpointing, lambda m: _val_metrics(m, cfg, task))],
-        trainer_kwargs=trainer_kwargs,
-    )
-    # before the model exists: its weights count as training memory; each seed measures its own peak
-    meter = MemoryMeter(trainer.strategy.root_device, restart=True)
-    model = build_classifier(cfg, task.num_classes)
-    prepare_backbones(cfg.trainer, model)
-    loader = build_loader(cfg, task, seed)
-    shard(loader, trainer)
-    head_init = None
-    if cfg.head.init == "lp" and not (resume and run.last.exists()):  # a resumed run's head is in its checkpoint
-        head_init = fit_probe_head(model, cfg, task, seed, device=trainer.strategy.root_device)
-        if trainer.is_global_zero:
-            (run.path / HEAD_INIT_FILE).write_text(json.dumps(head_init, indent=2))
-            print(f"seed {seed}: head initialised by the linear probe (C={head_init['C']:.3g}, "
-                  f"val {task.primary} {head_init[f'val_{task.primary}']})")
-    loss_weights = None
-    train_labels = [r.label for r in task.splits["train"]]
-    if uses_class_weights(cfg.head.class_weights, train_labels, task.num_classes, task.task == "multilabel"):
-        loss_weights = class_weights(train_labels, task.num_classes, multilabel=task.task == "multilabel")
-    total_steps = cfg.optim.epochs * steps_per_epoch(loader, trainer)
-    module = ClassifierModule(model, task.task, lr_schedule(cfg.optim, cfg.tuner.name, total_steps),
-                              cfg.optim.weight_decay, loss_weights, cfg.optim.layer_decay)
-    if head_init is not None:  # the linear-probe head before step 0 is the first candidate for the best checkpoint
-        start = {"epoch": -1, "step": 0, **_val_metrics(module, cfg, task)}
-        module.history = [start]
-        if math.isfinite(start.get(task.primary, math.nan)):
-            checkpointing.best_value = start[task.primary]
-        if trainer.is_global_zero:
-            _save_start(module, run.best)
-    trainer.fit(module, train_dataloaders=loader,
-                ckpt_path=str(run.last) if resume and run.last.exists() else None, weights_only=True)
-    peak = meter.peak_mib()  # of this process
-    throughput = over_processes(trainer, {"images_per_s": module.images_per_s}, op="sum")  # of all processes
-
-    best = torch.load(run.best, map_location="cpu", weights_only=True)
-    row = None
-    with full_weights(trainer, writeback=True):
-        check_trainable_state(best, module, module.model, str(run.best))
-        module.load_state_dict(best["state_dict"], strict=False)
-        # every process tests its share of the test split; process 0 writes the files
-        test = classifier_scores(module.model, task.source, task.splits["test"], task=task.task,
-                                 img_size=cfg.img_size, batch_size=cfg.optim.batch_size,
-                                 num_workers=cfg.data.num_workers, distributed=True)
-        if trainer.is_global_zero:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the export header records non-mergeable tuners
-                tuners.save_merged(module.model, run.path / CLASSIFIER_FILE)
-            row = {
-                "epoch": best["epoch"], "step": best["global_step"], "split": "test",  # the tested (best) checkpoint's
-                **report_predictions(task, test, run.path, "test", bootstrap=cfg.bootstrap),
-                **prediction_shares(task, test), "class_weights": loss_weights is not None,
-                "peak_memory_mib": peak, **throughput, "train_seconds": module.timing["seconds"],
-                "trainable_params": tuners.count_parameters(module.model)[0],
-            }
-            run.write_metrics(module.history + [row])  # the test row last: it marks the seed as finished
-    return trainer.strategy.broadcast(row)  # the other processes return once the files exist
+    stage = _SeedStage(cfg, seed, task, run, resume)
+    return fit_stage(stage, cfg, run, seed=seed, resume=resume, trainer_kwargs=trainer_kwargs).exported
 
 
 def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool = False,
@@ -362,14 +371,12 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
     finished seeds.
     Returns {"run_dir", "task", "seeds" (seed -> {"run_dir", "classifier", "test"}), "summary", "table"}.
     """
-    cfg = resolve_config(config, overrides, sections)
+    cfg = resolve_config(config, sections, overrides)
     out = Path(cfg.out)
     runs = {seed: (dataclasses.replace(cfg, seeds=[seed]), RunDir(out / f"seed_{seed}")) for seed in cfg.seeds}
     for seed_cfg, run in runs.values():
-        saved = run.path / "config.yaml"
-        if saved.exists() and config_mod.load(FinetuneConfig, saved) != seed_cfg:
-            raise ValueError(f"{run.path} was run with another config ({saved}); give the same options, "
-                             "or another --out")
+        run.refuse_other_config(seed_cfg, f"{run.path} was run with another config ({run.path / 'config.yaml'}); "
+                                          "give the same options, or another --out")
     task = load_task(cfg.data, cfg.task, cfg.metric)
     if is_global_zero():  # in a distributed run, process 0 writes and prints
         out.mkdir(parents=True, exist_ok=True)

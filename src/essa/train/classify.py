@@ -1,22 +1,20 @@
 """Supervised adaptation as a LightningModule: a timm ViT classifier (tuner already applied) and its loss.
 
 Single-label tasks (multiclass, binary, ordinal) train C logits with cross-entropy; multilabel tasks train one
-logit per label with binary cross-entropy. Checkpoints hold only what trains (the tuner and the head), as in SSA.
+logit per label with binary cross-entropy. The bookkeeping, the checkpoint hooks (only what trains: the tuner and
+the head) and the step's skeleton are :class:`essa.train.stage.StageModule`'s, as in SSA.
 """
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from essa.train.run_dir import check_trainable_state, drop_frozen
 from essa.train.optim import decay_groups
-from essa.train.resources import StepTiming
-from essa.train.trainer import module_full_weights
+from essa.train.stage import StageModule
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -60,8 +58,9 @@ def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Ten
     return len(labels) / (num_classes * counts.clamp_min(1))
 
 
-class ClassifierModule(StepTiming, L.LightningModule):
-    """One fine-tuning run of ``model`` (a timm ViT with a head of C outputs).
+class ClassifierModule(StageModule):
+    """One fine-tuning run of ``model`` (a timm ViT with a head of C outputs): the network that trains and the tuned
+    model, head included.
 
     Args:
         task: one of ``essa.evaluate.metrics.TASKS``.
@@ -78,38 +77,28 @@ class ClassifierModule(StepTiming, L.LightningModule):
         self.lr_schedule, self.weight_decay, self.layer_decay = lr, weight_decay, layer_decay
         # Not persistent: rebuilt from the training split, so checkpoints hold only what trains.
         self.register_buffer("class_weights", class_weights, persistent=False)
-        self.strict_loading = False  # frozen backbone weights are rebuilt from the foundation model
-        self.history: list[dict] = []
-        self._sums: dict[str, float] = {}
-        self.timing = {"images": 0, "seconds": 0.0}  # training steps only (no data loading, no validation)
 
-    # ----- what a checkpoint holds -------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        with module_full_weights(self):  # FSDP: the frozen weights' checksum needs them whole
-            drop_frozen(checkpoint, self, self.model)
-        checkpoint["essa"] = {"history": self.history, "sums": self._sums, "timing": self.timing}
+    @property
+    def network(self) -> nn.Module:
+        return self.model
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        with module_full_weights(self):
-            check_trainable_state(checkpoint, self, self.model, "the checkpoint")
-        state = checkpoint["essa"]
-        self.history, self._sums, self.timing = state["history"], state["sums"], state["timing"]
+    @property
+    def tuned(self) -> nn.Module:
+        return self.model  # head included
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
         return torch.optim.AdamW(layer_decay_groups(self.model, self.layer_decay), lr=float(self.lr_schedule[0]),
                                  weight_decay=self.weight_decay)
 
-    def on_train_batch_start(self, batch, batch_idx):
+    def schedule_step(self, optimizer):
         step = min(self.global_step, len(self.lr_schedule) - 1)
-        for group in self.optimizers().optimizer.param_groups:
+        for group in optimizer.param_groups:
             group["lr"] = float(self.lr_schedule[step]) * group.get("lr_scale", 1.0)
-        (x, _y), _keys = batch
-        self.start_step(len(x))
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        self.end_step()
+    def batch_images(self, batch) -> int:
+        (x, _y), _keys = batch
+        return len(x)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss of (B, C) logits against (B,) class indices or (B, L) 0/1 multilabel targets."""
@@ -120,14 +109,12 @@ class ClassifierModule(StepTiming, L.LightningModule):
     def training_step(self, batch, batch_idx):
         (x, y), _keys = batch
         loss = self.loss(self.model(x), y)
-        self._sums["train_loss"] = self._sums.get("train_loss", 0.0) + float(loss.detach())
-        self._sums["steps"] = self._sums.get("steps", 0) + 1
+        self.add_to_epoch({"train_loss": float(loss.detach())})
+        self.count_step()
         self.log("loss", loss.detach(), prog_bar=True)
         return loss
 
     def pop_epoch_means(self) -> dict[str, float]:
         """The epoch's mean training loss and the current learning rate; resets the sums."""
-        steps = self._sums.pop("steps", 0) or 1
-        means = {k: v / steps for k, v in self._sums.items()}
-        self._sums = {}
-        return {**means, "lr": float(self.lr_schedule[min(self.global_step, len(self.lr_schedule)) - 1])}
+        return {**super().pop_epoch_means(),
+                "lr": float(self.lr_schedule[min(self.global_step, len(self.lr_schedule)) - 1])}

@@ -7,6 +7,9 @@ A run killed mid-epoch and resumed must see exactly the batches an uninterrupted
   so random augmentation depends on neither the worker that runs it nor what ran before;
 - :class:`ResumableLoader` keeps its position in the epoch and saves it in Lightning checkpoints (Lightning
   stores the ``state_dict`` of loaders that have one); on resume the sampler skips the batches already trained.
+
+:func:`training_loader` puts the three together for the training images of a stage (``essa adapt`` and
+``essa finetune`` both build theirs with it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import random
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from essa.data import ImageDataset
 
 Key = tuple[int, int]  # (epoch, index)
 
@@ -130,3 +135,17 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
+
+
+def training_loader(source, records: list, transform, *, seed: int, batch_size: int, num_workers: int,
+                    collate_fn=None, what: str) -> ResumableLoader:
+    """A training stage's loader: ``records`` of ``source`` through ``transform`` (an :class:`essa.data.ImageDataset`,
+    which replaces an unreadable file by the next readable one and lists it in its report), augmented as
+    :class:`SeededDataset` seeds it, in the order of :class:`EpochSampler` (``batch_size`` per process), resumable
+    mid-epoch. Refuses fewer images than one batch (``what`` names them in the message)."""
+    if len(records) < batch_size:
+        raise ValueError(f"{what} has {len(records)} images, fewer than one batch (optim.batch_size={batch_size}); "
+                         "lower --batch-size")
+    dataset = SeededDataset(ImageDataset(source, records, transform), seed)
+    sampler = EpochSampler(len(records), seed, batch_size)
+    return ResumableLoader(dataset, sampler, collate_fn=collate_fn, num_workers=num_workers, persistent_workers=False)

@@ -2,7 +2,8 @@
 
 Checkpoints are written atomically (temporary file, then rename), so a run killed while saving keeps the
 previous checkpoint whole. Checkpoints of a tuned model leave its frozen weights out (:func:`drop_frozen`): a
-resumed run rebuilds them from the foundation model, and a checksum refuses a resume onto other weights.
+resumed run rebuilds them from the foundation model, and a checksum refuses a resume onto other weights. A run
+directory is continued (or read back) only with the config it was made with (:meth:`RunDir.refuse_other_config`).
 
 In a distributed run every process keeps the same history, and only global rank 0 writes files.
 """
@@ -36,6 +37,13 @@ class RunDir:
     @property
     def best(self) -> Path:
         return self.checkpoints / "best.ckpt"
+
+    def refuse_other_config(self, cfg, message: str) -> None:
+        """Raise ValueError(``message``) when the directory's ``config.yaml`` holds another config than ``cfg`` (a
+        config of the same class): a run continues, or is read back, only with the config it was made with."""
+        saved = self.path / "config.yaml"
+        if saved.exists() and config_mod.load(type(cfg), saved) != cfg:
+            raise ValueError(message)
 
     def prepare(self, cfg, resume: bool) -> None:
         """Create the directory; refuse to silently overwrite a run that has checkpoints."""

@@ -3,11 +3,14 @@
 The tuner is applied to the backbone before this module sees it, so the student's frozen backbone weights are
 frozen for the whole run and the teacher shares them (:func:`essa.ssl.teacher.make_teacher`); the momentum
 update moves only the teacher's copies of what trains (tuner parameters, the head, the mask token).
+
+The bookkeeping (epoch sums, history, step timing), the checkpoint hooks and the skeleton of the training step are
+:class:`essa.train.stage.StageModule`'s; this module gives the step's parts: the schedules' hyperparameters, the
+objective, the prototype freeze after the backward pass and the teacher's momentum update after the optimizer step.
 """
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
@@ -19,9 +22,8 @@ from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
 from essa.train.memory import recompute_frozen
 from essa.train.resources import release_free_heap
 from essa.train.optim import decay_groups, default_lr
-from essa.train.run_dir import check_trainable_state, drop_frozen
-from essa.train.resources import StepTiming
-from essa.train.trainer import module_full_weights
+from essa.train.stage import StageModule
+from essa.train.trainer import attached_trainer, module_full_weights
 
 
 class CollapseError(RuntimeError):
@@ -50,13 +52,18 @@ def effective_rank(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
-class SSAModule(StepTiming, L.LightningModule):
+class SSAModule(StageModule):
     """One SSA run. ``cfg`` is an :class:`essa.adaptation.AdaptConfig` whose head size is resolved
     (:func:`essa.adaptation.head_size`); ``iters_per_epoch`` sizes the schedules.
 
     Two phases: during the head warm-up (``schedules.head_warmup``) the student's backbone runs without autograd
     and only the DINO head trains (the mask token, used inside the backbone, waits too); then the tuner trains
-    with its own lr ramp. The teacher follows both by EMA."""
+    with its own lr ramp. The teacher follows both by EMA.
+
+    The network that trains (:attr:`network`, whose frozen weights checkpoints leave out) is the student; the
+    tuned model (:attr:`tuned`, whose trainable parameters ``resources.json`` counts) is its backbone."""
+
+    keeps_eval_submodules = True  # the teacher
 
     def __init__(self, cfg, backbone: VisionTransformer, iters_per_epoch: int):
         super().__init__()
@@ -81,29 +88,28 @@ class SSAModule(StepTiming, L.LightningModule):
         # the collapse watch starts once the head has had its warm-up and its prototypes are free
         self._watch_from = max(self.schedules.head_warmup_steps, int(self.schedules.freeze_prototypes.sum()))
         self._ema = ema_pairs(self.student, self.teacher)
-        self.strict_loading = False  # checkpoints leave the frozen weights out
         self._low_rank_steps = 0
         self._collapse = CollapseWatch(ssl.prototypes, cfg.monitor.collapse_patience, cfg.monitor.collapse_tolerance)
-        self.history: list[dict] = []
-        self._sums: dict[str, float] = {}
-        self.timing = {"images": 0, "seconds": 0.0}  # the tuner's optimisation steps (no data loading, no kNN)
+        # timing: the tuner's optimisation steps (no data loading, no kNN)
         self.warmup_timing = {"images": 0, "seconds": 0.0}  # the head warm-up's steps
 
-    # ----- what a checkpoint holds: only what trains (frozen weights are rebuilt from the foundation model) ----
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        with module_full_weights(self):  # FSDP: the frozen weights' checksum needs them whole
-            drop_frozen(checkpoint, self, self.student)
-        checkpoint["essa"] = {"history": self.history, "sums": self._sums, "low_rank_steps": self._low_rank_steps,
-                              "collapsed_steps": self._collapse.steps, "timing": self.timing,
-                              "warmup_timing": self.warmup_timing}
+    @property
+    def network(self) -> nn.Module:
+        return self.student
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        with module_full_weights(self):
-            check_trainable_state(checkpoint, self, self.student, "the checkpoint")
-        state = checkpoint["essa"]
-        self.history, self._sums = state["history"], state["sums"]
+    @property
+    def tuned(self) -> nn.Module:
+        return self.student.backbone  # the DINO head and the mask token are not part of the export
+
+    # ----- what a checkpoint holds besides the student's trainable tensors and the teacher's copies ------------
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "low_rank_steps": self._low_rank_steps,
+                "collapsed_steps": self._collapse.steps, "warmup_timing": self.warmup_timing}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
         self._low_rank_steps, self._collapse.steps = state["low_rank_steps"], state["collapsed_steps"]
-        self.timing, self.warmup_timing = state["timing"], state["warmup_timing"]
+        self.warmup_timing = state["warmup_timing"]
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -122,26 +128,29 @@ class SSAModule(StepTiming, L.LightningModule):
     def _step_index(self) -> int:
         return min(self.global_step, len(self.schedules) - 1)
 
-    def on_train_batch_start(self, batch, batch_idx):
+    def schedule_step(self, optimizer):
+        """This step's index into the schedules, and its learning rates and weight decay in ``optimizer``."""
         self._it = it = self._step_index()
-        for group in self.optimizers().optimizer.param_groups:
+        for group in optimizer.param_groups:
             group["lr"] = float((self.schedules.head_lr if group["part"] == "head" else self.schedules.lr)[it])
             if group["apply_decay"]:
                 group["weight_decay"] = float(self.schedules.weight_decay[it])
-        self.start_step(len(batch["global_crops"]) // self.cfg.ssl.n_global)  # images, each with all its crops
+
+    def batch_images(self, batch) -> int:
+        return len(batch["global_crops"]) // self.cfg.ssl.n_global  # images, each with all its crops
 
     def on_after_backward(self):
         if self.schedules.freeze_prototypes[self._it]:
             self.student.head.cancel_last_layer_gradients()
 
-    def optimizer_step(self, *args, **kwargs):
-        # The teacher moves right after the student, before any callback's on_train_batch_end: a checkpoint
-        # saved there must hold the teacher of this step, or a resumed run would miss one momentum update.
-        super().optimizer_step(*args, **kwargs)
+    def after_optimizer_step(self) -> None:
+        # The teacher moves right after the student, before any callback's on_train_batch_end (StageModule).
         # FSDP: a student tensor and its teacher copy may lie in different shards; the update needs them whole
         with module_full_weights(self, writeback=True):
             ema_update(*self._ema, float(self.schedules.teacher_momentum[self._it]))
-        self.end_step(self.warmup_timing if self.schedules.head_warmup[self._it] else None)
+
+    def step_timing(self) -> dict:
+        return self.warmup_timing if self.schedules.head_warmup[self._it] else self.timing
 
     # ----- the objective ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -186,11 +195,9 @@ class SSAModule(StepTiming, L.LightningModule):
             student_prototypes=self.student.head.prototypes.scorer(), teacher_prototypes=t_prototypes,
         )
         self._check_health(terms, t_cls, stats)
-        for key, value in stats.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
-        for key, value in terms.items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value.detach())
-        self._sums["steps"] = self._sums.get("steps", 0) + 1
+        self.add_to_epoch(stats)
+        self.add_to_epoch({key: float(value.detach()) for key, value in terms.items()})
+        self.count_step()
         self.log("loss", terms["total"].detach(), prog_bar=True)
         if terms["total"].device.type == "cpu":
             release_free_heap()  # the forward's freed transients would stay resident through the backward pass
@@ -205,7 +212,8 @@ class SSAModule(StepTiming, L.LightningModule):
 
     def _whole_batch(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, ...) of this process, or in a distributed run the rows of every process (world * B, ...)."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.world_size == 1:
             return x
         return self.all_gather(x).flatten(0, 1)
 
@@ -221,7 +229,7 @@ class SSAModule(StepTiming, L.LightningModule):
                 "Lower optim.lr (or raise optim.warmup); the last good checkpoint is kept."
             )
         rank = effective_rank(self._whole_batch(teacher_cls.detach().float()))
-        self._sums["feature_rank"] = self._sums.get("feature_rank", 0.0) + rank
+        self.add_to_epoch({"feature_rank": rank})
         self._low_rank_steps = self._low_rank_steps + 1 if rank < monitor.min_feature_rank else 0
         if self._low_rank_steps >= monitor.collapse_patience:
             raise CollapseError(
@@ -244,10 +252,3 @@ class SSAModule(StepTiming, L.LightningModule):
                 "Try fewer ssl.prototypes, a longer ssl.head_warmup or a lower optim.lr; the last good checkpoint "
                 "is kept."
             )
-
-    def pop_epoch_means(self) -> dict[str, float]:
-        """Means of the logged terms over the epoch's steps, and reset."""
-        steps = self._sums.pop("steps", 0) or 1
-        means = {k: v / steps for k, v in self._sums.items()}
-        self._sums = {}
-        return means

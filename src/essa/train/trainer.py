@@ -109,9 +109,19 @@ def full_weights(trainer: L.Trainer, writeback: bool = False):
     return contextlib.nullcontext()
 
 
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer that runs ``module``, or None when it runs outside one (tests, ``essa.bench``): Lightning's
+    ``module.trainer`` raises then."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def module_full_weights(module: L.LightningModule, writeback: bool = False):
     """:func:`full_weights` of the trainer that runs ``module`` (nothing to do without one)."""
-    return full_weights(module.trainer, writeback) if module._trainer is not None else contextlib.nullcontext()
+    trainer = attached_trainer(module)
+    return full_weights(trainer, writeback) if trainer is not None else contextlib.nullcontext()
 
 
 def over_processes(trainer: L.Trainer, values: dict[str, float], op: str = "mean") -> dict[str, float]:
