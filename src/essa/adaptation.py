@@ -149,6 +149,9 @@ class OptimConfig(StageOptimConfig):
 class MonitorConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
+    # each class's votes divided by its share of the val images (essa.evaluate.knn): the monitor's metric is balanced
+    # accuracy, which an imbalanced val set's majority otherwise wins on nearly parallel features
+    knn_balanced: bool = True
     min_feature_rank: float = 1.01
     collapse_patience: int = 50
     collapse_tolerance: float = 0.01  # the head is uniform (or one-hot) within this fraction of ln(prototypes)
@@ -295,8 +298,9 @@ def knn_noise(labels, balanced_accuracy: float) -> float:
 
 
 def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig) -> dict[str, float]:
-    """Leave-one-out weighted kNN accuracy and balanced accuracy of the backbone's CLS features on ``labelled``
-    (source, records), the k used (:func:`knn_k`) and the balanced accuracy's standard error (:func:`knn_noise`)."""
+    """Leave-one-out weighted kNN (class-balanced votes with ``monitor.knn_balanced``) accuracy and balanced accuracy
+    of the backbone's CLS features on ``labelled`` (source, records), the k used (:func:`knn_k`) and the balanced
+    accuracy's standard error (:func:`knn_noise`)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     from essa.evaluate.features import cls_features
@@ -306,8 +310,8 @@ def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig) -> dict[str, fl
     # every process extracts its share and gets all features: each computes the same kNN over the whole set
     feats, labels, _ = cls_features(backbone, source, records, img_size=cfg.ssl.global_size, distributed=True)
     k = knn_k(labels, cfg.monitor.knn_k)
-    pred = knn_scores(feats, labels, k=k, temperature=cfg.monitor.knn_temperature,
-                      num_classes=len(source.classes)).argmax(1)
+    pred = knn_scores(feats, labels, k=k, temperature=cfg.monitor.knn_temperature, num_classes=len(source.classes),
+                      balanced=cfg.monitor.knn_balanced).argmax(1)
     balanced = float(balanced_accuracy_score(labels, pred))
     return {"knn_acc": float(accuracy_score(labels, pred)), "knn_bal_acc": balanced, "knn_k": k,
             "knn_noise": knn_noise(labels, balanced)}

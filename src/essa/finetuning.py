@@ -43,7 +43,7 @@ frequent true class, by which ``essa.report`` flags a classifier that predicts (
 ``essa.backbones.create(weights=...)`` rebuilds with its head. A re-run skips finished seeds.
 
 Peak memory: on CUDA the allocator's peak; on CPU the peak resident memory minus the resident memory at the seed's
-start (the first seed of a process also counts one-off library allocations; ``essa bench`` measures each
+start (the first seed of a process also counts one-off library allocations; ``essa.bench`` measures each
 configuration in a fresh process for comparisons).
 
 Each seed follows :func:`essa.train.stage.fit_stage`, the sequence ``essa adapt`` follows too; this module holds the

@@ -14,14 +14,20 @@ def default_lr(tuner: str, lr: float | None) -> float:
 
 
 def decay_groups(module: nn.Module | list[tuple[str, nn.Parameter]]) -> list[dict]:
-    """AdamW groups of ``module``'s parameters (or of (name, parameter) pairs): weight decay on matrices, none on
-    biases, norms, tokens and other 1-D parameters."""
+    """AdamW groups of ``module``'s trainable parameters (or of (name, parameter) pairs): weight decay on weight
+    matrices; none on biases, norms and other 1-D parameters, on tokens (``cls_token``, ``reg_token``,
+    ``mask_token``), on the position embedding and on VPT's prompts. That is timm's rule
+    (``timm.optim.param_groups_weight_decay`` with the ViT's ``no_weight_decay()`` names, which also spares
+    ``pos_embed``) extended to the tokens essa adds; it is written here because the SSA stage groups name lists
+    of several modules, and each group keeps an ``apply_decay`` flag for the weight-decay schedule."""
     decay, no_decay = [], []
     named = module.named_parameters() if isinstance(module, nn.Module) else module
     for name, p in named:
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)
+        leaf = name.rpartition(".")[2]
+        spared = p.ndim <= 1 or leaf == "bias" or "token" in leaf or leaf == "pos_embed" or "prompt" in leaf
+        (no_decay if spared else decay).append(p)
     return [{"params": decay, "apply_decay": True}, {"params": no_decay, "apply_decay": False, "weight_decay": 0.0}]
 
 
