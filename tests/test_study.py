@@ -274,3 +274,31 @@ def test_the_quickstart_and_paper_examples_parse_into_their_grids():
     assert quickstart.datasets[0].data["max_train"] == 300
     paper = study_mod.Study(REPO / "examples" / "paper.yaml")
     assert len(paper.cfg.seeds) == 3 and paper.cfg.img_size == 224
+
+
+def test_a_mistyped_stage_key_of_any_cell_fails_before_any_work(tmp_path, capsys):
+    config = _write(tmp_path)
+    assert main(["run", "--config", str(config), "--set", "ssa.config.ssl.protoypes=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key ssl.protoypes" in err[0] and "cell breast/ssa/apla_r16" in err[0]
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    assert main(["run", "--config", str(config), "--set", "finetune.config.optim.layer_decay=2"]) == 2
+    assert "layer_decay=2" in capsys.readouterr().err
+    study = study_mod.Study(config)
+    sections = study.probe_sections
+    study.probe_sections = lambda *a: {**sections(*a), "knn": {"k": 0}}  # the probe cells resolve EvalConfigs
+    with pytest.raises(ValueError, match="cell breast/probe/pretrained: knn.k=0"):
+        study.check_configs()
+
+
+def test_the_command_exits_1_when_a_cell_failed_and_lists_the_failures_last(tmp_path, capsys, monkeypatch):
+    config = _write(tmp_path)
+    failures = {"breast/finetune/none__full/seed_0": "RuntimeError: boom"}
+    monkeypatch.setattr(study_mod.Study, "run", lambda self, log=print: {
+        "results": {"datasets": []}, "markdown": "r.md", "html": "r.html", "failed": failures})
+    assert main(["run", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].strip() == "breast/finetune/none__full/seed_0: RuntimeError: boom" and "1 of 7 cells" in err[-2]
+    monkeypatch.setattr(study_mod.Study, "run", lambda self, log=print: {
+        "results": {"datasets": []}, "markdown": "r.md", "html": "r.html", "failed": {}})
+    assert main(["run", "--config", str(config)]) == 0

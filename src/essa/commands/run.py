@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from essa.commands.common import SCALE_FLAGS, add_scale_flags, int_list
 
 
@@ -55,4 +57,9 @@ def run_command(args) -> int:
         for line in verdict(dataset):
             print(f"  {line}")
     print(f"\nreport: {result['markdown']} and {result['html']}")
+    if result["failed"]:
+        print(f"\n{len(result['failed'])} of {len(study.cells)} cells failed:", file=sys.stderr)
+        for cell_id, error in result["failed"].items():
+            print(f"  {cell_id}: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -24,6 +24,7 @@ class Cell:
     run: Callable[[], None]
     done: Callable[[], bool]
     needs: Cell | None = None  # the SSA cell whose export this cell starts from
+    args: tuple = ()  # what the Grid's ``*_sections`` method of its kind takes to give the cell's config
 
     @property
     def id(self) -> str:
@@ -168,7 +169,7 @@ class Grid:
 
             return (path / RESOURCES_FILE).is_file() and (path / "backbone.safetensors").is_file()
 
-        cell = Cell("ssa", dataset, path, run, done)
+        cell = Cell("ssa", dataset, path, run, done, args=(dataset, ssa))
         self.cells.append(cell)
         return cell
 
@@ -180,7 +181,8 @@ class Grid:
 
             evaluate(**self.probe_sections(dataset, ssa, budget))
 
-        return Cell("probe", dataset, path, run, lambda: (path / "metrics.json").is_file(), needs)
+        return Cell("probe", dataset, path, run, lambda: (path / "metrics.json").is_file(), needs,
+                    args=(dataset, ssa, budget))
 
     def _finetune_cell(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec, budget, seed: int,
                        needs: Cell | None) -> Cell:
@@ -198,4 +200,4 @@ class Grid:
 
             return test_row(RunDir(out / f"seed_{seed}")) is not None
 
-        return Cell("finetune", dataset, out / f"seed_{seed}", run, done, needs)
+        return Cell("finetune", dataset, out / f"seed_{seed}", run, done, needs, args=(dataset, ssa, spec, budget))

@@ -27,13 +27,38 @@ class Study(Grid):
         self._weight_changes = WeightChanges(self.cfg.backbone, self.cfg.img_size)
 
     def check_inputs(self) -> None:
-        """Fail before any work when a dataset cannot be read or split, or the backbone cannot be built."""
+        """Fail before any work when a cell's config does not validate (a mistyped stage key such as
+        ``ssa.config.ssl.protoypes``, a bad value), a dataset cannot be read or split, or the backbone cannot be
+        built."""
+        self.check_configs()
         for dataset in self.datasets:
             self.task_of(dataset)
         self.cfg.backbone.build(img_size=self.cfg.img_size)
 
+    def check_configs(self) -> None:
+        """Resolve every cell's whole config (AdaptConfig, FinetuneConfig, EvalConfig) as its command will, which
+        checks its keys and values; the first bad one is a ConfigError naming the cell."""
+        from essa.adaptation import AdaptConfig
+        from essa.evaluate.run import EvalConfig
+        from essa.finetuning import FinetuneConfig
+
+        kinds = {"ssa": (AdaptConfig, self.adapt_sections), "finetune": (FinetuneConfig, self.finetune_sections),
+                 "probe": (EvalConfig, self.probe_sections)}
+        checked: set[str] = set()
+        for cell in self.cells:
+            cls, sections = kinds[cell.kind]
+            key = f"{cell.kind} {Path(cell.id).parent if cell.kind == 'finetune' else cell.id}"
+            if key in checked:  # the seeds of one fine-tuning run share its config
+                continue
+            checked.add(key)
+            try:
+                config_mod.resolve(cls, None, sections(*cell.args))
+            except config_mod.ConfigError as err:
+                raise config_mod.ConfigError(f"cell {cell.path.relative_to(self.out).as_posix()}: {err}") from None
+
     def run(self, log: Callable[[str], None] = print) -> dict[str, Any]:
-        """Run every unfinished cell; returns the results (also in ``results.json``) and the report paths."""
+        """Run every unfinished cell; returns the results (also in ``results.json``), the report paths and
+        ``failed`` (cell id -> error of each failed cell)."""
         self.check_inputs()
         self.out.mkdir(parents=True, exist_ok=True)
         config_mod.dump(self.cfg, self.out / "config.yaml")
@@ -66,7 +91,9 @@ class Study(Grid):
         io.write_json(self.out / CELLS_FILE, state, default=str)
         results, paths = self.report(state)
         log(self.progress(state, None))
-        return {"results": results, **paths}
+        failures = {c.id: state[c.id].get("error", "failed") for c in self.cells
+                    if state.get(c.id, {}).get("status") == "failed"}
+        return {"results": results, **paths, "failed": failures}
 
     def progress(self, state: dict, running: Cell | None) -> str:
         """``[study] 3/14 done, running: ..., 10 left, about 12 min left``; the estimate is the mean duration of
