@@ -270,13 +270,13 @@ def _labelled_images(cfg: AdaptConfig, task=None):
 
     if cfg.data.val_split:
         if task.task == "multilabel":
-            raise ValueError(f"{cfg.data.root} is multilabel: the kNN monitor needs one class per image")
+            raise config_mod.ConfigError(f"{cfg.data.root} is multilabel: the kNN monitor needs one class per image")
         return task.source, task.splits[cfg.data.val_split]
     if not cfg.data.val:
         return None
     source = data.open_source(cfg.data.val)
     if not source.classes or source.task == "multilabel":
-        raise ValueError(f"data.val {cfg.data.val!r} has no class folders: the kNN monitor needs labels")
+        raise config_mod.ConfigError(f"data.val {cfg.data.val!r} has no class folders: the kNN monitor needs labels")
     return source, list(source.records)
 
 

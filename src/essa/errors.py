@@ -2,9 +2,20 @@
 
 Every error essa raises for a mistake in what the user asked for (a config key, a tuner, a data folder, a weights
 file) is an :class:`EssaError`; the specific ones (``ConfigError``, ``TunerError``, ``DataError``,
-``BackboneError``) are also ``ValueError``, so ``except ValueError`` keeps working.
+``BackboneError``, ``InputError``) are also ``ValueError``, so ``except ValueError`` keeps working; a missing file or
+folder is a :class:`NotFoundError`, also a ``FileNotFoundError``. Any other exception is a bug: the command lets it
+through with its traceback.
 """
 
 
 class EssaError(Exception):
     """A mistake in what the user asked for, or a problem with their files: one line, exit code 2."""
+
+
+class InputError(EssaError, ValueError):
+    """A user's input that essa cannot use and that is none of the specific kinds (a config key, a tuner, data, a
+    weights file): e.g. a classifier checkpoint for the wrong task, a command-line option that does not parse."""
+
+
+class NotFoundError(EssaError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a FileNotFoundError)."""

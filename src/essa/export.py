@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import essa
+from essa.errors import InputError
 
 
 def arch_metadata(model: torch.nn.Module) -> dict[str, str]:
@@ -55,4 +56,4 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             meta = dict(f.metadata() or {})
         return load_file(str(path)), meta
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"could not read {str(path)!r} as safetensors: {err}") from err
+        raise InputError(f"could not read {str(path)!r} as safetensors: {err}") from err

@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (EssaError, ValueError, FileNotFoundError) as err:
+    except EssaError as err:  # a mistake in what the user asked for: one line; anything else is a bug (traceback)
         print(f"essa {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"essa {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         _end_process_group()
 

@@ -6,12 +6,18 @@ import json
 
 import yaml
 
+from essa.errors import InputError
+
 
 def _option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"-o expects KEY=VALUE (e.g. -o labels=false, -o window=[40,400]), got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+        raise InputError(f"-o expects KEY=VALUE (e.g. -o labels=false, -o window=[40,400]), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise InputError(f"-o {text!r}: the value is not YAML ({problem}); quote it, e.g. -o 'window=[40, 400]'") from None
 
 
 def add_parser(sub) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from essa.errors import InputError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tuners", help="table of trainable parameters per tuner for a backbone")
@@ -42,7 +44,7 @@ def run(args) -> int:
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as err:
-        raise ValueError(f"--options is not JSON: {err}") from err
+        raise InputError(f"--options is not JSON: {err}") from err
     rows = parameter_table(args.backbone, args.img_size, args.weights, options)
     if args.json:
         print(json.dumps(rows, indent=2))

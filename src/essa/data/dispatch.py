@@ -11,6 +11,7 @@ from essa.data.csv_manifest import open_csv
 from essa.data.folder import open_folder
 from essa.data.records import DataError
 from essa.data.source import FileSource, Source
+from essa.errors import NotFoundError
 
 DECODE_OPTIONS = ("window", "percentiles", "axis")
 
@@ -63,7 +64,7 @@ def open_source(path_or_config: str | Path | Mapping, **options) -> Source:
     if not path.exists():
         if medmnist.NAME.fullmatch(str(path_or_config)):
             return _call(open_medmnist_name, "MedMNIST dataset", str(path_or_config), options)
-        raise FileNotFoundError(f"{path} does not exist (expected a folder, a .csv manifest, a .npz or an image file)")
+        raise NotFoundError(f"{path} does not exist (expected a folder, a .csv manifest, a .npz or an image file)")
     if path.is_dir():
         return _call(open_folder, "image folder", path, options)
     kind = files.extension(path)

@@ -43,6 +43,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from essa.config import ConfigError
+
 TASKS = ("multiclass", "binary", "multilabel", "ordinal")
 #: Multilabel scores at or above this count as a positive prediction.
 THRESHOLD = 0.5
@@ -124,7 +126,7 @@ _MULTILABEL: dict[str, Callable[[_Evaluation], float]] = {
 
 def _metric_functions(task: str) -> dict[str, Callable[[_Evaluation], float]]:
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     return _MULTILABEL if task == "multilabel" else _SINGLE_LABEL
 
 
@@ -142,7 +144,7 @@ def primary_metric(task: str, override: str | None = None) -> str:
     if override is None:
         return _PRIMARY[task]
     if override not in names:
-        raise ValueError(f"metric {override!r} is not computed for {task} tasks; expected one of {', '.join(names)}")
+        raise ConfigError(f"metric {override!r} is not computed for {task} tasks; expected one of {', '.join(names)}")
     return override
 
 

@@ -35,6 +35,7 @@ import torch
 
 from essa import backbones, config as config_mod, io
 from essa.config import BackboneConfig, ConfigError
+from essa.errors import InputError, NotFoundError
 from essa.evaluate import metrics
 from essa.evaluate.features import Outputs, cached_cls_features, classifier_scores
 from essa.evaluate.knn import knn_scores
@@ -203,14 +204,14 @@ def find_classifiers(checkpoint: str | Path) -> dict[str, Path]:
     if path.is_file():
         return {"classifier": path}
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (expected a finetune run directory or "
+        raise NotFoundError(f"checkpoint {str(path)!r} does not exist (expected a finetune run directory or "
                                 f"a {CLASSIFIER_FILE})")
     if (path / CLASSIFIER_FILE).is_file():
         return {"classifier": path / CLASSIFIER_FILE}
     seeds = sorted((p for p in path.glob(f"seed_*/{CLASSIFIER_FILE}") if re.fullmatch(r"seed_\d+", p.parent.name)),
                    key=lambda p: int(p.parent.name.split("_")[1]))
     if not seeds:
-        raise FileNotFoundError(f"{path} holds no {CLASSIFIER_FILE} (nor seed_N/{CLASSIFIER_FILE}): is it a finished "
+        raise NotFoundError(f"{path} holds no {CLASSIFIER_FILE} (nor seed_N/{CLASSIFIER_FILE}): is it a finished "
                                 "essa finetune run?")
     return {f"classifier_{p.parent.name}": p for p in seeds}
 
@@ -226,10 +227,10 @@ def load_classifier(path: Path, task: Task) -> torch.nn.Module:
     """A classifier from its weights file (architecture and head size from the header), checked against the task."""
     model = backbones.create(weights=path)
     if model.num_classes == 0:
-        raise ValueError(f"{path} holds no classification head (no num_classes in its header): it is a backbone. "
+        raise InputError(f"{path} holds no classification head (no num_classes in its header): it is a backbone. "
                          "Evaluate its features with --weights (knn, linear) instead of --checkpoint")
     if model.num_classes != task.num_classes:
-        raise ValueError(f"{path} classifies {model.num_classes} classes, but {task.source.path} has "
+        raise InputError(f"{path} classifies {model.num_classes} classes, but {task.source.path} has "
                          f"{task.num_classes} ({', '.join(task.classes)}): evaluate it on the data it was trained for")
     return model
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from essa.config import ConfigError
 from essa.data import ImageDataset
 
 Key = tuple[int, int]  # (epoch, index)
@@ -144,7 +145,7 @@ def training_loader(source, records: list, transform, *, seed: int, batch_size: 
     :class:`SeededDataset` seeds it, in the order of :class:`EpochSampler` (``batch_size`` per process), resumable
     mid-epoch. Refuses fewer images than one batch (``what`` names them in the message)."""
     if len(records) < batch_size:
-        raise ValueError(f"{what} has {len(records)} images, fewer than one batch (optim.batch_size={batch_size}); "
+        raise ConfigError(f"{what} has {len(records)} images, fewer than one batch (optim.batch_size={batch_size}); "
                          "lower --batch-size")
     dataset = SeededDataset(ImageDataset(source, records, transform), seed)
     sampler = EpochSampler(len(records), seed, batch_size)

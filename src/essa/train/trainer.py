@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 
-from essa.config import TrainerConfig
+from essa.config import ConfigError, TrainerConfig
 from essa.train.loader import ResumableLoader
 from essa.train.optim import precision
 
@@ -68,7 +68,7 @@ def shard(loader: ResumableLoader, trainer: L.Trainer) -> None:
     sampler = loader.sampler
     sampler.shard(trainer.world_size, trainer.global_rank)
     if len(sampler) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{sampler.size} images are fewer than one global batch (optim.batch_size={sampler.batch_size} x "
             f"{trainer.world_size} processes); lower --batch-size or use fewer devices"
         )
