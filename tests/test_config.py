@@ -56,3 +56,42 @@ def test_resolve_merges_sections_into_the_file(tmp_path):
     cfg = resolve(Outer, path, sections={"inner": {"sizes": [7]}, "name": "s"}, overrides=["inner.lr=2"])
     assert cfg == Outer(name="s", inner=Inner(lr=2.0, sizes=[7]))
     assert resolve(Outer, cfg) == cfg
+
+
+
+def test_scientific_notation_parses_for_every_float_key(tmp_path):
+    """YAML 1.1 reads ``5e-4`` (no dot) as a string; every float key, ``float | None`` ones included, takes it."""
+    from essa.adaptation import AdaptConfig
+    from essa.finetuning import FinetuneConfig
+
+    for cls in (AdaptConfig, FinetuneConfig):
+        cfg = load(cls, overrides=["data.root=x", "optim.lr=5e-4", "optim.min_lr=1e-7", "optim.grad_clip=1e0"])
+        assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float) and cfg.optim.min_lr == 1e-7
+        assert cfg.optim.grad_clip == 1.0
+        path = tmp_path / f"{cls.__name__}.yaml"
+        path.write_text("data:\n  root: x\noptim:\n  lr: 1e-4\n  min_lr: 2E-6\n")
+        cfg = load(cls, path)
+        assert cfg.optim.lr == 1e-4 and cfg.optim.min_lr == 2e-6
+    adapt = load(AdaptConfig, overrides=["data.root=x", "ssl.head_lr=3e-5", "optim.weight_decay=[1e-5, 1e-4]"])
+    assert adapt.ssl.head_lr == 3e-5 and adapt.optim.weight_decay == [1e-5, 1e-4]
+    assert load(FinetuneConfig, overrides=["optim.weight_decay=5e-2"]).optim.weight_decay == 0.05
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load(FinetuneConfig, overrides=["optim.lr=fast"])
+
+
+@pytest.mark.parametrize("command", ["adapt", "finetune"])
+def test_scientific_notation_through_the_command_line(command, monkeypatch, tmp_path):
+    import essa.adaptation
+    import essa.finetuning
+    from essa.commands import main
+
+    seen = {}
+
+    def stop(cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # the config is what this test is about: stop before any work
+
+    monkeypatch.setattr(essa.adaptation if command == "adapt" else essa.finetuning, command, stop)
+    lr = ["--lr", "5e-4"] if command == "finetune" else ["--set", "optim.lr=5e-4"]
+    assert main([command, "--data", str(tmp_path), *lr, "--set", "optim.min_lr=1e-7"]) == 130
+    assert seen["cfg"].optim.lr == 5e-4 and seen["cfg"].optim.min_lr == 1e-7
