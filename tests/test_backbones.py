@@ -149,3 +149,34 @@ def test_token_avg_head_reads_cls_and_mean_patch_tokens_and_reloads(make_vit, im
     torch.testing.assert_close(loaded(images), model(images))
     with pytest.raises(BackboneError, match="keeps its pooling"):
         loaded.reset_classifier(2, global_pool="avg")
+
+
+def test_a_header_that_does_not_describe_its_tensors_is_refused_naming_both(make_vit, tmp_path):
+    import json
+
+    model = make_vit()  # patch 8, width 192
+    meta = export.arch_metadata(model)
+    args = json.loads(meta["model_args"])
+    lying = export.save_weights(model.state_dict(), tmp_path / "patch.safetensors",
+                                {**meta, "model_args": json.dumps({**args, "patch_size": 4})})
+    with pytest.raises(BackboneError, match=r"header says patch size 4 .* holds 8 px patches"):
+        backbones.create(weights=lying)  # timm would resample the patch embedding without a word
+    wide = export.save_weights(model.state_dict(), tmp_path / "width.safetensors",
+                               {**meta, "timm_name": "vit_small_patch16_224"})
+    with pytest.raises(BackboneError, match=r"header says width \(embed_dim\) 384 .* tensors are 192 wide"):
+        backbones.create(weights=wide)  # a size-mismatch traceback before
+
+
+def test_image_sizes_the_patch_size_does_not_divide_are_refused_naming_ones_that_work(make_vit, tmp_path):
+    from essa.config import BackboneConfig
+
+    assert backbones.patch_size("vit_small_patch14_dinov2.lvd142m") == 14
+    assert backbones.patch_size("vit_tiny_patch16_224", patch_size=8) == 8
+    model = make_vit()
+    path = export.save_weights(model.state_dict(), tmp_path / "w.safetensors", export.arch_metadata(model))
+    assert backbones.patch_size(weights=path) == 8
+    with pytest.raises(BackboneError, match="img_size=40 is not a multiple of the backbone's patch size 16: use 32 or 48"):
+        BackboneConfig(name="vit_tiny_patch16_224").check_img_size("img_size", 40)
+    with pytest.raises(BackboneError, match="ssl.local_size=10 .* patch size 8: use 8 or 16"):
+        BackboneConfig(weights=str(path)).check_img_size("ssl.global_size, ssl.local_size", 32, 10)
+    BackboneConfig(weights=str(path)).check_img_size("ssl.global_size, ssl.local_size", 32, None)

@@ -47,3 +47,36 @@ def test_options_that_do_not_parse_are_one_line(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path), "-o", "window"]) == 2
     assert main(["tuners", "--backbone", "x", "--options", "{nope"]) == 2
     assert "--options is not JSON" in capsys.readouterr().err
+
+
+def _weights(tmp_path, **args):
+    from essa import backbones, export
+
+    model = backbones.create("vit_tiny_patch16_224", img_size=32, depth=1, **args)
+    return export.save_weights(model.state_dict(), tmp_path / "w.safetensors", export.arch_metadata(model))
+
+
+def test_image_sizes_the_patch_does_not_divide_fail_before_the_run_directory(tmp_path, capsys):
+    weights = _weights(tmp_path, patch_size=4)
+    out = tmp_path / "adapt"
+    assert main(["adapt", "--weights", str(weights), "--data", str(tmp_path), "--img-size", "30",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "ssl.global_size (--img-size)=30 is not a multiple of the backbone's patch size 4" in err[0]
+    assert "use 28 or 32" in err[0] and not out.exists()
+    assert main(["adapt", "--weights", str(weights), "--data", str(tmp_path), "--set", "ssl.local_size=10",
+                 "--out", str(out)]) == 2
+    assert "ssl.local_size=10" in capsys.readouterr().err and not out.exists()
+    out = tmp_path / "finetune"
+    assert main(["finetune", "--backbone", "vit_tiny_patch16_224", "--set", "backbone.pretrained=false",
+                 "--data", str(tmp_path), "--img-size", "40", "--out", str(out)]) == 2
+    assert "img_size (--img-size)=40 is not a multiple of the backbone's patch size 16: use 32 or 48" in \
+        capsys.readouterr().err and not out.exists()
+
+
+def test_zero_prototypes_are_refused():
+    from essa import config
+    from essa.adaptation import AdaptConfig
+
+    with pytest.raises(config.ConfigError, match="ssl.prototypes=0 must be at least 1"):
+        config.load(AdaptConfig, overrides=["data.root=x", "ssl.prototypes=0"])

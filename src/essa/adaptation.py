@@ -412,6 +412,8 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     Returns {"run_dir", "backbone", "tuner", "metrics", "resources"}.
     """
     cfg = resolve_config(config, sections, overrides)
+    cfg.backbone.check_img_size("ssl.global_size (--img-size), ssl.local_size", cfg.ssl.global_size,
+                                cfg.ssl.local_size)
     run = RunDir(cfg.out)
     if resume:
         run.refuse_other_config(cfg, f"--resume continues {run.path} with its own config.yaml; the given config "

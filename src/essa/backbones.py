@@ -256,6 +256,7 @@ def _load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], me
     if tuner:
         # A file exported from a tuner that cannot fold into plain weights (VPT, AdaptFormer) keeps its modules.
         tuners.apply(model, tuner, **json.loads(meta.get("essa_tuner_options", "{}")))
+    _check_geometry(model, state_dict, meta, path)
     state_dict = checkpoint_filter_fn(state_dict, model)
     if model.num_classes == 0:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
@@ -269,3 +270,66 @@ def _load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], me
         )
     if tuner:
         tuners.bake(model)
+
+
+def _check_geometry(model: VisionTransformer, state_dict: dict[str, torch.Tensor], meta: dict[str, str], path: Path):
+    """The patch size and width the architecture (header or arguments) gives must be the tensors': timm would
+    silently resample a patch embedding of another size, and a width mismatch is a size-mismatch traceback."""
+    weight = state_dict.get("patch_embed.proj.weight")
+    if weight is None or weight.ndim != 4:
+        return
+    said = "its header says" if meta.get("model_args") or meta.get("timm_name") else "the architecture built has"
+    own = model.patch_embed.proj.weight
+    if tuple(weight.shape[-2:]) != tuple(own.shape[-2:]):
+        raise BackboneError(
+            f"{str(path)!r}: {said} patch size {own.shape[-1]} ({model.essa_arch['timm_name']} "
+            f"{json.dumps(model.essa_arch['model_args'])}), but its patch embedding holds {weight.shape[-1]} px "
+            f"patches ({tuple(weight.shape)}); the header or the backbone arguments do not describe these weights"
+        )
+    if weight.shape[0] != own.shape[0]:
+        raise BackboneError(
+            f"{str(path)!r}: {said} width (embed_dim) {own.shape[0]} ({model.essa_arch['timm_name']} "
+            f"{json.dumps(model.essa_arch['model_args'])}), but its tensors are {weight.shape[0]} wide "
+            f"(patch_embed.proj.weight {tuple(weight.shape)}); the header or the backbone arguments do not describe "
+            "these weights"
+        )
+
+
+def check_img_size(img_size: int, patch_size: int, what: str) -> None:
+    """Refuse an image size the patch size does not divide (the ViT would use only part of each image)."""
+    if img_size % patch_size:
+        lower, upper = img_size // patch_size * patch_size, (img_size // patch_size + 1) * patch_size
+        sizes = f"{lower} or {upper}" if lower else f"{upper}"
+        raise BackboneError(f"{what}={img_size} is not a multiple of the backbone's patch size {patch_size}: "
+                            f"use {sizes} (a multiple of {patch_size})")
+
+
+def patch_size(name: str | None = None, *, weights: str | Path | None = None, **model_args: Any) -> int:
+    """The patch size of the backbone :func:`create` would build, without building it (the architecture on the
+    meta device; a weights file's header, or its patch embedding's shape), so that image sizes are checked before
+    any work."""
+    if weights is not None:
+        meta = _header(Path(weights))
+        if meta is None:
+            _, meta = read_state_dict(weights)
+        name, model_args = _resolve_arch(name, dict(model_args), meta, Path(weights))
+    elif name is None:
+        raise BackboneError("give a backbone name (e.g. 'vit_small_patch14_dinov2.lvd142m') or weights=PATH")
+    _check_name(name)
+    args = {k: v for k, v in model_args.items() if k not in ("num_classes", "global_pool")}
+    with torch.device("meta"):
+        model = timm.create_model(split_model_name_tag(name)[0], pretrained=False, num_classes=0, **args)
+    return int(model.patch_embed.patch_size[0])
+
+
+def _header(path: Path) -> dict[str, str] | None:
+    """The header metadata of a readable safetensors file without reading its tensors; None otherwise."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # unreadable: read_state_dict says why
+        return None

@@ -45,6 +45,16 @@ class BackboneConfig:
             return backbones.create(self.name, weights=self.weights, **kwargs)
         return backbones.create(self.name, pretrained=self.pretrained, **kwargs)
 
+    def check_img_size(self, what: str, *sizes: int | None) -> None:
+        """Refuse image sizes (``what``: their config keys, comma-separated) that the backbone's patch size does
+        not divide, before any work (the architecture only is built, on the meta device)."""
+        from essa import backbones
+
+        patch = backbones.patch_size(self.name, weights=self.weights, **self.model_args)
+        for key, size in zip(what.split(","), sizes):
+            if size is not None:
+                backbones.check_img_size(size, patch, key.strip())
+
 
 @dataclasses.dataclass
 class TunerConfig:

@@ -372,6 +372,7 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
     Returns {"run_dir", "task", "seeds" (seed -> {"run_dir", "classifier", "test"}), "summary", "table"}.
     """
     cfg = resolve_config(config, sections, overrides)
+    cfg.backbone.check_img_size("img_size (--img-size)", cfg.img_size)
     out = Path(cfg.out)
     runs = {seed: (dataclasses.replace(cfg, seeds=[seed]), RunDir(out / f"seed_{seed}")) for seed in cfg.seeds}
     for seed_cfg, run in runs.values():

@@ -33,7 +33,10 @@ class Study(Grid):
         self.check_configs()
         for dataset in self.datasets:
             self.task_of(dataset)
-        self.cfg.backbone.build(img_size=self.cfg.img_size)
+        model = self.cfg.backbone.build(img_size=self.cfg.img_size)
+        from essa.backbones import check_img_size
+
+        check_img_size(self.cfg.img_size, model.patch_embed.patch_size[0], "img_size")
 
     def check_configs(self) -> None:
         """Resolve every cell's whole config (AdaptConfig, FinetuneConfig, EvalConfig) as its command will, which
