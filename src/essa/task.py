@@ -129,7 +129,8 @@ def load_task(cfg: TaskDataConfig, task: str | None = None, metric: str | None =
     source = data.open_source(cfg.root, **cfg.options)
     if not source.classes:
         raise DataError(f"{cfg.root} has no labels; supervised fine-tuning and evaluation need labelled images "
-                        "(one folder per class, a label column, or a MedMNIST file)")
+                        "(one folder per class, a label column, or a MedMNIST file)"
+                        + "".join(f"; {note}" for note in source.notes if "label" in note))
     chosen = _resolve_task(source, task)
     primary = metrics.primary_metric(chosen, metric)
     splits = data.split(source.records, val=cfg.val, test=cfg.test, seed=cfg.split_seed, official=cfg.official)

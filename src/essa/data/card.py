@@ -48,6 +48,7 @@ def dataset_card(path_or_config, *, scan: bool = True, near: bool = False, thres
         "images_per_split": {s: per_split[s] for s in splits},
         "counts": {s: counts[s] for s in splits},
         "ignored_files": source.ignored,
+        "notes": source.notes,
     }
     if scan:
         prints = duplicates.scan(source, near=near, workers=workers)
@@ -104,6 +105,7 @@ def format_card(card: dict) -> str:
         lines += [f"  {u['path']}: {u['reason']}" for u in card["unreadable"][:20]]
         if len(card["unreadable"]) > 20:
             lines.append(f"  ... and {len(card['unreadable']) - 20} more (--json lists all)")
+    lines += [f"note: {note}" for note in card["notes"]]
     if card["ignored_files"]:
         lines.append(f"ignored (not images): {len(card['ignored_files'])}, e.g. {', '.join(card['ignored_files'][:3])}")
     return "\n".join(lines)

@@ -132,11 +132,20 @@ def open_csv(
             )
 
     entries, missing, label_names = [], [], []
+    seen: dict[str, tuple[int, tuple]] = {}  # file -> (first row, its cells)
+    repeated, relabelled = [], []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{name} row {number}"
         file = _cell(row, file_col)
         if not file:
             raise DataError(f"{where}: empty {file_col!r}")
+        cells = tuple(_cell(row, c) for c in (label_col, group_col, split_col, *(label_columns or ())))
+        if file in seen:
+            first, first_cells = seen[file]
+            (repeated if cells == first_cells else relabelled).append((number, first, file))
+            if cells == first_cells:
+                continue  # the same row again: read once
+        seen[file] = (number, cells)
         if not files.is_image(file):
             raise DataError(f"{where}: {file} is not a supported image file ({files.LOOKED_FOR})")
         if not (root / file).is_file():
@@ -150,6 +159,13 @@ def open_csv(
         split = _cell(row, split_col)
         split = split_name(split, where) if split else None
         entries.append([str(root / file), label, _cell(row, group_col) or None, split])
+    if relabelled:
+        listed = "; ".join(f"{file} (rows {first} and {row})" for row, first, file in relabelled[:5])
+        raise DataError(
+            f"{name}: {len(relabelled)} file(s) are listed in several rows with different labels, group or split: "
+            f"{listed}{'; ...' if len(relabelled) > 5 else ''}. Give each file one row; several labels of one "
+            f"image go in one cell joined by {MULTI_LABEL_SEPARATOR!r} (multi-label)"
+        )
     if missing:
         raise DataError(
             f"{name}: {len(missing)} row(s) point at missing files (paths are relative to {root}): "
@@ -164,4 +180,15 @@ def open_csv(
             entry[1] = tuple(sorted({index[n] for n in names})) if multilabel else index[names[0]]
     if found:
         require_classes(found, f"{name} column {label_col or ', '.join(label_columns)}")
-    return FileSource(path, "csv", [tuple(e) for e in entries], found, decode, multilabel=multilabel)
+    source = FileSource(path, "csv", [tuple(e) for e in entries], found, decode, multilabel=multilabel)
+    if repeated:
+        source.notes.append(
+            f"{len(repeated)} duplicate row(s) repeat an earlier row and were read once: "
+            + "; ".join(f"row {row} repeats row {first} ({file})" for row, first, file in repeated[:5])
+            + ("; ..." if len(repeated) > 5 else ""))
+    others = [h for h in header if h not in (file_col, group_col, split_col)]
+    if labels is None and label_col is None and not label_columns and others:
+        source.notes.append(
+            f"read without labels: no label column recognised (looked for {', '.join(LABEL_COLUMNS)}); its columns "
+            f"are: {columns}; name one with label_column= (-o label_column=COLUMN), or label_columns= for 0/1 columns")
+    return source

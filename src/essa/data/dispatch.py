@@ -29,6 +29,8 @@ def open_medmnist_name(name: str, size: int = 28, root: str | Path | None = None
 def _call(opener, what: str, path, options: dict) -> Source:
     """Call ``opener(path, **options)``, naming the valid options when one is unknown."""
     params = list(inspect.signature(opener).parameters)[1:]
+    if "labels" not in params and options.get("labels") is False:  # a source without labels: nothing to ignore
+        options = {k: v for k, v in options.items() if k != "labels"}
     takes_decode = "decode" in params
     allowed = [p for p in params if p != "decode"] + (list(DECODE_OPTIONS) if takes_decode else [])
     unknown = sorted(set(options) - set(allowed))

@@ -48,12 +48,14 @@ DATASETS = {
 NAME = re.compile(r"[a-z]+mnist(3d)?")
 
 
-def _shape(path: Path, key: str) -> tuple[int, ...]:
-    """Shape of one array of an .npz, read from its header without loading it."""
+def _header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an .npz, read from its header without loading it."""
     with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as handle:
         version = np.lib.format.read_magic(handle)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return read(handle)[0]
+        shape, _, dtype = read(handle)
+        return shape, dtype
+
 
 
 def _labels(values: np.ndarray) -> list:
@@ -75,7 +77,12 @@ class MedMNISTSource(Source):
                 arrays = {k: npz[k] for k in npz.files if k.endswith("_labels")}  # labels are small
                 keys = set(npz.files)
         except (OSError, ValueError, zipfile.BadZipFile) as err:
-            raise DataError(f"{path} is not a readable .npz file ({err})") from err
+            if "pickle" in str(err):  # numpy's words point at unsafe loading: never suggest it
+                reason = "not a zip archive of numeric .npy arrays" if not zipfile.is_zipfile(path) else \
+                    "it holds object (pickled) arrays; a MedMNIST file holds numeric arrays only"
+            else:
+                reason = str(err)
+            raise DataError(f"{path} is not a readable .npz file ({reason})") from None
         splits = [s for s in SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
         if not splits:
             raise DataError(
@@ -84,11 +91,16 @@ class MedMNISTSource(Source):
             )
         records, labels, multilabel = [], [], False
         for split in splits:
-            shape = _shape(path, f"{split}_images")
+            shape, dtype = _header(path, f"{split}_images")
             if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
                 raise DataError(
                     f"{path}: {split}_images has shape {shape}; expected (N, H, W) or (N, H, W, 3) "
                     "(3-D MedMNIST volumes are not supported)"
+                )
+            if dtype != np.uint8:
+                raise DataError(
+                    f"{path}: {split}_images are {dtype}; MedMNIST images are uint8 (0..255): convert them, e.g. "
+                    "np.round(np.clip(x, 0, 1) * 255).astype(np.uint8) for values in [0, 1]"
                 )
             values = arrays[f"{split}_labels"]
             if values.ndim not in (1, 2) or len(values) != shape[0]:

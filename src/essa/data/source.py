@@ -41,6 +41,8 @@ class Source:
         task: ``binary``, ``multiclass``, ``multilabel``, ``ordinal`` or None (unlabelled).
         ignored: files found but not read (unsupported extensions), listed so that nothing is skipped silently.
         decode: how DICOM / NIfTI intensities are mapped (``files.Decode``), None where it does not apply.
+        notes: what the reader decided that the user should hear (a CSV's repeated rows read once, a label column
+            it did not recognise), one line each.
     """
 
     kind = "source"
@@ -52,6 +54,7 @@ class Source:
         self.classes = list(classes)
         self.task = task
         self.ignored = list(ignored)
+        self.notes: list[str] = []
         if not self.records:
             raise DataError(f"{self.path} has no images ({files.LOOKED_FOR})")
 
