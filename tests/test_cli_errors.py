@@ -1,6 +1,8 @@
 """``essa``'s error contract: a user's mistake (an EssaError) is one line and exit 2, Ctrl-C is one line and exit 130,
 anything else is a bug and keeps its traceback."""
 
+import re
+
 import pytest
 
 from essa import errors
@@ -80,3 +82,17 @@ def test_zero_prototypes_are_refused():
 
     with pytest.raises(config.ConfigError, match="ssl.prototypes=0 must be at least 1"):
         config.load(AdaptConfig, overrides=["data.root=x", "ssl.prototypes=0"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("ssl.n_global=0", "ssl.n_global=0 and ssl.n_local=8"),
+    ("ssl.n_local=-1", "no negative count"),
+    ("ssl.mask_ratio=[0.5, 0.1]", "ssl.mask_ratio=[0.5, 0.1]"),
+    ("ssl.mask_probability=2", "ssl.mask_probability=2.0 must be in [0, 1]"),
+])
+def test_crop_and_mask_options_are_checked_in_the_config(override, fragment):
+    from essa import config
+    from essa.adaptation import AdaptConfig
+
+    with pytest.raises(config.ConfigError, match=re.escape(fragment)):
+        config.load(AdaptConfig, overrides=["data.root=x", override])

@@ -127,6 +127,19 @@ class SSLConfig:
             raise config_mod.ConfigError(f"ssl.head_lr={self.head_lr} must be positive")
         for key in ("head_warmup", "teacher_temp_warmup", "freeze_prototypes"):
             _check_length(f"ssl.{key}", getattr(self, key))
+        if self.n_global < 1 or self.n_local < 0 or self.n_global + self.n_local < 2:
+            raise config_mod.ConfigError(f"ssl.n_global={self.n_global} and ssl.n_local={self.n_local}: give at least "
+                                         "one global crop, no negative count, and two crops in all (the DINO term "
+                                         "compares crops of one image)")
+        low, high = (list(self.mask_ratio) + [None, None])[:2]
+        if len(self.mask_ratio) != 2 or not 0 <= low <= high <= 1:
+            raise config_mod.ConfigError(f"ssl.mask_ratio={self.mask_ratio}: give [min, max] with "
+                                         "0 <= min <= max <= 1")
+        if not 0 <= self.mask_probability <= 1:
+            raise config_mod.ConfigError(f"ssl.mask_probability={self.mask_probability} must be in [0, 1]")
+        for key in ("global_size", "local_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise config_mod.ConfigError(f"ssl.{key}={getattr(self, key)} must be at least 1")
 
 
 @dataclass
