@@ -96,3 +96,13 @@ def test_crop_and_mask_options_are_checked_in_the_config(override, fragment):
 
     with pytest.raises(config.ConfigError, match=re.escape(fragment)):
         config.load(AdaptConfig, overrides=["data.root=x", override])
+
+
+def test_evaluate_refuses_an_image_size_the_patch_does_not_divide(tmp_path):
+    from essa.evaluate.run import evaluate
+
+    weights = _weights(tmp_path, patch_size=4)
+    with pytest.raises(errors.EssaError, match=r"img_size \(--img-size\)=30 .* patch size 4: use 28 or 32"):
+        evaluate(backbone={"weights": str(weights)}, data={"root": str(tmp_path)}, img_size=30,
+                 out=str(tmp_path / "eval"))
+    assert not (tmp_path / "eval").exists()

@@ -302,6 +302,8 @@ def evaluate(config: EvalConfig | str | Path | None = None, *, overrides: list[s
     "summary" (over several classifiers, else None), "table" (the text printed by the command)}.
     """
     cfg = config_mod.resolve(EvalConfig, config, sections, overrides)
+    if cfg.img_size is not None and cfg.has_backbone:
+        cfg.backbone.check_img_size("img_size (--img-size)", cfg.img_size)
     task = _task_for(cfg)
     wanted = cfg.protocols or (
         ([p for p in ("knn", "linear") if p != "knn" or task.task != "multilabel"] if cfg.has_backbone else [])
