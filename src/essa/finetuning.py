@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from essa import backbones, config as config_mod, data, tuners
+from essa import backbones, config as config_mod, data, io, tuners
 from essa.train.optim import default_lr
 from essa.config import BackboneConfig, ConfigError, StageOptimConfig, TrainerConfig, TunerConfig
 from essa.evaluate import metrics
@@ -77,7 +77,7 @@ from essa.ssl.schedules import cosine
 from essa.task import Task, TaskDataConfig, check_task_key, load_task
 from essa.train.classify import ClassifierModule, class_weights
 from essa.train.loader import ResumableLoader, training_loader
-from essa.train.run_dir import RunDir, check_trainable_state
+from essa.train.run_dir import RunDir, check_trainable_state, writing
 from essa.train.stage import Fitted, Stage, export_merged, fit_stage
 from essa.train.trainer import is_global_zero, prepare_backbones, steps_per_epoch
 
@@ -277,8 +277,8 @@ def _save_start(module: ClassifierModule, path: Path) -> None:
     checkpoint = {"state_dict": module.state_dict(), "epoch": -1, "global_step": 0}
     module.on_save_checkpoint(checkpoint)
     checkpoint.pop("essa")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
+    with writing(f"write {path}"), io.replacing(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 class _SeedStage(Stage):

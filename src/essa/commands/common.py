@@ -45,6 +45,11 @@ def config_path(args) -> str | Path | None:
     """``--config``, or with ``--resume`` and no ``--config`` the run's own ``OUT/config.yaml``."""
     if args.resume and args.config is None and args.out:
         saved = Path(args.out) / "config.yaml"
+        if not saved.exists() and getattr(args, "data", None) is None:
+            from essa.train.run_dir import RunDirError
+
+            raise RunDirError(f"nothing to resume in {args.out}: it holds no run (no config.yaml); leave out --resume "
+                              "and give --data to start one")
         return saved if saved.exists() else None
     return args.config
 

@@ -6,14 +6,37 @@ resumed run rebuilds them from the foundation model, and a checksum refuses a re
 directory is continued (or read back) only with the config it was made with (:meth:`RunDir.refuse_other_config`).
 
 In a distributed run every process keeps the same history, and only global rank 0 writes files.
+
+What a run guarantees (README, "What a run guarantees"; tests/train/test_reliability.py):
+
+- Exact resume after a kill at any moment: the best value of the monitored metric, with its epoch and step, is
+  updated before any checkpoint of the epoch's end is written, so every ``last.ckpt`` holds the best so far; and
+  ``best.ckpt`` is written before the epoch end's ``last.ckpt``, so a kill between the two resumes from the
+  previous ``last.ckpt``, redoes the steps and the epoch end, and writes the same ``best.ckpt`` again.
+- One run at a time in a directory: :meth:`RunDir.locked` holds ``.lock`` (JSON pid, host, start), created with
+  ``os.link`` of a complete file (atomic, fails if it exists); a lock whose process is gone on this host is taken
+  over with a warning. Only global rank 0 takes it.
+- Operational problems with the directory (no permission, a full disk, an existing run without ``--resume``, a
+  corrupt ``last.ckpt``) are :class:`RunDirError`: one line, exit code 2.
+
+Test hook: ``ESSA_KILL_AFTER=<kind>:<n>`` SIGKILLs the process right after one checkpoint write (``step:<n>``:
+``last.ckpt`` after optimisation step n; ``epoch:<n>``: ``last.ckpt`` at the end of epoch n; ``best:<n>``:
+``best.ckpt`` at the end of epoch n). Unset, it costs one dictionary look-up per write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import os
+import pickle
+import signal
+import socket
+import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -21,14 +44,116 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from essa import config as config_mod
+from essa import config as config_mod, io
+from essa.errors import EssaError
 from essa.train.trainer import full_weights, is_global_zero, over_processes
+
+
+class RunDirError(EssaError, OSError):
+    """An operational problem with a run directory (permission, full disk, busy, existing run, corrupt checkpoint):
+    one line, exit code 2. Also an OSError, as what it replaces was."""
+
+
+class RunExistsError(RunDirError, FileExistsError):
+    """The directory holds a run and ``--resume`` was not given."""
+
+
+class RunBusyError(RunDirError):
+    """Another live process holds the directory's lock."""
+
+
+def _os_error(err: OSError, what: str) -> RunDirError:
+    """``err`` (raised while doing ``what``, e.g. "write checkpoints/last.ckpt") as one line."""
+    if err.errno == errno.ENOSPC:
+        why = "no space left on the device: free some space and rerun with --resume"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied (read-only?): choose another --out"
+    else:
+        why = err.strerror or str(err)
+    return RunDirError(f"cannot {what}: {why}")
+
+
+@contextlib.contextmanager
+def writing(what: str):
+    """Convert an OSError raised in the block into a :class:`RunDirError` saying ``what`` failed."""
+    try:
+        yield
+    except RunDirError:
+        raise
+    except OSError as err:
+        raise _os_error(err, what) from None
+
+
+def _kill_hook(kind: str, n: int) -> None:
+    """The test hook (module docstring): SIGKILL this process if ``ESSA_KILL_AFTER`` is ``kind:n``."""
+    if os.environ.get("ESSA_KILL_AFTER") == f"{kind}:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the directory's lock (``.lock``) for the block, on global rank 0 (the other processes of a
+        distributed run start with it and write nothing). Raises :class:`RunBusyError` naming the holder when a live
+        process holds it; a lock left by a process that is gone (on this host) is taken over, with a warning."""
+        if not is_global_zero():
+            yield
+            return
+        with writing(f"create the run directory {self.path}"):
+            self.path.mkdir(parents=True, exist_ok=True)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(),
+                "start": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())}
+        tmp = self.path / f".lock.{os.getpid()}.tmp"
+        try:
+            with writing(f"write into the run directory {self.path}"):
+                tmp.write_text(json.dumps(mine))
+                for _ in range(3):
+                    try:
+                        os.link(tmp, self.lock_file)  # atomic: fails if the lock exists; the file is whole
+                        break
+                    except FileExistsError:
+                        pass
+                    holder = self._holder()
+                    if holder is not None and (holder.get("host") != mine["host"] or _alive(int(holder.get("pid", -1)))):
+                        raise RunBusyError(
+                            f"{self.path} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                            f"started {holder.get('start')}); wait for it, or choose another --out")
+                    warnings.warn(f"{self.path}: taking over the lock left by a process that is gone "
+                                  f"({json.dumps(holder) if holder else 'an unreadable .lock'})", stacklevel=3)
+                    self.lock_file.unlink(missing_ok=True)
+                else:
+                    raise RunBusyError(f"{self.path}: could not take the lock {self.lock_file}")
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if self._holder() == mine:
+                self.lock_file.unlink(missing_ok=True)
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.lock_file.read_text())
+        except (OSError, ValueError):
+            return None
 
     @property
     def last(self) -> Path:
@@ -48,42 +173,57 @@ class RunDir:
     def prepare(self, cfg, resume: bool) -> None:
         """Create the directory; refuse to silently overwrite a run that has checkpoints."""
         if self.last.exists() and not resume:
-            raise FileExistsError(
+            raise RunExistsError(
                 f"{self.path} already holds a run (checkpoints/last.ckpt); pass --resume to continue it "
                 "or choose another --out"
             )
         if is_global_zero():
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            config_mod.dump(cfg, self.path / "config.yaml")
+            with writing(f"write into the run directory {self.path}"):
+                self.checkpoints.mkdir(parents=True, exist_ok=True)
+                config_mod.dump(cfg, self.path / "config.yaml")
+
+    def check_last(self) -> None:
+        """Refuse a ``last.ckpt`` that cannot be read (truncated, overwritten) with one line: delete it to restart.
+        Memory-mapped, so the tensors are not read."""
+        try:
+            torch.load(self.last, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RunDirError(f"{self.last} is corrupt and cannot be resumed ({first[:120]}); delete it to restart "
+                              "the run from scratch") from None
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Rewrite metrics.csv and metrics.json from the full history (idempotent across resumes); rank 0 only."""
         if not is_global_zero():
             return
-        (self.path / "metrics.json").write_text(json.dumps(rows, indent=2))
         keys = list(dict.fromkeys(k for row in rows for k in row))
-        tmp = self.path / "metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path / "metrics.csv")
+        with writing(f"write the metrics into {self.path}"):
+            io.write_json(self.path / "metrics.json", rows)
+            with io.replacing(self.path / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
 
 
 def save_checkpoint(trainer: L.Trainer, path: Path) -> None:
     """Every process calls it (a sharded model's state is gathered); rank 0 writes, and the others wait until the
     file is in place."""
     tmp = path.with_name(path.name + ".tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, loops, loader position
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
+    try:
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, loops, loader position
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+    except OSError as err:  # e.g. a full disk: no partial file stays behind, the previous checkpoint stays whole
+        if trainer.is_global_zero:
+            tmp.unlink(missing_ok=True)
+        raise _os_error(err, f"write {path}") from None
     trainer.strategy.barrier("essa.save_checkpoint")
 
 
 class Checkpointing(Callback):
-    """``last.ckpt`` every ``every_n_steps`` optimisation steps and at each epoch end; ``best.ckpt`` when the
-    monitored value (if any) improves. Also tells the loader how many batches of the epoch are done, which is
-    what a resumed run skips (Lightning's fetcher reads one batch ahead, so the loader cannot count this itself).
+    """``last.ckpt`` every ``every_n_steps`` optimisation steps (not after the epoch's last batch) and at each epoch
+    end; ``best.ckpt`` when the monitored value (if any) improves. Also tells the loader how many batches of the
+    epoch are done, which is what a resumed run skips (Lightning's fetcher reads one batch ahead, so the loader cannot count this itself).
     With gradient accumulation a checkpoint is only taken right after an optimisation step, never with gradients
     of some batches accumulated but not applied (a resumed run would skip those batches).
     """
@@ -94,31 +234,40 @@ class Checkpointing(Callback):
         self.run, self.every_n_steps, self.monitor, self.mode = run, every_n_steps, monitor, mode
         self.ties = ties
         self.best_value: float | None = None
+        self.best_epoch: int | None = None  # of best.ckpt, with its step: kept in every last.ckpt
+        self.best_step: int | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         trainer.train_dataloader.position = batch_idx + 1
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if self.every_n_steps and stepped and trainer.global_step % self.every_n_steps == 0:
+        # not after the epoch's last batch: the epoch end writes last.ckpt, and Lightning resumed from a checkpoint
+        # taken after the last batch goes on to the next epoch without the epoch end (its row, its best.ckpt)
+        epoch_done = batch_idx + 1 >= trainer.num_training_batches
+        if self.every_n_steps and stepped and not epoch_done and trainer.global_step % self.every_n_steps == 0:
             save_checkpoint(trainer, self.run.last)
+            _kill_hook("step", trainer.global_step)
 
     def epoch_end(self, trainer, metrics: dict) -> None:
-        """Called by the module once the epoch's metrics (e.g. kNN) are known."""
-        save_checkpoint(trainer, self.run.last)
+        """Called by the module once the epoch's metrics (e.g. kNN) are known. The best value is updated first and
+        ``best.ckpt`` written before ``last.ckpt`` (module docstring: exact resume after a kill at any moment)."""
         value = metrics.get(self.monitor) if self.monitor else None
-        if value is None:
-            return
-        later = self.ties == "later" and value == self.best_value
-        better = self.best_value is None or later or (
-            value > self.best_value if self.mode == "max" else value < self.best_value)
-        if better:
-            self.best_value = value
-            save_checkpoint(trainer, self.run.best)
+        if value is not None:
+            later = self.ties == "later" and value == self.best_value
+            better = self.best_value is None or later or (
+                value > self.best_value if self.mode == "max" else value < self.best_value)
+            if better:
+                self.best_value, self.best_epoch, self.best_step = value, trainer.current_epoch, trainer.global_step
+                save_checkpoint(trainer, self.run.best)
+                _kill_hook("best", trainer.current_epoch)
+        save_checkpoint(trainer, self.run.last)
+        _kill_hook("epoch", trainer.current_epoch)
 
     def state_dict(self):
-        return {"best_value": self.best_value}
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "best_step": self.best_step}
 
     def load_state_dict(self, state):
         self.best_value = state["best_value"]
+        self.best_epoch, self.best_step = state.get("best_epoch"), state.get("best_step")
 
 
 class EpochEnd(Callback):

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from essa import tuners
+from essa import io, tuners
 from essa.train.loader import ResumableLoader
 from essa.train.resources import MemoryMeter, StepTiming
-from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state, drop_frozen
+from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state, drop_frozen, writing
 from essa.train.trainer import build_trainer, full_weights, module_full_weights, over_processes, shard
 
 #: What a finished run measured, in its run directory (``essa finetune``: each seed's): ``trainable_params`` (of
@@ -230,8 +229,15 @@ def fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, traine
     """Train a stage in ``run``: ``cfg`` is its config (``trainer`` and ``optim.epochs`` / ``optim.grad_clip``
     sections; ``config.yaml``), ``seed`` seeds everything, ``resume`` continues ``checkpoints/last.ckpt`` if there
     is one, ``trainer_kwargs`` override the Trainer's arguments (tests, benchmarks). Every process calls it and
-    gets the same ``exported``."""
+    gets the same ``exported``. Process 0 holds the run directory's lock (:meth:`RunDir.locked`) throughout."""
+    with run.locked():
+        return _fit_stage(stage, cfg, run, seed=seed, resume=resume, trainer_kwargs=trainer_kwargs)
+
+
+def _fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, trainer_kwargs: dict | None) -> Fitted:
     run.prepare(cfg, resume)
+    if resume and run.last.exists():
+        run.check_last()
     L.seed_everything(seed, workers=True, verbose=False)
     stage.start()
     checkpointing = Checkpointing(run, stage.checkpoint_every_n_steps, monitor=stage.monitor, ties=stage.ties)
@@ -260,7 +266,8 @@ def fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, traine
             "peak_memory_mib": fitted.peak_memory_mib, **fitted.throughput, "train_seconds": module.timing["seconds"],
         }
         if trainer.is_global_zero:
-            (run.path / RESOURCES_FILE).write_text(json.dumps(fitted.resources, indent=2))
+            with writing(f"write {run.path / RESOURCES_FILE}"):
+                io.write_json(run.path / RESOURCES_FILE, fitted.resources)
             exported = stage.export(fitted)
     fitted.exported = trainer.strategy.broadcast(exported)  # the other processes return once the files exist
     return fitted

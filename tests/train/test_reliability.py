@@ -1,0 +1,218 @@
+"""What a run guarantees (README, "What a run guarantees"): a run SIGKILLed right after any kind of checkpoint write
+resumes to the uninterrupted run's metrics, export choice and exported weights, bit for bit; one run at a time holds
+``--out`` (its lock); operational problems with the run directory are one line (exit code 2), not tracebacks."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from essa import config as config_mod
+from essa.adaptation import adapt
+from essa.commands import main
+from essa.finetuning import finetune, resolve_config as finetune_config
+from essa.train.run_dir import RunBusyError, RunDir, RunDirError, RunExistsError
+from tests.train.test_adapt import XRAYS, _cfg, folders  # noqa: F401  (folders: the fixture)
+from tests.train.test_finetune import BREAST, QUIET, SMALL, _sections
+
+TIMING = {"train_seconds", "images_per_s", "peak_memory_mib"}
+ADAPT = {"optim": {"epochs": 3, "batch_size": 8}}  # 24 images: 3 steps per epoch
+FINETUNE = {**SMALL, "optim": {**SMALL["optim"], "epochs": 3}, "head": {"init": "random"}}  # 3 steps per epoch
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _killed(command: str, given, kill_after: str) -> None:
+    """Run ``essa COMMAND --config GIVEN`` in a subprocess that SIGKILLs itself after the ``kill_after`` write."""
+    env = {**os.environ, "ESSA_KILL_AFTER": kill_after}
+    proc = subprocess.run([sys.executable, "-m", "essa", command, "--config", str(given)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"not killed after {kill_after}: rc {proc.returncode}\n{proc.stderr}"
+
+
+def _same_weights(a, b) -> None:
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(a), load_file(b)
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "the exported weights differ"
+
+
+KILLS = ["step:4", "epoch:0", "best:0", "epoch:1"]  # last.ckpt mid-epoch (epoch 1), at epoch ends; best.ckpt
+
+
+@pytest.fixture(scope="module")
+def adapt_reference(folders, tmp_path_factory):  # noqa: F811
+    return adapt(_cfg(folders, tmp_path_factory.mktemp("ref") / "run", **ADAPT))
+
+
+@pytest.mark.skipif(not XRAYS.is_dir(), reason="shared chest X-rays not found")
+@pytest.mark.parametrize("kill_after", KILLS)
+def test_adapt_killed_after_any_checkpoint_write_resumes_to_the_same_export(folders, tmp_path, adapt_reference,  # noqa: F811
+                                                                           kill_after):
+    out = tmp_path / "killed"
+    out.mkdir()
+    config_mod.dump(_cfg(folders, out, **ADAPT), out / "given.yaml")
+    _killed("adapt", out / "given.yaml", kill_after)
+    assert not (out / "backbone.safetensors").exists()
+    with pytest.warns(UserWarning, match="taking over the lock"):  # the killed process left its lock
+        resumed = adapt(_cfg(folders, out, **ADAPT), resume=True)
+    ref = adapt_reference
+    assert _strip(resumed["metrics"]) == _strip(ref["metrics"])
+    assert resumed["resources"]["exported"] == ref["resources"]["exported"]
+    _same_weights(ref["backbone"], resumed["backbone"])
+    _same_weights(ref["tuner"], resumed["tuner"])
+    assert not (out / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    return finetune(finetune_config(sections=_sections(out, **FINETUNE)), trainer_kwargs=QUIET)
+
+
+@pytest.mark.skipif(not BREAST.is_file(), reason="shared BreastMNIST not found")
+@pytest.mark.parametrize("kill_after", KILLS)
+def test_finetune_killed_after_any_checkpoint_write_resumes_to_the_same_test(tmp_path, finetune_reference,
+                                                                             kill_after):
+    out = tmp_path / "killed"
+    out.mkdir()
+    config_mod.dump(finetune_config(sections=_sections(out, **FINETUNE)), out / "given.yaml")
+    _killed("finetune", out / "given.yaml", kill_after)
+    with pytest.warns(UserWarning, match="taking over the lock"):
+        resumed = finetune(out / "given.yaml", resume=True, trainer_kwargs=QUIET)
+    ref, res = finetune_reference["seeds"][0], resumed["seeds"][0]
+    ref_rows = json.loads((ref["run_dir"] / "metrics.json").read_text())
+    res_rows = json.loads((res["run_dir"] / "metrics.json").read_text())
+    assert _strip(res_rows) == _strip(ref_rows)  # the test row names the tested epoch and step
+    _same_weights(ref["classifier"], res["classifier"])
+
+
+# ----- the lock on --out ---------------------------------------------------------------------------------------
+def test_a_busy_run_directory_is_refused_with_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    run = RunDir(tmp_path / "run")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run.path.mkdir()
+        holder = {"pid": sleeper.pid, "host": socket.gethostname(), "start": "2026-01-01 00:00:00 UTC"}
+        (run.path / ".lock").write_text(json.dumps(holder))
+        with pytest.raises(RunBusyError, match=rf"in use by another run \(pid {sleeper.pid} on "
+                                               rf"{socket.gethostname()}, started 2026-01-01 00:00:00 UTC\)"):
+            with run.locked():
+                pass
+        assert json.loads((run.path / ".lock").read_text()) == holder  # untouched
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.warns(UserWarning, match="taking over the lock left by a process that is gone"):
+        with run.locked():
+            assert json.loads((run.path / ".lock").read_text())["pid"] == os.getpid()
+    assert not (run.path / ".lock").exists()
+    with pytest.raises(ZeroDivisionError):  # released on failure too
+        with run.locked():
+            1 / 0
+    assert not (run.path / ".lock").exists()
+    assert not list(run.path.glob(".lock.*"))
+
+
+def test_a_second_command_on_a_busy_out_stops_with_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "start": "then"}))
+    code = main(["adapt", "--data", str(tmp_path), "--out", str(out), "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"pid {os.getppid()}" in err and "in use by another run" in err
+    assert not (out / "config.yaml").exists()  # stopped before any work
+
+
+# ----- operational errors as one line ---------------------------------------------------------------------------
+class _Trainer:
+    """What save_checkpoint needs of a Trainer; its save writes half a file, then the disk is full."""
+    is_global_zero = True
+
+    def save_checkpoint(self, path, weights_only=False):
+        path.write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_file(tmp_path):
+    from essa.train.run_dir import save_checkpoint
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    path.parent.mkdir()
+    path.write_bytes(b"the previous checkpoint")
+    with pytest.raises(RunDirError, match=r"cannot write .*last.ckpt: no space left on the device"):
+        save_checkpoint(_Trainer(), path)
+    assert path.read_bytes() == b"the previous checkpoint"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pathlib.Path.write_text", full)
+    with pytest.raises(RunDirError, match="no space left"):
+        run.write_metrics([{"epoch": 0, "loss": 1.0}])
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_read_only_out_is_one_line(tmp_path, capsys, monkeypatch):
+    # what a read-only folder raises (simulated: tests may run as root, who writes anyway)
+    ro = tmp_path / "ro"
+    real_mkdir = os.mkdir
+
+    def denied(path, *args, **kwargs):
+        if str(path).startswith(str(ro)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", denied)  # what Path.mkdir calls
+    code = main(["adapt", "--data", str(tmp_path), "--out", str(ro / "run"), "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot create the run directory {ro / 'run'}: permission denied" in err
+    monkeypatch.setattr(os, "mkdir", real_mkdir)
+    (ro / "run").mkdir(parents=True)
+
+    def link_denied(src, dst, *args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(dst))
+
+    monkeypatch.setattr(os, "link", link_denied)  # the folder exists but cannot be written into
+    code = main(["adapt", "--data", str(tmp_path), "--out", str(ro / "run"), "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot write into the run directory {ro / 'run'}: permission denied" in err
+    assert not list((ro / "run").iterdir())
+
+
+def test_an_existing_run_without_resume_and_a_corrupt_last_ckpt_are_one_line(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    run.last.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(RunExistsError, match="already holds a run .* pass --resume to continue it or choose another"):
+        run.prepare(None, resume=False)
+    with pytest.raises(RunDirError, match=r"last.ckpt is corrupt and cannot be resumed .*delete it to restart"):
+        run.check_last()
+    torch.save({"a": torch.zeros(3)}, run.last)
+    run.last.write_bytes(run.last.read_bytes()[:40])  # truncated
+    with pytest.raises(RunDirError, match="is corrupt"):
+        run.check_last()
+
+
+def test_resume_on_a_directory_without_a_run_says_nothing_to_resume(tmp_path, capsys):
+    code = main(["adapt", "--out", str(tmp_path / "new"), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"nothing to resume in {tmp_path / 'new'}" in err
