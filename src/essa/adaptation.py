@@ -429,9 +429,8 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
                                 cfg.ssl.local_size)
     run = RunDir(cfg.out)
     if resume:
-        config_mod.refuse_other_config(run, cfg, f"--resume continues {run.path} with its own config.yaml; the "
-                                                 "given config differs: leave the other options out or use another "
-                                                 "--out")
+        run.refuse_other_config(cfg, f"--resume continues {run.path} with its own config.yaml; the given config "
+                                     "differs: leave the other options out or use another --out")
     fitted = fit_stage(_SSAStage(cfg, run), cfg, run, seed=cfg.seed, resume=resume, trainer_kwargs=trainer_kwargs)
     return {"run_dir": run.path, **fitted.exported, "metrics": fitted.module.history, "resources": fitted.resources}
 

@@ -118,18 +118,6 @@ class StageOptimConfig:
     min_lr: float = 1e-6
 
 
-def refuse_other_config(run, cfg, message: str) -> None:
-    """``run.refuse_other_config(cfg, message)`` (essa.train.run_dir.RunDir), its refusal a ConfigError: a run
-    directory made with another config is the user's mistake (one line), whatever error type the run directory
-    raises for it."""
-    try:
-        run.refuse_other_config(cfg, message)
-    except ValueError as err:
-        if isinstance(err, EssaError):
-            raise
-        raise ConfigError(str(err)) from None
-
-
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

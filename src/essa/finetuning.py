@@ -376,9 +376,8 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
     out = Path(cfg.out)
     runs = {seed: (dataclasses.replace(cfg, seeds=[seed]), RunDir(out / f"seed_{seed}")) for seed in cfg.seeds}
     for seed_cfg, run in runs.values():
-        config_mod.refuse_other_config(run, seed_cfg, f"{run.path} was run with another config "
-                                                      f"({run.path / 'config.yaml'}); give the same options, or "
-                                                      "another --out")
+        run.refuse_other_config(seed_cfg, f"{run.path} was run with another config ({run.path / 'config.yaml'}); "
+                                          "give the same options, or another --out")
     task = load_task(cfg.data, cfg.task, cfg.metric)
     if is_global_zero():  # in a distributed run, process 0 writes and prints
         out.mkdir(parents=True, exist_ok=True)

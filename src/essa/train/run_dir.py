@@ -58,6 +58,10 @@ class RunExistsError(RunDirError, FileExistsError):
     """The directory holds a run and ``--resume`` was not given."""
 
 
+class CheckpointMismatchError(EssaError, ValueError):
+    """A checkpoint that is not one of the model built now (other frozen weights, tensors or shapes)."""
+
+
 class RunBusyError(RunDirError):
     """Another live process holds the directory's lock."""
 
@@ -164,11 +168,11 @@ class RunDir:
         return self.checkpoints / "best.ckpt"
 
     def refuse_other_config(self, cfg, message: str) -> None:
-        """Raise ValueError(``message``) when the directory's ``config.yaml`` holds another config than ``cfg`` (a
+        """Raise ConfigError(``message``) when the directory's ``config.yaml`` holds another config than ``cfg`` (a
         config of the same class): a run continues, or is read back, only with the config it was made with."""
         saved = self.path / "config.yaml"
         if saved.exists() and config_mod.load(type(cfg), saved) != cfg:
-            raise ValueError(message)
+            raise config_mod.ConfigError(message)
 
     def prepare(self, cfg, resume: bool) -> None:
         """Create the directory; refuse to silently overwrite a run that has checkpoints."""
@@ -317,16 +321,16 @@ def check_trainable_state(checkpoint: dict, owner: nn.Module, trained: nn.Module
     mine = frozen_checksum(trained)
     theirs = checkpoint["frozen_checksum"]
     if not math.isclose(theirs, mine, rel_tol=1e-9, abs_tol=1e-6):
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{what} was trained from other frozen backbone weights than the ones built now (checksum "
             f"{theirs:.6g} vs {mine:.6g}): resume with the run's own config"
         )
     own, state = owner.state_dict(), checkpoint["state_dict"]
     missing = sorted(set(own) - set(state) - frozen_keys(owner, trained))
     if missing:
-        raise ValueError(f"{what} lacks trainable tensors {missing[:5]}: it is not a checkpoint of this model")
+        raise CheckpointMismatchError(f"{what} lacks trainable tensors {missing[:5]}: it is not a checkpoint of this model")
     wrong = [f"{k} is {tuple(state[k].shape)} there but {tuple(own[k].shape)} here"
              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if wrong:
-        raise ValueError(f"{what} does not fit the model: {'; '.join(wrong[:3])}; the checkpoint belongs to another "
+        raise CheckpointMismatchError(f"{what} does not fit the model: {'; '.join(wrong[:3])}; the checkpoint belongs to another "
                          "architecture or number of classes (resume with the run's own config and data)")
