@@ -127,7 +127,8 @@ def test_a_second_command_on_a_busy_out_stops_with_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "start": "then"}))
-    code = main(["adapt", "--data", str(tmp_path), "--out", str(out), "--epochs", "1"])
+    code = main(["adapt", "--data", str(tmp_path), "--out", str(out), "--epochs", "1", "--backbone",
+                 "vit_tiny_patch16_224", "--set", "backbone.pretrained=false"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"pid {os.getppid()}" in err and "in use by another run" in err
