@@ -169,6 +169,11 @@ def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_tmp(tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+#: A backbone for the commands whose config must pass its checks (which come before the run directory) to reach
+#: the run-directory error under test.
+TINY_BACKBONE = ("--backbone", "vit_tiny_patch16_224", "--set", "backbone.pretrained=false")
+
+
 def test_a_read_only_out_is_one_line(tmp_path, capsys, monkeypatch):
     # what a read-only folder raises (simulated: tests may run as root, who writes anyway)
     ro = tmp_path / "ro"
@@ -180,7 +185,7 @@ def test_a_read_only_out_is_one_line(tmp_path, capsys, monkeypatch):
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", denied)  # what Path.mkdir calls
-    code = main(["adapt", "--data", str(tmp_path), "--out", str(ro / "run"), "--epochs", "1"])
+    code = main(["adapt", "--data", str(tmp_path), "--out", str(ro / "run"), "--epochs", "1", *TINY_BACKBONE])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"cannot create the run directory {ro / 'run'}: permission denied" in err
@@ -191,7 +196,7 @@ def test_a_read_only_out_is_one_line(tmp_path, capsys, monkeypatch):
         raise PermissionError(errno.EROFS, "Read-only file system", str(dst))
 
     monkeypatch.setattr(os, "link", link_denied)  # the folder exists but cannot be written into
-    code = main(["adapt", "--data", str(tmp_path), "--out", str(ro / "run"), "--epochs", "1"])
+    code = main(["adapt", "--data", str(tmp_path), "--out", str(ro / "run"), "--epochs", "1", *TINY_BACKBONE])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"cannot write into the run directory {ro / 'run'}: permission denied" in err
