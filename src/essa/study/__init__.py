@@ -36,6 +36,7 @@ from essa.study.config import (
     StudyConfig,
     TunerSpec,
     budget_label,
+    budget_dir_suffix,
     budget_suffix,
     deep_merge,
 )
@@ -46,6 +47,6 @@ from essa.study.runner import CELLS_FILE, CellError, Study, run
 __all__ = [
     "ALL_LABELS", "CELLS_FILE", "NO_SSA", "PROBES", "Cell", "CellError", "CellResult", "DatasetResult", "DatasetSpec",
     "FinetuneStageConfig", "Grid", "ProbeResult", "Results", "SSAStageConfig", "StageConfig", "Study", "StudyConfig",
-    "TunerResult", "TunerSpec", "WeightChanges", "budget_label", "budget_suffix", "deep_merge", "probe_backbone",
-    "run", "slug",
+    "TunerResult", "TunerSpec", "WeightChanges", "budget_dir_suffix", "budget_label", "budget_suffix", "deep_merge",
+    "probe_backbone", "run", "slug",
 ]

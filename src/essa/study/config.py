@@ -79,12 +79,14 @@ def budget_label(budget: int | str | None) -> str:
     return "all labels" if budget in (None, ALL_LABELS) else f"{budget} labels"
 
 
-def budget_suffix(budget: int | str | None, separator: str = "__") -> str:
-    """What a label budget adds to a directory name (``__300_labels``) or a label (``, 300 labels``); nothing
-    without the axis (None)."""
-    if budget is None:
-        return ""
-    return separator + (slug(budget_label(budget)) if separator == "__" else budget_label(budget))
+def budget_suffix(budget: int | str | None) -> str:
+    """What a label budget adds to a cell's or probe's label (``, 300 labels``); nothing without the axis (None)."""
+    return "" if budget is None else f", {budget_label(budget)}"
+
+
+def budget_dir_suffix(budget: int | str | None) -> str:
+    """What a label budget adds to a directory name (``__300_labels``); nothing without the axis (None)."""
+    return "" if budget is None else "__" + slug(budget_label(budget))
 
 
 @dataclass

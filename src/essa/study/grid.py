@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from essa import config as config_mod
 from essa.names import NO_SSA, slug
-from essa.study.config import ALL_LABELS, DatasetSpec, StageConfig, StudyConfig, TunerSpec, budget_suffix, deep_merge
+from essa.study.config import (ALL_LABELS, DatasetSpec, StageConfig, StudyConfig, TunerSpec, budget_dir_suffix,
+                               deep_merge)
 
 
 @dataclass
@@ -61,10 +62,11 @@ class Grid:
         return self._dir(dataset, "ssa", slug(spec.label))
 
     def probe_dir(self, dataset: DatasetSpec, ssa: TunerSpec, budget=None) -> Path:
-        return self._dir(dataset, "probe", slug(probe_backbone(ssa)) + budget_suffix(budget))
+        return self._dir(dataset, "probe", slug(probe_backbone(ssa)) + budget_dir_suffix(budget))
 
     def finetune_dir(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec, budget=None) -> Path:
-        return self._dir(dataset, "finetune", f"{slug(ssa.label)}__{slug(spec.label)}" + budget_suffix(budget))
+        name = f"{slug(ssa.label)}__{slug(spec.label)}" + budget_dir_suffix(budget)
+        return self._dir(dataset, "finetune", name)
 
     # ----- configs of the cells -------------------------------------------------------------------------------
     def _backbone(self, dataset: DatasetSpec, ssa: TunerSpec) -> dict:

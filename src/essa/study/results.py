@@ -136,7 +136,7 @@ def _dataset_results(grid: Grid, dataset: DatasetSpec, state: dict,
         for budget in grid.cfg.finetune.budgets():
             for row in read_json(grid.probe_dir(dataset, ssa, budget) / "metrics.json") or []:
                 probes.append({"backbone": probe_backbone(ssa), "ssa": ssa.label,
-                               "method": row["name"] + budget_suffix(budget, ", "),
+                               "method": row["name"] + budget_suffix(budget),
                                "metrics": {k: v for k, v in row.items() if k != "name"}})
             for spec in grid.cfg.finetune.specs():
                 cells.append(_cell_results(grid, dataset, ssa, spec, budget, state, ssa_resources))
@@ -167,7 +167,7 @@ def _cell_results(grid: Grid, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerS
     if tests:
         resources = {k: sum(r.get(k, float("nan")) for r in tests) / len(tests) for k in keys}
     return {"ssa": ssa.label, "ssa_tuner": tuner_result(ssa),
-            "finetune": spec.label + budget_suffix(budget, ", "), "finetune_tuner": tuner_result(spec),
+            "finetune": spec.label + budget_suffix(budget), "finetune_tuner": tuner_result(spec),
             "status": status, "error": "; ".join(errors) or None,
             "seeds": seeds, "ssa_resources": ssa_resources, "finetune_resources": resources}
 
