@@ -302,3 +302,44 @@ def test_the_command_exits_1_when_a_cell_failed_and_lists_the_failures_last(tmp_
     monkeypatch.setattr(study_mod.Study, "run", lambda self, log=print: {
         "results": {"datasets": []}, "markdown": "r.md", "html": "r.html", "failed": {}})
     assert main(["run", "--config", str(config)]) == 0
+
+
+#: Keys of results.json that measure time or memory, which no two runs share.
+_MEASURED = {"seconds", "wall_seconds", "train_seconds", "images_per_s", "peak_memory_mib", "eval_seconds"}
+
+
+def _without_measured(value):
+    if isinstance(value, dict):
+        return {k: _without_measured(v) for k, v in value.items() if k not in _MEASURED}
+    if isinstance(value, list):
+        return [_without_measured(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_a_study_interrupted_or_a_cell_killed_at_a_seeded_step_resumes_to_the_uninterrupted_results(tmp_path):
+    small = {"ssa": {**TINY["ssa"], "tuners": [{"name": "apla", "options": {"r": 16}}]},
+             "finetune": {**TINY["finetune"], "tuners": ["apla"]}}  # SSA (3 steps), probes, one fine-tuning
+    (tmp_path / "ref").mkdir()
+    reference = _write(tmp_path / "ref", **small)
+    assert main(["run", "--config", str(reference)]) == 0
+    expected = _without_measured(json.loads((tmp_path / "ref" / "run" / "results.json").read_text()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for signal_at, code in (("INT:1", 130), ("KILL:1", 1)):  # the SSA cell's step 1 (ssa/apla_r16)
+        (tmp_path / signal_at.replace(":", "_")).mkdir()
+        config = _write(tmp_path / signal_at.replace(":", "_"), **small)
+        proc = subprocess.run([sys.executable, "-m", "essa", "run", "--config", str(config)], cwd=REPO,
+                              env={**env, "ESSA_SIGNAL_AT": signal_at}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=600, start_new_session=True)
+        assert proc.returncode == code, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        if code == 130:  # Ctrl-C: the cell stopped after its step with a checkpoint, the study with one line
+            assert re.fullmatch(r"essa run: interrupted in cell .*breast/ssa/apla_r16: stopped after optimisation "
+                                r"step 2 \(epoch 0\), saved in .*last\.ckpt; rerun the same essa run command to "
+                                r"continue \(finished cells are kept, this one resumes\)", last), last
+        else:  # a killed cell fails, the cells that need it too, and the study says so
+            assert "exit code -9" in proc.stderr
+        assert main(["run", "--config", str(config)]) == 0
+        results = (config.parent / "run" / "results.json").read_text().replace(str(config.parent), str(reference.parent))
+        got = _without_measured(json.loads(results))
+        assert got == expected, signal_at

@@ -364,6 +364,7 @@ class _SSAStage(Stage):
     """``essa adapt`` as :func:`essa.train.stage.fit_stage` runs it."""
 
     ties = "later"
+    name = "adapt"
 
     def __init__(self, cfg: AdaptConfig, run: RunDir):
         self.cfg, self.run = cfg, run

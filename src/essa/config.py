@@ -69,6 +69,9 @@ class TunerConfig:
 #: sharded over the processes, block by block).
 STRATEGIES = ("auto", "ddp", "fsdp")
 #: ``trainer.precision`` values (Lightning's names); ``auto`` is bf16-mixed on GPU and 32-true on CPU.
+#: ``trainer.progress`` values (essa.train.progress): the bar on a terminal and plain lines elsewhere, the bar,
+#: plain lines, nothing.
+PROGRESS = ("auto", "bar", "lines", "none")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -86,6 +89,9 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimisation step
     grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (timm)
     compile: bool = False  # torch.compile each transformer block
+    # auto: Lightning's bar on a terminal, else plain lines (a log file: nohup, SLURM, CI); bar; lines; none
+    progress: str = "auto"
+    progress_every: float = 30.0  # seconds between two progress lines
 
     def validate(self) -> None:
         devices = self.devices
@@ -103,6 +109,10 @@ class TrainerConfig:
             raise ConfigError(f"trainer.precision={self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
         if self.accumulate_grad_batches < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches={self.accumulate_grad_batches} must be at least 1")
+        if self.progress not in PROGRESS:
+            raise ConfigError(f"trainer.progress={self.progress!r}; valid choices: {', '.join(PROGRESS)}")
+        if not self.progress_every >= 0:
+            raise ConfigError(f"trainer.progress_every={self.progress_every} must be a number of seconds, at least 0")
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""The one error type of essa that the ``essa`` command prints as one line (exit code 2).
+"""The one error type of essa that the ``essa`` command prints as one line (exit code 2; :class:`Interrupted`: 130).
 
 Every error essa raises for a mistake in what the user asked for (a config key, a tuner, a data folder, a weights
 file) is an :class:`EssaError`; the specific ones (``ConfigError``, ``TunerError``, ``DataError``,
@@ -19,3 +19,15 @@ class InputError(EssaError, ValueError):
 
 class NotFoundError(EssaError, FileNotFoundError):
     """A file or folder the user named does not exist (also a FileNotFoundError)."""
+
+
+class Interrupted(EssaError):
+    """A run stopped on request (Ctrl-C, SIGINT): one line saying what was saved and how to continue, exit code 130
+    (128 + SIGINT), as a shell reports a command that Ctrl-C stopped. ``where`` says where it stopped and what it
+    saved, without the advice of the message (a study gives its own)."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, where: str | None = None):
+        super().__init__(message)
+        self.where = where or message

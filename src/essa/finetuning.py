@@ -289,6 +289,7 @@ class _SeedStage(Stage):
         self.cfg, self.seed, self.task, self.run, self.resume = cfg, seed, task, run, resume
         self.checkpoint_every_n_steps = cfg.checkpoint_every_n_steps
         self.monitor = task.primary
+        self.name = f"finetune seed {seed}"
 
     def epoch_metrics(self, module) -> dict[str, Any]:
         return _val_metrics(module, self.cfg, self.task)

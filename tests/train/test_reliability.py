@@ -1,10 +1,12 @@
-"""What a run guarantees (README, "What a run guarantees"): a run SIGKILLed right after any kind of checkpoint write
-resumes to the uninterrupted run's metrics, export choice and exported weights, bit for bit; one run at a time holds
-``--out`` (its lock); operational problems with the run directory are one line (exit code 2), not tracebacks."""
+"""What a run guarantees (README, "What a run guarantees"): a run SIGKILLed right after any kind of checkpoint write,
+or SIGKILLed or Ctrl-C'd (SIGINT) at a seeded random step, resumes to the uninterrupted run's metrics, export choice
+and exported weights, bit for bit; one run at a time holds ``--out`` (its lock); operational problems with the run
+directory are one line (exit code 2), not tracebacks."""
 
 import errno
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,6 +38,31 @@ def _killed(command: str, given, kill_after: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "essa", command, "--config", str(given)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, f"not killed after {kill_after}: rc {proc.returncode}\n{proc.stderr}"
+
+
+def _signalled(command: str, given, signal_at: str) -> subprocess.CompletedProcess:
+    """Run ``essa COMMAND --config GIVEN`` as the leader of a process group (a terminal's foreground job: its
+    data-loader workers receive the group's signals too) that is sent ``signal_at`` (``INT:n``, ``KILL:n``) at the
+    start of the batch after step n; a SIGINT must end it with 130 and one line."""
+    env = {**os.environ, "ESSA_SIGNAL_AT": signal_at}
+    proc = subprocess.run([sys.executable, "-m", "essa", command, "--config", str(given)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600,
+                          start_new_session=True)
+    if signal_at.startswith("KILL"):
+        assert proc.returncode == -signal.SIGKILL, f"not killed at {signal_at}: rc {proc.returncode}\n{proc.stderr}"
+    else:
+        step = int(signal_at.split(":")[1]) + 1  # the step the signal fell in finishes first
+        assert proc.returncode == 130, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"essa {command}: interrupted: stopped after optimisation step {step} "), last
+        assert "; continue with --resume" in last
+        assert "Traceback" not in proc.stderr
+    return proc
+
+
+#: (signal, step) pairs, the steps drawn from a seeded generator among the 9 steps of the runs (3 epochs of 3), but
+#: the last (after which a Ctrl-C lets the run finish)
+SIGNALS = list(zip(("INT", "INT", "KILL"), random.Random(20261201).sample(range(1, 8), 3)))
 
 
 def _same_weights(a, b) -> None:
@@ -73,6 +100,38 @@ def test_adapt_killed_after_any_checkpoint_write_resumes_to_the_same_export(fold
     assert not (out / ".lock").exists()
 
 
+@pytest.mark.skipif(not XRAYS.is_dir(), reason="shared chest X-rays not found")
+@pytest.mark.parametrize("signal_name,step", SIGNALS)
+def test_adapt_interrupted_or_killed_at_a_seeded_step_resumes_to_the_same_export(folders, tmp_path,  # noqa: F811
+                                                                                adapt_reference, signal_name, step):
+    out = tmp_path / "run"
+    out.mkdir()
+    # two loader workers (in the process group, as under a terminal), and last.ckpt at epoch ends only: a kill
+    # loses the steps since, which the resumed run redoes
+    given = _cfg(folders, out, **ADAPT, monitor={"knn_k": 5, "checkpoint_every_n_steps": 0})
+    given.data.num_workers = 2
+    config_mod.dump(given, out / "given.yaml")
+    _signalled("adapt", out / "given.yaml", f"{signal_name}:{step}")
+    assert not (out / "backbone.safetensors").exists()
+    if signal_name == "INT":
+        assert not (out / ".lock").exists()  # a clean stop releases the lock
+        saved = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert saved["global_step"] == step + 1
+    with pytest.warns(UserWarning, match="taking over the lock") if signal_name == "KILL" else _no_warning():
+        resumed = adapt(out / "given.yaml", resume=True)
+    ref = adapt_reference
+    assert _strip(resumed["metrics"]) == _strip(ref["metrics"])
+    assert resumed["resources"]["exported"] == ref["resources"]["exported"]
+    _same_weights(ref["backbone"], resumed["backbone"])
+    _same_weights(ref["tuner"], resumed["tuner"])
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 @pytest.fixture(scope="module")
 def finetune_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
@@ -93,6 +152,23 @@ def test_finetune_killed_after_any_checkpoint_write_resumes_to_the_same_test(tmp
     ref_rows = json.loads((ref["run_dir"] / "metrics.json").read_text())
     res_rows = json.loads((res["run_dir"] / "metrics.json").read_text())
     assert _strip(res_rows) == _strip(ref_rows)  # the test row names the tested epoch and step
+    _same_weights(ref["classifier"], res["classifier"])
+
+
+@pytest.mark.skipif(not BREAST.is_file(), reason="shared BreastMNIST not found")
+@pytest.mark.parametrize("signal_name,step", SIGNALS)
+def test_finetune_interrupted_or_killed_at_a_seeded_step_resumes_to_the_same_test(tmp_path, finetune_reference,
+                                                                                  signal_name, step):
+    out = tmp_path / "run"
+    out.mkdir()
+    config_mod.dump(finetune_config(sections=_sections(out, **FINETUNE, checkpoint_every_n_steps=0)),
+                    out / "given.yaml")
+    _signalled("finetune", out / "given.yaml", f"{signal_name}:{step}")
+    resumed = finetune(out / "given.yaml", resume=True, trainer_kwargs=QUIET)
+    ref, res = finetune_reference["seeds"][0], resumed["seeds"][0]
+    ref_rows = json.loads((ref["run_dir"] / "metrics.json").read_text())
+    res_rows = json.loads((res["run_dir"] / "metrics.json").read_text())
+    assert _strip(res_rows) == _strip(ref_rows)
     _same_weights(ref["classifier"], res["classifier"])
 
 
@@ -222,3 +298,52 @@ def test_resume_on_a_directory_without_a_run_says_nothing_to_resume(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"nothing to resume in {tmp_path / 'new'}" in err
+
+
+# ----- a real full disk and a real read-only file system (a small tmpfs; needs root) ----------------------------
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a tmpfs at ``tmp_path / "mnt"`` and give a function that remounts it with options; skipped unless this
+    process may mount (root, outside a restricted container)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def mount(*options: str) -> None:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(mnt)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mnt, mount
+    while subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+        pass
+
+
+@pytest.mark.skipif(not XRAYS.is_dir(), reason="shared chest X-rays not found")
+def test_a_really_full_disk_is_one_line_leaves_no_partial_file_and_resumes_once_freed(folders, tmp_path, tmpfs,  # noqa: F811
+                                                                                      capsys):
+    mnt, mount = tmpfs
+    mount("size=64k")  # config.yaml and the lock fit; the first checkpoint does not
+    out = mnt / "run"
+    config_mod.dump(_cfg(folders, out, **ADAPT), tmp_path / "given.yaml")
+    assert main(["adapt", "--config", str(tmp_path / "given.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoints/last.ckpt: no space left on the device" in err[0], err
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.yaml"]  # no .tmp, no lock
+    mount("remount", "size=64m")
+    assert main(["adapt", "--config", str(tmp_path / "given.yaml"), "--resume"]) == 0
+    assert (out / "backbone.safetensors").is_file()
+
+
+def test_a_really_read_only_out_is_one_line(tmp_path, tmpfs, capsys):
+    mnt, mount = tmpfs
+    mount("size=1m")
+    (mnt / "runs").mkdir()
+    mount("remount", "ro")
+    code = main(["adapt", "--data", str(tmp_path), "--out", str(mnt / "runs" / "a"), "--epochs", "1",
+                 *TINY_BACKBONE])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot create the run directory {mnt / 'runs' / 'a'}: permission denied (read-only?)" in err

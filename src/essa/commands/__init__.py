@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import essa
 
-from essa.errors import EssaError
+from essa.errors import EssaError, Interrupted
 
 # Modules that each contribute one subcommand, in the order of ``essa --help``.
 COMMANDS = ("tuners", "data", "adapt", "finetune", "evaluate", "run")
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="essa", description="Efficient self-supervised adaptation of vision foundation models."
     )
     parser.add_argument("--version", action="version", version=f"essa {essa.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' own notes and warnings (Lightning's start-up block, deprecations)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         importlib.import_module(f"essa.commands.{module}").add_parser(sub)
@@ -32,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:  # read where each Trainer is built, in this process and in a study's cell processes
+        os.environ["ESSA_VERBOSE"] = "1"
     try:
         return int(args.func(args) or 0)
+    except Interrupted as err:  # Ctrl-C, stopped cleanly: what was saved and how to continue
+        print(f"essa {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except EssaError as err:  # a mistake in what the user asked for: one line; anything else is a bug (traceback)
         print(f"essa {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -4,15 +4,20 @@ rewritten after every cell."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from essa import config as config_mod, io
+from essa.errors import Interrupted
 from essa.study.config import StudyConfig
 from essa.study.grid import Cell, Grid
 from essa.study.results import Results, WeightChanges, study_results
+from essa.train.progress import duration
 
 #: The file that records every cell's status and duration.
 CELLS_FILE = "cells.json"
@@ -84,6 +89,10 @@ class Study(Grid):
                 else:
                     cell.run()
                 state[cell.id] = {"status": "done", "seconds": time.perf_counter() - start}
+            except Interrupted as err:  # Ctrl-C: the cell saved where it stopped; the study stops here
+                io.write_json(self.out / CELLS_FILE, state, default=str)
+                raise Interrupted(f"interrupted in cell {cell.id}: {err.where}; rerun the same essa run command to "
+                                  "continue (finished cells are kept, this one resumes)", err.where) from None
             except (ValueError, RuntimeError, OSError) as err:  # a broken cell must not stop the others
                 failed.add(cell.id)
                 state[cell.id] = {"status": "failed", "seconds": time.perf_counter() - start,
@@ -110,7 +119,7 @@ class Study(Grid):
                 seconds.setdefault(c.kind, []).append(state[c.id]["seconds"])
         known = [c for c in left if c.kind in seconds]
         estimate = sum(sum(seconds[c.kind]) / len(seconds[c.kind]) for c in known)
-        eta = f"about {_duration(estimate)} left" if known else "no estimate yet"
+        eta = f"about {duration(estimate)} left" if known else "no estimate yet"
         if len(known) < len(left) and known:
             eta += f" for {len(known)} of them"
         parts = [f"[study] {len(done)}/{len(self.cells)} done"]
@@ -142,24 +151,32 @@ class CellError(RuntimeError):
 
 
 def _cell_main(config: str, cell_id: str, errors) -> None:
-    """The body of a fresh cell process: rebuild the study's grid from its saved config and run one cell."""
+    """The body of a fresh cell process: rebuild the study's grid from its saved config and run one cell.
+
+    The cell leads a process group of its own: a terminal's Ctrl-C reaches the study, which passes each one on
+    (:func:`_run_in_fresh_process`), so the cell sees one SIGINT per Ctrl-C and stops after its step."""
     import multiprocessing
 
     from essa._die_with_parent import die_with_parent
 
     die_with_parent()  # the fork server, which dies with the study
+    os.setpgrp()
     multiprocessing.set_start_method("fork", force=True)  # data-loader workers as in a plain process
     cell = next(c for c in Grid(config).cells if c.id == cell_id)
     try:
         cell.run()
+    except Interrupted as err:
+        errors.put((True, err.where))
+        raise
     except Exception as err:
-        errors.put(f"{type(err).__name__}: {err}")
+        errors.put((False, f"{type(err).__name__}: {err}"))
         raise
 
 
 def _run_in_fresh_process(config: Path, cell_id: str) -> None:
     """Run one cell in a child of a fork server that imported the training stack once (a child starts in well
-    under a second, and never inherits this process's threads or heap)."""
+    under a second, and never inherits this process's threads or heap). A SIGINT to the study while the cell runs
+    is passed on to the cell, which stops after its step (:mod:`essa.train.interrupt`); then :class:`Interrupted`."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
@@ -168,18 +185,25 @@ def _run_in_fresh_process(config: Path, cell_id: str) -> None:
     errors = ctx.Queue()
     process = ctx.Process(target=_cell_main, args=(str(config), cell_id, errors))
     process.start()
-    process.join()
+    passed_on = []
+
+    def pass_on(signum, frame):
+        passed_on.append(signum)
+        if process.exitcode is None:
+            os.kill(process.pid, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, pass_on) if threading.current_thread() is threading.main_thread() else None
+    try:
+        process.join()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if process.exitcode != 0:
-        message = errors.get(timeout=1) if not errors.empty() else f"exit code {process.exitcode}"
+        interrupted, message = errors.get(timeout=1) if not errors.empty() else (
+            False, f"exit code {process.exitcode}")
+        if interrupted or passed_on:
+            raise Interrupted(message, message)
         raise CellError(message)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def run(config: StudyConfig | str | Path | None = None, *, overrides: list[str] | None = None,

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from essa.config import ConfigError
 from essa.data import ImageDataset
+from essa.train.interrupt import worker_init
 
 Key = tuple[int, int]  # (epoch, index)
 
@@ -143,10 +144,12 @@ def training_loader(source, records: list, transform, *, seed: int, batch_size: 
     """A training stage's loader: ``records`` of ``source`` through ``transform`` (an :class:`essa.data.ImageDataset`,
     which replaces an unreadable file by the next readable one and lists it in its report), augmented as
     :class:`SeededDataset` seeds it, in the order of :class:`EpochSampler` (``batch_size`` per process), resumable
-    mid-epoch. Refuses fewer images than one batch (``what`` names them in the message)."""
+    mid-epoch; its workers leave Ctrl-C to the main process (:func:`essa.train.interrupt.worker_init`). Refuses
+    fewer images than one batch (``what`` names them in the message)."""
     if len(records) < batch_size:
         raise ConfigError(f"{what} has {len(records)} images, fewer than one batch (optim.batch_size={batch_size}); "
                          "lower --batch-size")
     dataset = SeededDataset(ImageDataset(source, records, transform), seed)
     sampler = EpochSampler(len(records), seed, batch_size)
-    return ResumableLoader(dataset, sampler, collate_fn=collate_fn, num_workers=num_workers, persistent_workers=False)
+    return ResumableLoader(dataset, sampler, collate_fn=collate_fn, num_workers=num_workers, persistent_workers=False,
+                           worker_init_fn=worker_init)

@@ -45,7 +45,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from essa import config as config_mod, io
-from essa.errors import EssaError
+from essa.errors import EssaError, Interrupted
+from essa.train.interrupt import StopRequest, signal_hook
 from essa.train.trainer import full_weights, is_global_zero, over_processes
 
 
@@ -227,19 +228,27 @@ def save_checkpoint(trainer: L.Trainer, path: Path) -> None:
 class Checkpointing(Callback):
     """``last.ckpt`` every ``every_n_steps`` optimisation steps (not after the epoch's last batch) and at each epoch
     end; ``best.ckpt`` when the monitored value (if any) improves. Also tells the loader how many batches of the
-    epoch are done, which is what a resumed run skips (Lightning's fetcher reads one batch ahead, so the loader cannot count this itself).
-    With gradient accumulation a checkpoint is only taken right after an optimisation step, never with gradients
-    of some batches accumulated but not applied (a resumed run would skip those batches).
+    epoch are done, which is what a resumed run skips (Lightning's fetcher reads one batch ahead, so the loader
+    cannot count this itself). With gradient accumulation a checkpoint is only taken right after an optimisation
+    step, never with gradients of some batches accumulated but not applied (a resumed run would skip those batches).
+
+    With ``stop`` (a :class:`essa.train.interrupt.StopRequest`), a Ctrl-C ends the run after the optimisation step
+    it fell in: ``last.ckpt`` is written there (after the epoch's last batch: at the epoch end, which runs first)
+    and :class:`essa.errors.Interrupted` raised. In a distributed run the processes stop together, at the first
+    step after any of them was asked.
     """
 
     def __init__(self, run: RunDir, every_n_steps: int, monitor: str | None = None, mode: str = "max",
-                 ties: str = "earlier"):
+                 ties: str = "earlier", stop: StopRequest | None = None):
         """``ties``: which epoch ``best.ckpt`` keeps when the monitored value equals the best so far."""
         self.run, self.every_n_steps, self.monitor, self.mode = run, every_n_steps, monitor, mode
-        self.ties = ties
+        self.ties, self.stop = ties, stop
         self.best_value: float | None = None
         self.best_epoch: int | None = None  # of best.ckpt, with its step: kept in every last.ckpt
         self.best_step: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        signal_hook(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         trainer.train_dataloader.position = batch_idx + 1
@@ -247,9 +256,26 @@ class Checkpointing(Callback):
         # not after the epoch's last batch: the epoch end writes last.ckpt, and Lightning resumed from a checkpoint
         # taken after the last batch goes on to the next epoch without the epoch end (its row, its best.ckpt)
         epoch_done = batch_idx + 1 >= trainer.num_training_batches
-        if self.every_n_steps and stepped and not epoch_done and trainer.global_step % self.every_n_steps == 0:
+        if not stepped or epoch_done:
+            return
+        stopping = self._stop_requested(trainer)
+        if stopping or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             save_checkpoint(trainer, self.run.last)
             _kill_hook("step", trainer.global_step)
+        if stopping:
+            self._interrupted(trainer)
+
+    def _stop_requested(self, trainer) -> bool:
+        """Whether a Ctrl-C asks the run to stop now: in a distributed run, whether any process was asked."""
+        asked = self.stop is not None and self.stop.requested
+        if trainer.world_size > 1:
+            return bool(trainer.strategy.reduce_boolean_decision(asked, all=False))
+        return asked
+
+    def _interrupted(self, trainer):
+        where = (f"stopped after optimisation step {trainer.global_step} (epoch {trainer.current_epoch}), saved in "
+                 f"{self.run.last}")
+        raise Interrupted(f"interrupted: {where}; continue with --resume", where)
 
     def epoch_end(self, trainer, metrics: dict) -> None:
         """Called by the module once the epoch's metrics (e.g. kNN) are known. The best value is updated first and
@@ -265,6 +291,9 @@ class Checkpointing(Callback):
                 _kill_hook("best", trainer.current_epoch)
         save_checkpoint(trainer, self.run.last)
         _kill_hook("epoch", trainer.current_epoch)
+        # after the last epoch, only the export is left: the run finishes
+        if trainer.current_epoch + 1 < trainer.max_epochs and self._stop_requested(trainer):
+            self._interrupted(trainer)
 
     def state_dict(self):
         return {"best_value": self.best_value, "best_epoch": self.best_epoch, "best_step": self.best_step}

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from essa import io, tuners
+from essa.train.interrupt import StopRequest
 from essa.train.loader import ResumableLoader
 from essa.train.resources import MemoryMeter, StepTiming
 from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state, drop_frozen, writing
@@ -191,6 +192,8 @@ class Stage:
     ties: str = "earlier"
     #: Some steps leave trainable parameters without a gradient (the SSA head warm-up), which DDP must look for.
     unused_parameters: bool = False
+    #: What heads its progress lines (essa.train.progress.ProgressLines).
+    name: str = "train"
 
     def start(self) -> None:
         """Once the run directory is prepared and the seed set, before the Trainer exists (e.g. load the data whose
@@ -229,21 +232,25 @@ def fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, traine
     """Train a stage in ``run``: ``cfg`` is its config (``trainer`` and ``optim.epochs`` / ``optim.grad_clip``
     sections; ``config.yaml``), ``seed`` seeds everything, ``resume`` continues ``checkpoints/last.ckpt`` if there
     is one, ``trainer_kwargs`` override the Trainer's arguments (tests, benchmarks). Every process calls it and
-    gets the same ``exported``. Process 0 holds the run directory's lock (:meth:`RunDir.locked`) throughout."""
-    with run.locked():
-        return _fit_stage(stage, cfg, run, seed=seed, resume=resume, trainer_kwargs=trainer_kwargs)
+    gets the same ``exported``. Process 0 holds the run directory's lock (:meth:`RunDir.locked`) throughout. A Ctrl-C
+    stops the run after the step it fell in, with a checkpoint there (:mod:`essa.train.interrupt`)."""
+    with run.locked(), StopRequest() as stop:
+        return _fit_stage(stage, cfg, run, seed=seed, resume=resume, trainer_kwargs=trainer_kwargs, stop=stop)
 
 
-def _fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, trainer_kwargs: dict | None) -> Fitted:
+def _fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, trainer_kwargs: dict | None,
+               stop: StopRequest) -> Fitted:
     run.prepare(cfg, resume)
     if resume and run.last.exists():
         run.check_last()
     L.seed_everything(seed, workers=True, verbose=False)
     stage.start()
-    checkpointing = Checkpointing(run, stage.checkpoint_every_n_steps, monitor=stage.monitor, ties=stage.ties)
+    checkpointing = Checkpointing(run, stage.checkpoint_every_n_steps, monitor=stage.monitor, ties=stage.ties,
+                                  stop=stop)
     trainer = build_trainer(cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
                             callbacks=[checkpointing, EpochEnd(run, checkpointing, stage.epoch_metrics)],
-                            trainer_kwargs=trainer_kwargs, unused_parameters=stage.unused_parameters)
+                            trainer_kwargs=trainer_kwargs, unused_parameters=stage.unused_parameters,
+                            name=stage.name)
     # before the model exists: its weights count as training memory; each run (seed) measures its own peak
     meter = MemoryMeter(trainer.strategy.root_device, restart=True)
     tuned = stage.tuned_model()

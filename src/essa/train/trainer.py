@@ -33,22 +33,28 @@ from torch import nn
 from essa.config import ConfigError, TrainerConfig
 from essa.train.loader import ResumableLoader
 from essa.train.optim import precision
+from essa.train.progress import ProgressLines, progress_mode, quiet_libraries
 
 
 def build_trainer(cfg: TrainerConfig, *, max_epochs: int, grad_clip: float | None, callbacks: list,
-                  trainer_kwargs: dict | None = None, unused_parameters: bool = False) -> L.Trainer:
-    """The Trainer of a training stage. ``trainer_kwargs`` (tests, benchmarks) override any argument; their
-    ``callbacks`` are added to the stage's own. ``unused_parameters``: some steps leave trainable parameters
-    without a gradient (the SSA head warm-up), which DDP must then look for."""
+                  trainer_kwargs: dict | None = None, unused_parameters: bool = False,
+                  name: str = "train") -> L.Trainer:
+    """The Trainer of a training stage (``name`` heads its progress lines: ``adapt``, ``finetune``).
+    ``trainer_kwargs`` (tests, benchmarks) override any argument; their ``callbacks`` are added to the stage's own.
+    ``unused_parameters``: some steps leave trainable parameters without a gradient (the SSA head warm-up), which
+    DDP must then look for. Progress as ``trainer.progress`` says (:mod:`essa.train.progress`), libraries quiet."""
+    quiet_libraries()
     trainer_kwargs = dict(trainer_kwargs or {})
-    callbacks = [*callbacks, *trainer_kwargs.pop("callbacks", [])]
+    mode = progress_mode(cfg.progress)
+    callbacks = [*callbacks, *([ProgressLines(name, cfg.progress_every)] if mode == "lines" else []),
+                 *trainer_kwargs.pop("callbacks", [])]
     kwargs = dict(
         max_epochs=max_epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=_strategy(cfg.strategy, unused_parameters), precision=precision(cfg.precision),
         accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=grad_clip, callbacks=callbacks,
         use_distributed_sampler=False,  # EpochSampler shards itself, resumably (see shard)
         logger=False, enable_checkpointing=False, num_sanity_val_steps=0, deterministic=False,
-        enable_model_summary=False,
+        enable_model_summary=False, enable_progress_bar=mode == "bar",
     )
     return L.Trainer(**{**kwargs, **trainer_kwargs})
 
