@@ -18,6 +18,10 @@ from timm.models.vision_transformer import VisionTransformer
 from essa.errors import EssaError
 
 REGISTRY: dict[str, type["Tuner"]] = {}
+#: What joins the parts of a combination's name (``apla+lora``), and the function that builds one (registered by
+#: essa.tuners.combined, which the package imports).
+COMBINE = "+"
+COMBINATIONS: list = []
 
 
 class TunerError(EssaError, ValueError):
@@ -59,7 +63,12 @@ class Tuner:
 
 
 def build(name: str, options: dict[str, Any]) -> Tuner:
-    """Instantiate a registered tuner, turning a bad name or option into an error that lists the valid ones."""
+    """Instantiate a registered tuner, or a combination of them named ``"apla+lora"`` (options by part:
+    ``{"apla": {"r": 64}}``), turning a bad name or option into an error that lists the valid ones."""
+    if not isinstance(name, str):
+        raise TunerError(f"a tuner name is a string, got {name!r}; valid choices: {', '.join(sorted(REGISTRY))}")
+    if COMBINE in name and COMBINATIONS:
+        return COMBINATIONS[0](name, options)
     if name not in REGISTRY:
         raise TunerError(f"unknown tuner {name!r}; valid choices: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
