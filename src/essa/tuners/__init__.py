@@ -54,6 +54,7 @@ def apply(model: VisionTransformer, name: str, *, train_head: bool = True, **opt
             f"the model already has tuner {current.name!r}; merge it first (essa.tuners.merge) to stack another"
         )
     tuner = build(name, options)
+    tuner.check(model)
     model.requires_grad_(False)
     tuner.inject(model)
     if train_head:

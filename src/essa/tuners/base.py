@@ -48,6 +48,9 @@ class Tuner:
     def __post_init__(self) -> None:
         """Validate options that need no model (subclasses extend)."""
 
+    def check(self, model: VisionTransformer) -> None:
+        """Refuse a model this tuner cannot apply to, before ``apply`` changes anything (subclasses extend)."""
+
     def inject(self, model: VisionTransformer) -> None:
         raise NotImplementedError
 
@@ -99,6 +102,14 @@ def positive_int(value: Any, option: str, tuner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise TunerError(f"{tuner}: {option}={value!r} must be a positive integer")
     return value
+
+
+def kind(module: nn.Module) -> str:
+    """A module's type for messages: ``APLAProjection``, ``LayerNorm``; others qualified (peft's LoRA ``Linear`` is
+    ``peft.tuners.lora.layer.Linear``, no nn.Linear)."""
+    cls = type(module)
+    short = cls.__module__.startswith(("essa.", "torch.nn.", "timm."))
+    return cls.__qualname__ if short else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

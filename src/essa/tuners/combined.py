@@ -16,10 +16,12 @@ combination is refused, naming the parameter or module, when
 * a part replaces a module holding parameters an earlier part trains, which would drop them (``bitfit+apla``);
 * a part wraps, or adds parameters to, a module whose weight an earlier part already trains in full (``apla+lora``
   with LoRA on ``attn.proj`` and APLA training the whole projection): that update adds nothing;
+* a part would not train everything it trains alone, because an earlier part replaced modules it adapts
+  (``apla+ssf`` with ``r < d``: SSF finds no linear layer at ``attn.proj`` any more);
 * a part trains nothing in the backbone (``linear``), or every parameter (``full``).
 
-The checks run first on a copy of the model on the meta device (no memory), so a refused combination leaves the
-model as it was.
+The checks compare what each part does, not names of tuners. They run first on a copy of the model on the meta
+device (:meth:`Combination.check`, no memory), so a refused combination leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from essa.tuners import base
-from essa.tuners.base import COMBINE as SEPARATOR, REGISTRY, Tuner, TunerError
+from essa.tuners.base import COMBINE as SEPARATOR, REGISTRY, Tuner, TunerError, kind as _kind
 
 
 def part_names(name: str) -> list[str]:
@@ -102,8 +104,11 @@ class Combination(Tuner):
     def options(self) -> dict[str, Any]:
         return {part.name: part.options() for part in self.parts}
 
+    def check(self, model):
+        """Inject the parts into a copy of ``model`` on the meta device: a refusal leaves ``model`` untouched."""
+        _inject_parts(self.parts, _meta_copy(model).requires_grad_(False))
+
     def inject(self, model):
-        _inject_parts(self.parts, _meta_copy(model))  # a refusal leaves ``model`` untouched
         _inject_parts(self.parts, model)
 
     def fold(self, model):
@@ -130,6 +135,11 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 def _inject_parts(parts: tuple[Tuner, ...], model: nn.Module) -> None:
     """Inject ``parts`` in order, refusing overlaps (see the module docstring); afterwards exactly the parameters
     the parts train require gradients."""
+    alone = {}  # part -> the names of the parameters it trains when applied alone
+    for part in parts if len(parts) > 1 else ():
+        copy_ = _meta_copy(model).requires_grad_(False)
+        part.inject(copy_)
+        alone[part.name] = {n for n, p in copy_.named_parameters() if p.requires_grad}
     trained: dict[int, tuple[str, str]] = {}  # id(parameter) -> (part, parameter name when it was trained)
     owned: dict[int, tuple[str, str, str]] = {}  # id(module) -> (part, name, type) of the module a part put there
     for part in parts:
@@ -176,6 +186,14 @@ def _inject_parts(parts: tuple[Tuner, ...], model: nn.Module) -> None:
             if weight is not None and id(weight) in trained:
                 raise TunerError(f"{part.name} adapts {n}, whose weight {trained[id(weight)][0]} already trains in "
                                  f"full ({trained[id(weight)][1]}): the update would add nothing")
+        if part.name in alone:  # an earlier part changed what this one finds to adapt
+            here = set(mine.values())  # (no renaming to undo: training inside an earlier part's module is refused)
+            lost = sorted(n for n in alone[part.name] if n not in here)
+            if lost:
+                earlier = ", ".join(p.name for p in parts[:parts.index(part)])
+                raise TunerError(f"{part.name} trains {lost[0]} when applied alone but not after {earlier}, which "
+                                 f"replaced that module ({len(lost)} such parameters); a combination does not drop "
+                                 "a part's parameters")
         if not mine:
             raise TunerError(f"{part.name} trains nothing in the backbone, so it adds nothing to a combination; "
                              "leave it out")
@@ -194,9 +212,3 @@ def _inject_parts(parts: tuple[Tuner, ...], model: nn.Module) -> None:
         for p in params_after.values():
             if id(p) in trained:
                 p.requires_grad_(True)
-
-
-def _kind(module: nn.Module) -> str:
-    """``APLAProjection`` for essa's own modules, the qualified name for others (peft's ``Linear`` is no nn.Linear)."""
-    cls = type(module)
-    return cls.__qualname__ if cls.__module__.startswith("essa.") else f"{cls.__module__}.{cls.__qualname__}"

@@ -14,7 +14,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from essa.tuners.base import Tuner, TunerError, positive_int, register, replace_module
+from essa.tuners.base import Tuner, TunerError, kind, positive_int, register, replace_module
 
 _BLOCK_PREFIX = re.compile(r"^blocks\.\d+\.")
 
@@ -32,7 +32,7 @@ def resolve_targets(model: nn.Module, targets: list[str], tuner: str) -> list[st
     """Full module names for targets given as names inside a block (``qkv`` or ``attn.qkv``)."""
     linears = block_linears(model)
     valid = sorted(set(linears.values()))
-    others = {name: type(module).__name__ for name, module in model.named_modules()
+    others = {name: kind(module) for name, module in model.named_modules()
               if _BLOCK_PREFIX.match(name) and name not in linears}
     resolved = []
     for target in targets:
