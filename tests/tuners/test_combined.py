@@ -330,6 +330,9 @@ def test_tuners_command_prints_a_combination_row(capsys):
     assert line.endswith("lora.r=8, lora.alpha=8.0, lora.dropout=0.0, lora.targets=['qkv']")
     with pytest.raises(tuners.TunerError, match="bitfit and apla both train"):
         parameter_table("vit_tiny_patch16_224", 32, combine=["apla+bitfit"])
+    with pytest.raises(tuners.TunerError, match=re.escape("unknown tuner 'apla+lora' in --options (a combination's "
+                                                          'parts take their own entries, e.g. {"apla": {"r": 64}})')):
+        parameter_table("vit_tiny_patch16_224", 32, options={"apla+lora": {}}, combine=["apla+lora"])
 
 
 XRAYS = SHARED / "data" / "chest_xray_pneumonia"

@@ -33,7 +33,9 @@ def parameter_table(backbone: str | None, img_size: int | None = None, weights: 
     options = options or {}
     unknown = sorted(set(options) - set(tuners.names()))
     if unknown:
-        raise tuners.TunerError(f"unknown tuner {unknown[0]!r} in --options; valid choices: {', '.join(tuners.names())}")
+        hint = " (a combination's parts take their own entries, e.g. {\"apla\": {\"r\": 64}})" if "+" in unknown[0] else ""
+        raise tuners.TunerError(f"unknown tuner {unknown[0]!r} in --options{hint}; valid choices: "
+                                f"{', '.join(tuners.names())}")
     configs = [(name, options.get(name, {})) for name in tuners.names()]
     for name in combine or []:
         parts = tuners.combined.part_names(name)
