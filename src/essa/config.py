@@ -58,10 +58,52 @@ class BackboneConfig:
 
 @dataclasses.dataclass
 class TunerConfig:
-    """The tuner section: a name of ``essa.tuners.names()`` and its options."""
+    """The tuner section: a name of ``essa.tuners.names()`` and its options, or a combination of tuners trained
+    together, named by joining theirs with ``+`` and with options by part::
+
+        tuner: {name: apla+lora, options: {apla: {r: 64}, lora: {targets: [qkv]}}}
+
+    A combination may also be written as a list of tuners, which :meth:`coerce` turns into that form (so a run's
+    saved config.yaml holds the mapping)::
+
+        tuner: [{name: apla, options: {r: 64}}, {name: lora, options: {targets: [qkv]}}]
+    """
 
     name: str = "apla"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, value: Any, where: str = "tuner") -> Any:
+        """The mapping form of a list of tuners (each a name or a mapping ``{name, options}``); other values as
+        they are. A list of one tuner is that tuner."""
+        if not isinstance(value, (list, tuple)):
+            return value
+        if not value:
+            raise ConfigError(f"{where}: an empty list of tuners; give at least one, e.g. [{{name: apla}}]")
+        names, options = [], {}
+        for i, entry in enumerate(value):
+            at = f"{where}[{i}]"
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{at}: a tuner of the list is a name or a mapping {{name, options}}, got {entry!r}")
+            unknown = sorted(set(entry) - {"name", "options"})
+            if unknown:
+                raise ConfigError(f"unknown config key {at}.{unknown[0]}; valid keys of {at}: name, options")
+            name, opts = entry.get("name"), entry.get("options")
+            if not isinstance(name, str) or not name or "+" in name:
+                raise ConfigError(f"{at}.name: expected the name of one tuner (essa tuners lists them), got {name!r}")
+            if name in names:
+                raise ConfigError(f"{at}.name: {name!r} is already in the list; a combination has each tuner once")
+            if opts is None:
+                opts = {}
+            if not isinstance(opts, dict):
+                raise ConfigError(f"{at}.options: expected a mapping, got {opts!r}")
+            names.append(name)
+            options[name] = dict(opts)
+        if len(names) == 1:
+            return {"name": names[0], "options": options[names[0]]}
+        return {"name": "+".join(names), "options": options}
 
 
 #: ``trainer.strategy`` values: Lightning's choice (one process per device, DDP when several), DistributedDataParallel
@@ -154,6 +196,7 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
     if _is_dataclass_type(tp):
+        value = _coerce(tp, value, where)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {', '.join(_field_types(tp))}, got {value!r}")
         return from_dict(tp, value, where)
@@ -182,6 +225,20 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         return value
     return value
+
+
+def _coerce(tp: type, value: Any, where: str) -> Any:
+    """A section's other YAML forms turned into its mapping, by the section class's own ``coerce`` classmethod (as
+    :meth:`TunerConfig.coerce` does for a list of tuners); the value as it is for a class without one."""
+    coerce = getattr(tp, "coerce", None)
+    return coerce(value, where) if coerce is not None else value
+
+
+def _coerce_sections(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each section of ``cls`` in its mapping form (before overrides that address its keys)."""
+    types_ = _field_types(cls)
+    return {key: _coerce(types_[key], value, key) if _is_dataclass_type(types_.get(key)) else value
+            for key, value in data.items()}
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -256,7 +313,8 @@ def resolve(cls: type[T], config: T | str | Path | None = None, sections: dict[s
         data = to_dict(config)
     else:
         data = read_yaml(config) if config is not None else {}
-    for key, value in (sections or {}).items():
+    data = _coerce_sections(cls, data)
+    for key, value in _coerce_sections(cls, sections or {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
         else:

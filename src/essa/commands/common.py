@@ -13,9 +13,10 @@ def add_common(p) -> None:
     p.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch14_dinov2.lvd142m")
     p.add_argument("--weights", help="local backbone weights (safetensors or PyTorch state dict)")
     p.add_argument("--data", help="images: a folder (finetune: also a .csv manifest or a MedMNIST .npz)")
-    p.add_argument("--tuner", help="tuner name (essa tuners lists them)")
+    p.add_argument("--tuner", help="tuner name (essa tuners lists them), or several joined with +, e.g. apla+lora")
     p.add_argument("--tuner-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="tuner option, repeatable, e.g. --tuner-opt r=64")
+                   help="tuner option, repeatable, e.g. --tuner-opt r=64; a combination's by part, e.g. "
+                        "--tuner-opt apla.r=64 --tuner-opt 'lora.targets=[qkv]'")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--img-size", type=int)

@@ -16,28 +16,51 @@ def add_parser(sub) -> None:
         "--options", default="{}", metavar="JSON",
         help='tuner options as JSON by tuner, e.g. \'{"apla": {"r": 64}, "lora": {"r": 16}}\'',
     )
+    p.add_argument(
+        "--combine", action="append", default=[], metavar="A+B",
+        help="also a row for this combination, repeatable, e.g. --combine apla+lora (its parts take their --options)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
 
 def parameter_table(backbone: str | None, img_size: int | None = None, weights: str | None = None,
-                    options: dict | None = None) -> list[dict]:
-    """One row per tuner: trainable parameters and their share of the backbone's parameters."""
+                    options: dict | None = None, combine: list[str] | None = None) -> list[dict]:
+    """One row per tuner, then one per combination of ``combine`` (``"apla+lora"``, whose parts take their options
+    from ``options``): trainable parameters and their share of the backbone's parameters."""
     from essa import backbones, tuners
 
     options = options or {}
     unknown = sorted(set(options) - set(tuners.names()))
     if unknown:
-        raise tuners.TunerError(f"unknown tuner {unknown[0]!r} in --options; valid choices: {', '.join(tuners.names())}")
+        hint = " (a combination's parts take their own entries, e.g. {\"apla\": {\"r\": 64}})" if "+" in unknown[0] else ""
+        raise tuners.TunerError(f"unknown tuner {unknown[0]!r} in --options{hint}; valid choices: "
+                                f"{', '.join(tuners.names())}")
+    configs = [(name, options.get(name, {})) for name in tuners.names()]
+    for name in combine or []:
+        parts = tuners.combined.part_names(name)
+        configs.append((name, {part: options[part] for part in parts if part in options}))
     rows = []
-    for name in tuners.names():
+    for name, opts in configs:
         model = backbones.create(backbone, img_size=img_size, weights=weights)
         _, total = tuners.count_parameters(model)
-        tuners.apply(model, name, **options.get(name, {}))
+        tuners.apply(model, name, **opts)
         trainable, _ = tuners.count_parameters(model)
-        rows.append({"tuner": name, "options": model.essa_tuner.options(), "trainable": trainable,
+        tuner = tuners.tuner_of(model)
+        rows.append({"tuner": tuner.name, "options": tuner.options(), "trainable": trainable,
                      "backbone": total, "percent": 100.0 * trainable / total})
     return rows
+
+
+def _flat(options: dict, prefix: str = "") -> list[str]:
+    """``{"apla": {"r": 64}}`` -> ``["apla.r=64"]``: a combination's options by part, as --tuner-opt takes them."""
+    out = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out += _flat(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out
 
 
 def run(args) -> int:
@@ -45,13 +68,14 @@ def run(args) -> int:
         options = json.loads(args.options)
     except json.JSONDecodeError as err:
         raise InputError(f"--options is not JSON: {err}") from err
-    rows = parameter_table(args.backbone, args.img_size, args.weights, options)
+    rows = parameter_table(args.backbone, args.img_size, args.weights, options, args.combine)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'tuner':<12} {'trainable':>12} {'% of backbone':>14}  options")
+    width = max(12, *(len(row["tuner"]) for row in rows))
+    print(f"{'tuner':<{width}} {'trainable':>12} {'% of backbone':>14}  options")
     for row in rows:
-        opts = ", ".join(f"{k}={v}" for k, v in row["options"].items())
-        print(f"{row['tuner']:<12} {row['trainable']:>12,} {row['percent']:>13.3f}%  {opts}")
+        opts = ", ".join(_flat(row["options"]))
+        print(f"{row['tuner']:<{width}} {row['trainable']:>12,} {row['percent']:>13.3f}%  {opts}")
     print(f"backbone {args.backbone or args.weights}: {rows[0]['backbone']:,} parameters")
     return 0

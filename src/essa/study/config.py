@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from essa import config as config_mod, tuners
-from essa.config import BackboneConfig, ConfigError, TrainerConfig
+from essa.config import BackboneConfig, ConfigError, TrainerConfig, TunerConfig
 from essa.names import NO_SSA, slug
 
 #: Frozen-feature protocols of ``essa evaluate`` that a study can run on each backbone.
@@ -19,13 +19,16 @@ ALL_LABELS = "all"
 
 @dataclass
 class TunerSpec:
-    """A tuner in a study: ``"apla"`` or ``{name: apla, options: {r: 64}, label: "apla r=64"}`` in YAML."""
+    """A tuner in a study: ``"apla"`` or ``{name: apla, options: {r: 64}, label: "apla r=64"}`` in YAML; a
+    combination ``{name: apla+lora, options: {apla: {r: 64}}}`` is labelled ``"apla r=64 + lora"``."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None  # None: the name and options, e.g. "apla r=64"
 
     def __post_init__(self):
+        if self.label is None and tuners.base.COMBINE in self.name:
+            self.label = tuners.combined.label(self.name, self.options)  # "apla r=64 + lora targets=['qkv']"
         if self.label is None:
             self.label = " ".join([self.name, *(f"{k}={v}" for k, v in self.options.items())])
 
@@ -35,7 +38,7 @@ class StageConfig:
     """One stage of the study: its epochs, its tuners, and any further config of that stage's command."""
 
     epochs: int
-    tuners: list[Any]  # names or {name, options, label} mappings
+    tuners: list[Any]  # names, {name, options, label} mappings, or lists of tuners to combine
     config: dict[str, Any] = field(default_factory=dict)  # AdaptConfig / FinetuneConfig keys, nested
 
     def specs(self) -> list[TunerSpec]:
@@ -165,7 +168,10 @@ def _tuner_spec(entry) -> TunerSpec:
         return TunerSpec(entry)
     if isinstance(entry, dict):
         return config_mod.from_dict(TunerSpec, entry, where="tuner")
-    raise ConfigError(f"a tuner is a name or a mapping {{name, options, label}}, got {entry!r}")
+    if isinstance(entry, list):  # a combination as a list of tuners, as in an adapt or finetune config
+        return config_mod.from_dict(TunerSpec, TunerConfig.coerce(entry, "tuner"), where="tuner")
+    raise ConfigError(f"a tuner is a name, a mapping {{name, options, label}} or a list of tuners to combine, "
+                      f"got {entry!r}")
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

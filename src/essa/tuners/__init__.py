@@ -6,7 +6,10 @@
     essa.tuners.save(model, "apla.safetensors")   # small: the tuner's tensors and options
     plain = essa.tuners.merge(model)              # a plain timm ViT with identical outputs
 
-One module per method (apla, lora, bitfit, vpt, adaptformer, ssf, full, linear), all behind ``apply``.
+One module per method (apla, lora, bitfit, vpt, adaptformer, ssf, full, linear), all behind ``apply``. Several
+train together as one tuner named by joining theirs with ``+`` (:mod:`essa.tuners.combined`):
+
+    essa.tuners.apply(model, "apla+lora", apla={"r": 64}, lora={"targets": ["qkv"]})
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from essa.tuners.base import REGISTRY, Tuner, TunerError, build, register
 
 # Importing the method modules registers them.
 from essa.tuners import adaptformer, apla, bitfit, full, linear, lora, ssf, vpt  # noqa: F401,E402
+from essa.tuners.combined import Combination  # noqa: E402
 
 __all__ = [
-    "REGISTRY", "Tuner", "TunerError", "register", "names", "apply", "tuner_of", "trainable_parameters",
+    "REGISTRY", "Tuner", "TunerError", "Combination", "register", "names", "apply", "tuner_of", "trainable_parameters",
     "count_parameters", "state_dict", "save", "load", "merge", "save_merged", "bake",
 ]
 
@@ -40,7 +44,8 @@ def names() -> list[str]:
 
 def apply(model: VisionTransformer, name: str, *, train_head: bool = True, **options) -> VisionTransformer:
     """Apply tuner ``name`` to ``model`` in place: afterwards only the tuner's parameters (and the
-    classification head, when the model has one and ``train_head``) require gradients."""
+    classification head, when the model has one and ``train_head``) require gradients. A combination
+    (``"apla+lora"``) takes its options by part: ``apply(model, "apla+lora", apla={"r": 64})``."""
     if not isinstance(model, VisionTransformer):
         raise TunerError(f"tuners apply to timm VisionTransformer models, not {type(model).__name__}")
     current = tuner_of(model)
@@ -49,6 +54,7 @@ def apply(model: VisionTransformer, name: str, *, train_head: bool = True, **opt
             f"the model already has tuner {current.name!r}; merge it first (essa.tuners.merge) to stack another"
         )
     tuner = build(name, options)
+    tuner.check(model)
     model.requires_grad_(False)
     tuner.inject(model)
     if train_head:

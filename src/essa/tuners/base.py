@@ -18,6 +18,10 @@ from timm.models.vision_transformer import VisionTransformer
 from essa.errors import EssaError
 
 REGISTRY: dict[str, type["Tuner"]] = {}
+#: What joins the parts of a combination's name (``apla+lora``), and the function that builds one (registered by
+#: essa.tuners.combined, which the package imports).
+COMBINE = "+"
+COMBINATIONS: list = []
 
 
 class TunerError(EssaError, ValueError):
@@ -44,6 +48,9 @@ class Tuner:
     def __post_init__(self) -> None:
         """Validate options that need no model (subclasses extend)."""
 
+    def check(self, model: VisionTransformer) -> None:
+        """Refuse a model this tuner cannot apply to, before ``apply`` changes anything (subclasses extend)."""
+
     def inject(self, model: VisionTransformer) -> None:
         raise NotImplementedError
 
@@ -59,7 +66,12 @@ class Tuner:
 
 
 def build(name: str, options: dict[str, Any]) -> Tuner:
-    """Instantiate a registered tuner, turning a bad name or option into an error that lists the valid ones."""
+    """Instantiate a registered tuner, or a combination of them named ``"apla+lora"`` (options by part:
+    ``{"apla": {"r": 64}}``), turning a bad name or option into an error that lists the valid ones."""
+    if not isinstance(name, str):
+        raise TunerError(f"a tuner name is a string, got {name!r}; valid choices: {', '.join(sorted(REGISTRY))}")
+    if COMBINE in name and COMBINATIONS:
+        return COMBINATIONS[0](name, options)
     if name not in REGISTRY:
         raise TunerError(f"unknown tuner {name!r}; valid choices: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
@@ -90,6 +102,14 @@ def positive_int(value: Any, option: str, tuner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise TunerError(f"{tuner}: {option}={value!r} must be a positive integer")
     return value
+
+
+def kind(module: nn.Module) -> str:
+    """A module's type for messages: ``APLAProjection``, ``LayerNorm``; others qualified (peft's LoRA ``Linear`` is
+    ``peft.tuners.lora.layer.Linear``, no nn.Linear)."""
+    cls = type(module)
+    short = cls.__module__.startswith(("essa.", "torch.nn.", "timm."))
+    return cls.__qualname__ if short else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

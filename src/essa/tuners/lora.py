@@ -14,7 +14,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from essa.tuners.base import Tuner, TunerError, positive_int, register, replace_module
+from essa.tuners.base import Tuner, TunerError, kind, positive_int, register, replace_module
 
 _BLOCK_PREFIX = re.compile(r"^blocks\.\d+\.")
 
@@ -32,8 +32,19 @@ def resolve_targets(model: nn.Module, targets: list[str], tuner: str) -> list[st
     """Full module names for targets given as names inside a block (``qkv`` or ``attn.qkv``)."""
     linears = block_linears(model)
     valid = sorted(set(linears.values()))
+    others = {name: kind(module) for name, module in model.named_modules()
+              if _BLOCK_PREFIX.match(name) and name not in linears}
     resolved = []
     for target in targets:
+        # A target that another tuner replaced (APLA's APLAProjection at attn.proj) is refused, not skipped.
+        inner = {full: _BLOCK_PREFIX.sub("", full) for full in others}
+        replaced = sorted(full for full, name in inner.items() if name == target or name.endswith("." + target))
+        if replaced:
+            raise TunerError(
+                f"{tuner}: target {target!r} is {replaced[0]} ({others[replaced[0]]}), not a linear layer: LoRA "
+                f"cannot wrap it (a tuner applied before LoRA may have replaced it); valid targets here: "
+                f"{', '.join(valid)}"
+            )
         hits = [full for full, inner in linears.items() if inner == target or inner.endswith("." + target)]
         if not hits:
             raise TunerError(
