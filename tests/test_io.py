@@ -28,3 +28,21 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         io.write_json(path, {"not json": object()})
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_exports_and_reports_take_the_umask_mode_so_a_group_can_read_them(tmp_path):
+    import os
+
+    import torch
+
+    from essa.export import save_weights
+
+    old = os.umask(0o022)
+    try:
+        weights = save_weights({"w": torch.zeros(2)}, tmp_path / "backbone.safetensors")
+        report = io.write_text(tmp_path / "report.md", "# report")
+    finally:
+        os.umask(old)
+    assert oct(weights.stat().st_mode & 0o777) == oct(0o644)  # was 0600 (mkstemp)
+    assert oct(report.stat().st_mode & 0o777) == oct(0o644)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.safetensors", "report.md"]

@@ -7,8 +7,6 @@ The header carries ``timm_name`` and ``model_args`` (JSON of ``timm.create_model
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import essa
+from essa import io
 from essa.errors import InputError
 
 
@@ -36,14 +35,9 @@ def save_weights(
     meta = {"format": "pt", "essa_version": essa.__version__, **(metadata or {})}
     # safetensors refuses tensors that share memory or are not contiguous: store independent copies.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with io.replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+        io.umask_mode(tmp)  # safetensors writes 0600: colleagues on shared storage could not read it
     return path
 
 

@@ -35,6 +35,23 @@ def replacing(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (``/proc/self/status`` on Linux; else set and reset)."""
+    try:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        current = os.umask(0o022)
+        os.umask(current)
+        return current
+
+
+def umask_mode(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open`` would have (0666 less the umask), e.g. after a library that creates
+    its files 0600."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     with replacing(path) as tmp:
