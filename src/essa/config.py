@@ -114,6 +114,21 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 #: ``trainer.progress`` values (essa.train.progress): the bar on a terminal and plain lines elsewhere, the bar,
 #: plain lines, nothing.
 PROGRESS = ("auto", "bar", "lines", "none")
+#: ``trainer.logger`` values (essa.train.loggers), and the packages (any one) and extra of those that need one.
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow", "none")
+_LOGGER_NEEDS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+                 "mlflow": (("mlflow",), "mlflow")}
+
+
+def check_logger(name: str) -> None:
+    """Refuse a logger whose package is not installed, naming the extra that installs it."""
+    import importlib.util
+
+    if name in _LOGGER_NEEDS:
+        packages, extra = _LOGGER_NEEDS[name]
+        if not any(importlib.util.find_spec(p) for p in packages):
+            raise ConfigError(f"trainer.logger={name} needs the {packages[0]} package: pip install \"essa[{extra}]\" "
+                              "(or choose csv, the default)")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -134,6 +149,10 @@ class TrainerConfig:
     # auto: Lightning's bar on a terminal, else plain lines (a log file: nohup, SLURM, CI); bar; lines; none
     progress: str = "auto"
     progress_every: float = 30.0  # seconds between two progress lines
+    # experiment logger (essa.train.loggers): csv in RUN_DIR/logs, tensorboard, wandb (offline unless
+    # WANDB_MODE=online), mlflow, none; each step's loss and lr every log_every_n_steps steps, each epoch's row
+    logger: str = "csv"
+    log_every_n_steps: int = 10
 
     def validate(self) -> None:
         devices = self.devices
@@ -151,6 +170,11 @@ class TrainerConfig:
             raise ConfigError(f"trainer.precision={self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
         if self.accumulate_grad_batches < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches={self.accumulate_grad_batches} must be at least 1")
+        if self.logger not in LOGGERS:
+            raise ConfigError(f"trainer.logger={self.logger!r}; valid choices: {', '.join(LOGGERS)}")
+        check_logger(self.logger)
+        if self.log_every_n_steps < 1:
+            raise ConfigError(f"trainer.log_every_n_steps={self.log_every_n_steps} must be at least 1")
         if self.progress not in PROGRESS:
             raise ConfigError(f"trainer.progress={self.progress!r}; valid choices: {', '.join(PROGRESS)}")
         if not self.progress_every >= 0:

@@ -67,3 +67,58 @@ def test_progress_lines_come_from_global_rank_zero_only():
     stream = io.StringIO()
     ProgressLines("adapt", stream=stream)._print(_Trainer(), "epoch 1/1 done")
     assert stream.getvalue() == ""
+
+
+@pytest.mark.skipif(not XRAYS.is_dir(), reason="shared chest X-rays not found")
+def test_the_default_csv_logger_records_steps_epochs_and_the_config_one_version_per_session(folders, tmp_path):  # noqa: F811
+    import csv
+
+    from essa.adaptation import adapt
+
+    out = tmp_path / "run"
+    sections = {"optim": {"epochs": 2, "batch_size": 8}, "trainer": {"log_every_n_steps": 1}}
+    adapt(_cfg(folders, out, **sections, monitor={"knn_k": 5, "checkpoint_every_n_steps": 4}))
+    rows = list(csv.DictReader(open(out / "logs" / "version_0" / "metrics.csv")))
+    steps = [r for r in rows if r.get("loss")]
+    assert len(steps) == 6 and all(float(r["loss"]) > 0 for r in steps)  # every step (3 per epoch)
+    assert any(r.get("lr-AdamW/pg1") for r in rows)  # the learning rates of the optimizer's groups
+    epochs = [r for r in rows if r.get("epoch/knn_bal_acc")]
+    assert [int(r["step"]) for r in epochs] == [3, 6]  # at the history row's step: the steps done
+    history = __import__("json").loads((out / "metrics.json").read_text())
+    assert [float(r["epoch/dino"]) for r in epochs] == pytest.approx([r["dino"] for r in history])
+    hparams = (out / "logs" / "version_0" / "hparams.yaml").read_text()
+    assert "tuner.name: apla" in hparams and "optim.epochs: 2" in hparams
+    # a resumed session logs into a version of its own
+    before = (out / "logs" / "version_0" / "metrics.csv").read_text()
+    adapt(_cfg(folders, out, **sections, monitor={"knn_k": 5, "checkpoint_every_n_steps": 4}), resume=True)
+    assert (out / "logs" / "version_0" / "metrics.csv").read_text() == before
+    assert (out / "logs" / "version_1" / "hparams.yaml").is_file()
+
+
+def test_a_logger_whose_package_is_missing_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from essa.config import TrainerConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(config_mod.ConfigError, match=r'trainer.logger=wandb needs the wandb package: pip install '
+                                                     r'"essa\[wandb\]"'):
+        config_mod.from_dict(TrainerConfig, {"logger": "wandb"})
+    with pytest.raises(config_mod.ConfigError, match="trainer.logger='tb'; valid choices: csv, tensorboard, wandb"):
+        config_mod.from_dict(TrainerConfig, {"logger": "tb"})
+
+
+@pytest.mark.skipif(not XRAYS.is_dir(), reason="shared chest X-rays not found")
+def test_the_tensorboard_logger_writes_event_files_in_the_run_directory(folders, tmp_path):  # noqa: F811
+    pytest.importorskip("tensorboard", reason="TensorBoard is an extra: pip install 'essa[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from essa.adaptation import adapt
+
+    out = tmp_path / "run"
+    adapt(_cfg(folders, out, optim={"epochs": 1, "batch_size": 8},
+               trainer={"logger": "tensorboard", "log_every_n_steps": 1}))
+    events = EventAccumulator(str(out / "logs" / "version_0"))
+    events.Reload()
+    assert len(events.Scalars("loss")) == 3 and len(events.Scalars("epoch/knn_bal_acc")) == 1

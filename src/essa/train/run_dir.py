@@ -47,6 +47,7 @@ from torch import nn
 from essa import config as config_mod, io
 from essa.errors import EssaError, Interrupted
 from essa.train.interrupt import StopRequest, signal_hook
+from essa.train.loggers import log_epoch
 from essa.train.trainer import full_weights, is_global_zero, over_processes
 
 
@@ -322,6 +323,7 @@ class EpochEnd(Callback):
         # a resumed run may redo the epoch end that a kill interrupted
         module.history = [r for r in module.history if r["epoch"] != row["epoch"]] + [row]
         self.run.write_metrics(module.history)
+        log_epoch(trainer, row)
         self.checkpointing.epoch_end(trainer, row)
 
 

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from essa import io, tuners
+from essa import config as config_mod, io, tuners
 from essa.train.interrupt import StopRequest
 from essa.train.loader import ResumableLoader
 from essa.train.resources import MemoryMeter, StepTiming
@@ -250,7 +250,7 @@ def _fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, train
     trainer = build_trainer(cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
                             callbacks=[checkpointing, EpochEnd(run, checkpointing, stage.epoch_metrics)],
                             trainer_kwargs=trainer_kwargs, unused_parameters=stage.unused_parameters,
-                            name=stage.name)
+                            name=stage.name, run_dir=run.path, config=config_mod.to_dict(cfg))
     # before the model exists: its weights count as training memory; each run (seed) measures its own peak
     meter = MemoryMeter(trainer.strategy.root_device, restart=True)
     tuned = stage.tuned_model()

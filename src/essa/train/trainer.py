@@ -38,22 +38,30 @@ from essa.train.progress import ProgressLines, progress_mode, quiet_libraries
 
 def build_trainer(cfg: TrainerConfig, *, max_epochs: int, grad_clip: float | None, callbacks: list,
                   trainer_kwargs: dict | None = None, unused_parameters: bool = False,
-                  name: str = "train") -> L.Trainer:
+                  name: str = "train", run_dir=None, config: dict | None = None) -> L.Trainer:
     """The Trainer of a training stage (``name`` heads its progress lines: ``adapt``, ``finetune``).
     ``trainer_kwargs`` (tests, benchmarks) override any argument; their ``callbacks`` are added to the stage's own.
     ``unused_parameters``: some steps leave trainable parameters without a gradient (the SSA head warm-up), which
-    DDP must then look for. Progress as ``trainer.progress`` says (:mod:`essa.train.progress`), libraries quiet."""
+    DDP must then look for. Progress as ``trainer.progress`` says (:mod:`essa.train.progress`), libraries quiet;
+    the ``trainer.logger`` in ``run_dir`` with ``config`` as its hyperparameters (:mod:`essa.train.loggers`)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from essa.train.loggers import build_loggers
+
     quiet_libraries()
     trainer_kwargs = dict(trainer_kwargs or {})
     mode = progress_mode(cfg.progress)
+    loggers = build_loggers(cfg.logger, run_dir, name, config)
     callbacks = [*callbacks, *([ProgressLines(name, cfg.progress_every)] if mode == "lines" else []),
+                 *([LearningRateMonitor(logging_interval="step")] if loggers else []),
                  *trainer_kwargs.pop("callbacks", [])]
     kwargs = dict(
         max_epochs=max_epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=_strategy(cfg.strategy, unused_parameters), precision=precision(cfg.precision),
         accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=grad_clip, callbacks=callbacks,
         use_distributed_sampler=False,  # EpochSampler shards itself, resumably (see shard)
-        logger=False, enable_checkpointing=False, num_sanity_val_steps=0, deterministic=False,
+        logger=loggers or False, log_every_n_steps=cfg.log_every_n_steps, enable_checkpointing=False,
+        num_sanity_val_steps=0, deterministic=False,
         enable_model_summary=False, enable_progress_bar=mode == "bar",
     )
     return L.Trainer(**{**kwargs, **trainer_kwargs})
