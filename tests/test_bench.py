@@ -64,3 +64,19 @@ def test_the_grid_over_objectives_labels_rows_and_compares_within_each_objective
     assert [(r["label"], r["objective"], r["peak_mib"], r["peak_mib_ratio"]) for r in rows] == [
         ("dinov2 full", "dinov2", 200.0, 1.0), ("dinov2 apla", "dinov2", 100.0, 0.5),
         ("mae full", "mae", 100.0, 1.0), ("mae apla", "mae", 50.0, 0.5)]
+
+
+def test_the_tables_compare_each_row_with_full_of_its_own_objective():
+    from essa.bench import breakdown_table
+
+    def row(objective, tuner, peak, gflop):
+        return {"model": "m", "label": f"{objective} {tuner}", "objective": objective, "peak_mib": peak,
+                "peak_mib_ratio": 1.0, "weights_mib": 1, "grads_mib": 1, "optimizer_mib": 1, "saved_mib": 1,
+                "live_peak_mib": peak, "gflop": gflop}
+
+    rows = [row("dinov2", "full", 200, 40.0), row("dinov2", "apla", 100, 20.0), row("mae", "full", 80, 10.0),
+            row("mae", "apla", 20, 4.0)]
+    assert compute_table(rows).splitlines()[2:] == ["| m | dinov2 full | 40.0 | 1.00x |", "| m | dinov2 apla | 20.0 | 2.00x |",
+                                                    "| m | mae full | 10.0 | 1.00x |", "| m | mae apla | 4.0 | 2.50x |"]
+    live = [line.rsplit("|", 2)[-2].strip() for line in breakdown_table(rows).splitlines()[2:]]
+    assert live == ["1.00x", "0.50x", "1.00x", "0.25x"]

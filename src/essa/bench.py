@@ -328,7 +328,7 @@ def breakdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
         line = (f"| {r['model']} | {r['label']} | {r['peak_mib']:.0f} | " + " | ".join(f"{v:.0f}" for v in parts)
                 + f" | {r['peak_mib'] - sum(parts):.0f} | {r['peak_mib_ratio']:.2f}x |")
         if live:
-            full = next(f for f in rows if f["model"] == r["model"] and f["label"] == "full")
+            full = _reference_row(rows, r, "full")
             line += f" {r['live_peak_mib']:.0f} | {r['live_peak_mib'] / full['live_peak_mib']:.2f}x |"
         lines.append(line)
     return "\n".join(lines)
@@ -343,11 +343,18 @@ def compute_table(rows: list[dict], tuner_header: str = "tuner") -> str:
     return "\n".join(lines)
 
 
+def _reference_row(rows: list[dict], row: dict, reference: str) -> dict:
+    """The row labelled ``reference`` with ``row``'s model (and its objective, in rows of
+    :func:`measure_objectives`, whose labels are ``"<objective> <label>"``)."""
+    label = f"{row['objective']} {reference}" if "objective" in row else reference
+    return next(r for r in rows if r["model"] == row["model"] and r["label"] == label)
+
+
 def ratio_table(rows: list[dict], reference: str, keys=("peak_mib", "images_per_s", "images_per_cpu_s")) -> list[dict]:
     """Add ``<key>_ratio`` to each row: its value over the value of the row labelled ``reference``
-    with the same ``model``."""
+    with the same ``model`` (and objective: :func:`_reference_row`)."""
     for row in rows:
-        ref = next(r for r in rows if r["model"] == row["model"] and r["label"] == reference)
+        ref = _reference_row(rows, row, reference)
         for key in keys:
             row[f"{key}_ratio"] = row[key] / ref[key]
     return rows
