@@ -172,8 +172,9 @@ def test_apla_rows_inside_mae_change_alone_after_a_step():
 
 @pytest.mark.parametrize("tuner, options, extra", [("apla", {"r": 5}, 0), ("lora", {"r": 2}, 0),
                                                    ("vpt", {"tokens": 3}, 3), ("full", {}, 0)])
-def test_every_block_of_the_tuned_encoder_sees_only_the_visible_tokens(tuner, options, extra):
-    module, cfg = _module("mae", tuner, options)
+@pytest.mark.parametrize("objective", ["mae", "simmim"])
+def test_every_block_of_the_tuned_encoder_sees_only_the_visible_tokens(objective, tuner, options, extra):
+    module, cfg = _module(objective, tuner, options)
     backbone = module.model.backbone
     recomputed = [n for n, b in enumerate(backbone.blocks) if "forward" in vars(b)]
     assert recomputed == [0, 1]  # optim.recompute_frozen's forward is in place (it recomputes nothing for full)
@@ -181,9 +182,11 @@ def test_every_block_of_the_tuned_encoder_sees_only_the_visible_tokens(tuner, op
     for block in backbone.blocks:
         block.register_forward_pre_hook(lambda module, args: counts.append(args[0].shape[1]))
     opt = module.configure_optimizers()
-    module.standalone_step(_batch("mae", cfg), opt, cfg.optim.grad_clip)
-    visible = 16 - num_masked(16, 0.75)
-    assert counts == [1 + visible + extra] * 2  # the class token, the 4 visible patches (and VPT's prompts)
+    module.standalone_step(_batch(objective, cfg), opt, cfg.optim.grad_clip)
+    # MAE: the class token and the 4 visible patches; SimMIM: every patch (mask tokens in the masked ones); and
+    # VPT's prompts
+    patches = 16 - num_masked(16, 0.75) if objective == "mae" else 16
+    assert counts == [1 + patches + extra] * 2
     trained = [p for p in backbone.parameters() if p.requires_grad]
     # every trained tensor got its gradient (LoRA's A starts at a zero gradient: its B starts at zero)
     assert trained and all(p.grad is not None for p in trained) and any(p.grad.abs().sum() > 0 for p in trained)

@@ -159,3 +159,19 @@ def test_the_command_line_flag_sets_the_objective():
     assert cfg.objective == "mae" and cfg.mae.mask_ratio == 0.5
     with pytest.raises(SystemExit):
         build_parser().parse_args(["adapt", "--objective", "byol"])
+
+
+def test_a_study_passes_the_objective_to_its_ssa_cells(tmp_path):
+    from essa import study as study_mod
+    from tests.test_study import BREAST, TINY as STUDY
+
+    if not BREAST.is_file():
+        pytest.skip(f"shared BreastMNIST not found at {BREAST}")
+    ssa = {**STUDY["ssa"], "config": {**STUDY["ssa"]["config"], "objective": "mae", "mae": {"mask_ratio": 0.5}}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**STUDY, "out": str(tmp_path / "run"), "ssa": ssa}))
+    study = study_mod.Study(path)
+    study.check_inputs()  # every cell's whole config resolves
+    sections = study.adapt_sections(study.datasets[0], study_mod.TunerSpec("apla", {"r": 16}))
+    cfg = resolve_config(None, sections=sections)
+    assert cfg.objective == "mae" and cfg.mae.mask_ratio == 0.5 and cfg.ssl.global_size == 32

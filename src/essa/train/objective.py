@@ -32,8 +32,8 @@ from essa.train.stage import StageModule
 class ObjectiveModule(StageModule):
     """A StageModule the SSA stage can run whatever its objective (see the module docstring)."""
 
-    #: What each epoch end's picture shows (None: the objective draws none).
-    preview: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: The batch (the objective's collate output) whose reconstructions each epoch end draws; None: no picture.
+    preview: dict[str, torch.Tensor] | None = None
 
     @property
     def monitored_backbone(self) -> nn.Module:
