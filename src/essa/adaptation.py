@@ -477,11 +477,17 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     """Run SSA. ``config``: an AdaptConfig, a YAML path, or None; ``sections`` override it by section
     (``backbone={...}, tuner={...}, optim={"epochs": 2}``, or top-level keys such as ``out=...``).
 
-    Returns {"run_dir", "backbone", "tuner", "metrics", "resources"}.
+    Returns {"run_dir", "backbone", "tuner", "metrics", "resources"}, and the objective's own exports (MAE and
+    SimMIM: "decoder").
     """
     cfg = resolve_config(config, sections, overrides)
     cfg.backbone.check_img_size("ssl.global_size (--img-size), ssl.local_size", cfg.ssl.global_size,
                                 cfg.ssl.local_size)
+    # the objective's checks that need the patch size (SimMIM's mask cells), before the run directory
+    from essa import backbones
+
+    patch = backbones.patch_size(cfg.backbone.name, weights=cfg.backbone.weights, **cfg.backbone.model_args)
+    objectives.get(cfg.objective).check(cfg, patch)
     run = RunDir(cfg.out)
     if resume:
         run.refuse_other_config(cfg, f"--resume continues {run.path} with its own config.yaml; the given config "

@@ -211,3 +211,14 @@ def test_the_reconstruction_loss_falls_on_a_few_images(objective):
     # the same images and masks each step: the loss must fall well below where it started, not wander
     assert losses[-1] < 0.6 * losses[0], losses
     assert sum(losses[-5:]) < sum(losses[:5]), losses
+
+
+@pytest.mark.parametrize("objective", ["mae", "simmim"])
+def test_a_non_finite_loss_stops_the_run_with_a_message(objective):
+    from essa.train.ssa import CollapseError
+
+    module, cfg = _module(objective, "apla", {"r": 5})
+    with torch.no_grad():
+        (module.model.decoder.pred if objective == "mae" else module.model.decoder).weight.fill_(float("nan"))
+    with pytest.raises(CollapseError, match=rf"SSA \({objective}\) diverged at epoch 0, step 0: non-finite loss nan"):
+        module.standalone_step(_batch(objective, cfg), module.configure_optimizers(), 1.0)
