@@ -1,8 +1,12 @@
-"""One SSA step of the full DINOv2 objective per tuner, each configuration in a fresh process.
+"""One SSA step of the full objective per objective and tuner, each configuration in a fresh process.
 
     python benchmarks/ssa_step.py                          # ViT-S/14 and ViT-B/14, 224/98 px, 2+8 crops, batch 4
     python benchmarks/ssa_step.py --models vit_small_patch14_dinov2 --batch-size 2 --prototypes 4096
     python benchmarks/ssa_step.py --only apla --no-recompute --loss-chunk 0   # as before the memory work
+    python benchmarks/ssa_step.py --objectives dinov2,mae,simmim   # every objective x tuner
+
+With ``--objectives`` (default dinov2), each objective's rows are measured against full SSA with the same
+objective (MAE and SimMIM: one crop of ``--global-size`` px per image, the objective's default masks and decoder).
 
 A step: student on 2 masked global crops and 8 local crops, teacher on the 2 global crops, DINO + iBOT + KoLeo,
 backward, gradient clipping, AdamW, momentum update, set up as ``essa adapt`` sets it up (frozen block stretches
@@ -20,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from essa.bench import breakdown_table, compute_table, markdown_table, measure_grid
+from essa.bench import breakdown_table, compute_table, markdown_table, measure_objectives
 
 CONFIGS = [
     ("full", "full", {}),
@@ -50,16 +54,22 @@ def main() -> None:
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="rows of (rows x prototypes) logits scored at a time (default: the loss's own, 64); "
                              "0: all at once")
+    parser.add_argument("--objectives", default="dinov2",
+                        help="comma-separated SSA objectives (dinov2, mae, simmim); each tuner runs with each")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
     models = args.models.split(",")
     configs = [c for c in CONFIGS if args.only is None or c[0] in args.only.split(",") + ["full"]]
-    rows = measure_grid("essa.bench:ssa_step", models, configs, repeats=args.repeats,
-                        global_size=args.global_size, local_size=args.local_size, n_local=args.n_local, batch_size=args.batch_size,
-                        prototypes=args.prototypes, steps=args.steps, warmup=args.warmup, device=args.device,
-                        recompute_frozen=not args.no_recompute,
-                        loss_chunk="default" if args.loss_chunk is None else args.loss_chunk or None)
+    objectives = args.objectives.split(",")
+    rows = measure_objectives(objectives, models, configs, repeats=args.repeats,
+                              global_size=args.global_size, local_size=args.local_size, n_local=args.n_local,
+                              batch_size=args.batch_size, prototypes=args.prototypes, steps=args.steps,
+                              warmup=args.warmup, device=args.device, recompute_frozen=not args.no_recompute,
+                              loss_chunk="default" if args.loss_chunk is None else args.loss_chunk or None)
+    if objectives != ["dinov2"]:
+        print(f"\nobjectives: {', '.join(objectives)} (rows labelled 'objective tuner'; ratios against full SSA "
+              "with the same objective)")
     print(f"\nbatch {args.batch_size} images (2 x {args.global_size} px + {args.n_local} x {args.local_size} px "
           f"crops each), {args.prototypes} prototypes, {args.steps} timed steps after {args.warmup} warm-up, "
           f"device {args.device}, frozen stretches {'kept' if args.no_recompute else 'recomputed'}, loss chunk "
@@ -74,7 +84,7 @@ def main() -> None:
     speed = "images_per_cpu_s" if args.device == "cpu" else "images_per_s"
     print(f"\ntargets, APLA (whole W_O) against full SSA on the same model (speed measured as {speed}):")
     for model in models:
-        apla = next((r for r in rows if r["model"] == model and r["label"] == "apla"), None)
+        apla = next((r for r in rows if r["model"] == model and r["label"] in ("apla", "dinov2 apla")), None)
         if apla is None:
             continue
         print(f"  {model}: APLA memory <= 0.55x full: {'met' if apla['peak_mib_ratio'] <= 0.55 else 'NOT met'} "

@@ -34,3 +34,49 @@ def test_an_ssa_step_of_the_tuner_is_measured():
                       prototypes=256, steps=1)
     # the tuner trains in the measured step: its gradients exist (a head warm-up step would have none)
     assert 0 < result["trainable"] < result["total"] and result["peak_mib"] > 0 and result["grads_mib"] > 0
+
+
+def test_an_ssa_step_of_each_reconstruction_objective_is_measured():
+    from essa.bench import ssa_step
+
+    for objective, options in (("mae", {"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 4}),
+                               ("simmim", None)):
+        result = ssa_step("vit_tiny_patch16_224", "apla", {"r": 8}, global_size=32, batch_size=2, steps=1,
+                          objective=objective, objective_options=options)
+        assert result["trainable"] == 12 * (8 * 192 + 8) and result["grads_mib"] > 0 and result["gflop"] > 0
+
+
+def test_the_grid_over_objectives_labels_rows_and_compares_within_each_objective(monkeypatch):
+    from essa import bench
+
+    calls = []
+
+    def fake(target, kwargs, timeout=None):  # what each fresh process would return, by objective and tuner
+        calls.append((target, kwargs["objective"], kwargs["tuner"]))
+        memory = {"full": 100.0, "apla": 50.0}[kwargs["tuner"]] * {"dinov2": 2, "mae": 1}[kwargs["objective"]]
+        return {"peak_mib": memory, "images_per_s": 1.0, "images_per_cpu_s": 1.0, "step_s": 1.0}
+
+    monkeypatch.setattr(bench, "run_in_fresh_process", fake)
+    monkeypatch.setattr("builtins.print", lambda *a, **k: None)
+    configs = [("full", "full", {}), ("apla", "apla", {})]
+    rows = bench.measure_objectives(["dinov2", "mae"], ["m"], configs, global_size=32)
+    assert calls == [("essa.bench:ssa_step", o, t) for o in ("dinov2", "mae") for t in ("full", "apla")]
+    assert [(r["label"], r["objective"], r["peak_mib"], r["peak_mib_ratio"]) for r in rows] == [
+        ("dinov2 full", "dinov2", 200.0, 1.0), ("dinov2 apla", "dinov2", 100.0, 0.5),
+        ("mae full", "mae", 100.0, 1.0), ("mae apla", "mae", 50.0, 0.5)]
+
+
+def test_the_tables_compare_each_row_with_full_of_its_own_objective():
+    from essa.bench import breakdown_table
+
+    def row(objective, tuner, peak, gflop):
+        return {"model": "m", "label": f"{objective} {tuner}", "objective": objective, "peak_mib": peak,
+                "peak_mib_ratio": 1.0, "weights_mib": 1, "grads_mib": 1, "optimizer_mib": 1, "saved_mib": 1,
+                "live_peak_mib": peak, "gflop": gflop}
+
+    rows = [row("dinov2", "full", 200, 40.0), row("dinov2", "apla", 100, 20.0), row("mae", "full", 80, 10.0),
+            row("mae", "apla", 20, 4.0)]
+    assert compute_table(rows).splitlines()[2:] == ["| m | dinov2 full | 40.0 | 1.00x |", "| m | dinov2 apla | 20.0 | 2.00x |",
+                                                    "| m | mae full | 10.0 | 1.00x |", "| m | mae apla | 4.0 | 2.50x |"]
+    live = [line.rsplit("|", 2)[-2].strip() for line in breakdown_table(rows).splitlines()[2:]]
+    assert live == ["1.00x", "0.50x", "1.00x", "0.25x"]

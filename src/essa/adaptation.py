@@ -3,23 +3,25 @@
     essa.adapt(backbone={"name": "vit_small_patch14_dinov2.lvd142m"}, data={"root": "xrays/train"},
                tuner={"name": "apla", "options": {"r": 64}}, out="runs/ssa-apla")
 
+The objective is ``objective`` (:mod:`essa.objectives`): ``dinov2`` (default; student and EMA teacher, DINO + iBOT
++ KoLeo), ``mae`` or ``simmim`` (masked image modelling: the student and a decoder, no teacher).
+
 The run directory gets ``config.yaml`` (resolved), ``metrics.csv``/``metrics.json`` (one row per epoch: loss terms,
 feature rank, kNN), ``checkpoints/{last,best}.ckpt``, ``resources.json`` (:data:`RESOURCES_FILE`: trainable
-parameters, the DINO head, the number of images, the exported epoch, peak training memory, training images/s and
-seconds), and the adapted backbone: ``backbone.safetensors`` (merged plain timm weights of the teacher, architecture
-in the header) and ``tuner.safetensors`` (the tuner state).
+parameters, the DINO head or the decoder, the number of images, the exported epoch, peak training memory, training
+images/s and seconds), and the adapted backbone: ``backbone.safetensors`` (merged plain timm weights of the teacher
+(DINOv2) or the student (MAE, SimMIM), architecture in the header) and ``tuner.safetensors`` (the tuner state);
+MAE and SimMIM also write ``decoder.safetensors`` and ``reconstructions/epoch_NNN.png`` (a few fixed images:
+original, masked input, reconstruction) at each epoch end.
 
 The run follows :func:`essa.train.stage.fit_stage`, the sequence ``essa finetune`` follows too; this module holds the
-SSA config, the SSA loader (multi-crop views, masks), the kNN monitor and the export choice, and the SSA stage's
-parts (``_SSAStage``); the module that trains is :class:`essa.train.ssa.SSAModule`.
-"""
+SSA config, the SSA loader (the objective's views and masks), the kNN monitor and the export choice, and the SSA
+stage's parts (``_SSAStage``), which reach the objective through :mod:`essa.train.objective`'s interface; the
+modules that train are :class:`essa.train.ssa.SSAModule` and :class:`essa.train.mim.ReconstructionModule`."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from essa import config as config_mod, tuners
+from essa import config as config_mod, objectives, tuners
 from essa.config import BackboneConfig, StageOptimConfig, TrainerConfig, TunerConfig
+from essa.objectives import head_size  # noqa: F401  (essa.adaptation.head_size, as documented)
 from essa.train import stage
 from essa.train.loader import ResumableLoader, mix_seed, training_loader
 from essa.train.run_dir import RunDir
@@ -158,6 +161,65 @@ class OptimConfig(StageOptimConfig):
         _check_length("optim.warmup", self.warmup)
 
 
+def _check_scale(key: str, scale) -> None:
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise config_mod.ConfigError(f"{key}={list(scale)}: give [min, max] with 0 < min <= max <= 1 (the share of "
+                                     "the image a random resized crop covers)")
+
+
+@dataclass
+class MAEConfig:
+    """``objective: mae`` (essa.ssl.mae): the encoder sees the visible patches only; a light decoder (timm Blocks,
+    a learned mask token, a fixed 2-D sine-cosine position embedding) predicts the masked ones' pixels."""
+
+    mask_ratio: float = 0.75  # share of each image's patches hidden (the paper's 0.75)
+    decoder_depth: int = 2  # the paper's 8 blocks x 512 wide suit long runs; 2 x 256 trains in a short one
+    decoder_width: int = 256
+    decoder_heads: int = 8
+    decoder_weights: str | None = None  # a decoder.safetensors of an earlier MAE run (same sizes); None: fresh
+    decoder_lr: float | None = None  # None: optim.lr's value (the tuner's default lr)
+    norm_pix_loss: bool = True  # target: each patch's pixels normalised by their own mean and std (the paper's)
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop's area (the paper's)
+
+    def validate(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise config_mod.ConfigError(f"mae.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        for key in ("decoder_depth", "decoder_width", "decoder_heads"):
+            if getattr(self, key) < 1:
+                raise config_mod.ConfigError(f"mae.{key}={getattr(self, key)} must be at least 1")
+        if self.decoder_width % 4 or self.decoder_width % self.decoder_heads:
+            raise config_mod.ConfigError(f"mae.decoder_width={self.decoder_width} must be a multiple of 4 (its "
+                                         f"sine-cosine position embedding) and of mae.decoder_heads="
+                                         f"{self.decoder_heads}")
+        if self.decoder_lr is not None and self.decoder_lr <= 0:
+            raise config_mod.ConfigError(f"mae.decoder_lr={self.decoder_lr} must be positive")
+        _check_scale("mae.scale", self.scale)
+
+
+@dataclass
+class SimMIMConfig:
+    """``objective: simmim`` (essa.ssl.simmim): square cells of patches replaced by a learned mask token in the
+    encoder; a linear decoder predicts each patch's pixels; L1 on the masked pixels."""
+
+    mask_ratio: float = 0.6  # share of the mask cells hidden (the paper's 0.6)
+    # the side of a mask cell in px, a multiple of the patch size; None: the largest multiple of the patch size up to
+    # 32 px (the paper's) that leaves at least 4 cells across the image (28 px at 224 px with patch 14; 8 at 32 px
+    # with patch 4)
+    mask_patch_size: int | None = None
+    decoder_weights: str | None = None  # a decoder.safetensors of an earlier SimMIM run; None: fresh
+    decoder_lr: float | None = None  # None: optim.lr's value (the tuner's default lr)
+    scale: list[float] = field(default_factory=lambda: [0.67, 1.0])  # random resized crop's area (the paper's)
+
+    def validate(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise config_mod.ConfigError(f"simmim.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if self.mask_patch_size is not None and self.mask_patch_size < 1:
+            raise config_mod.ConfigError(f"simmim.mask_patch_size={self.mask_patch_size} must be at least 1 (px)")
+        if self.decoder_lr is not None and self.decoder_lr <= 0:
+            raise config_mod.ConfigError(f"simmim.decoder_lr={self.decoder_lr} must be positive")
+        _check_scale("simmim.scale", self.scale)
+
+
 @dataclass
 class MonitorConfig:
     knn_k: int = 200
@@ -175,8 +237,12 @@ class MonitorConfig:
 class AdaptConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)
+    # the SSA objective (essa.objectives): dinov2 (the ssl section), mae (the mae section) or simmim (simmim)
+    objective: str = "dinov2"
     data: SSADataConfig = field(default_factory=SSADataConfig)
-    ssl: SSLConfig = field(default_factory=SSLConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)  # dinov2's; global_size is every objective's image size
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     seed: int = 0
@@ -188,6 +254,7 @@ class AdaptConfig:
             raise config_mod.ConfigError("data.root is required: a folder of unlabelled images (--data)")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise config_mod.ConfigError("optim.epochs and optim.batch_size must be at least 1")
+        objectives.get(self.objective)  # names the valid choices
         tuners.base.build(self.tuner.name, self.tuner.options)  # a bad tuner fails before any work
 
 
@@ -200,41 +267,11 @@ def _check_length(key: str, value) -> None:
         raise config_mod.ConfigError(str(err)) from None
 
 
-def head_size(ssl: SSLConfig, n_images: int) -> SSLConfig:
-    """``ssl`` with the DINO head's size filled in where it is None, from the number of SSA images N, each rounded
-    to a power of two: prototypes N / 16 within [256, 65536] (the reference's 65,536 from about a million images
-    on); hidden width N / 8 within [512, 2048]; bottleneck N / 4096 within [16, 256] (the reference's 256 from about
-    a million images on).
-
-    The bottleneck sets how sharp the teacher is at the start: a fresh head's prototype scores of a unit feature
-    spread by about 1 / sqrt(bottleneck), divided by the teacher temperature (0.04): 6.3 for 16, 1.6 for 256. With
-    256, a short run's student flattens towards the nearly uniform targets faster than the head learns, and the
-    DINO loss settles at ln K (measured on 256 chest X-rays: teacher entropy 5.08 -> 5.49 of ln 256 = 5.55 in 24
-    steps, and the same with 4,096 prototypes); with 16 the DINO loss falls below ln K within 16 steps."""
-    def power_of_two(x: float, low: int, high: int) -> int:
-        return int(min(high, max(low, 2 ** round(math.log2(max(x, 1))))))
-
-    return dataclasses.replace(
-        ssl,
-        prototypes=ssl.prototypes or power_of_two(n_images / 16, 256, 65536),
-        head_hidden=ssl.head_hidden or power_of_two(n_images / 8, 512, 2048),
-        head_bottleneck=ssl.head_bottleneck or power_of_two(n_images / 4096, 16, 256),
-    )
-
-
-def _local_size(cfg: AdaptConfig, patch: int) -> int:
-    if cfg.ssl.local_size is not None:
-        return cfg.ssl.local_size
-    return max(patch, round(cfg.ssl.global_size * 7 / 16 / patch) * patch)
-
-
-def _ssa_collate(samples, *, seed: int, **kwargs):
-    """Batch ``((views, label), key)`` samples; the masks are drawn from a generator seeded by the batch's first
-    key, so a resumed run draws the same masks."""
-    from essa.ssl import collate
-
+def _seeded_collate(samples, *, seed: int, collate):
+    """Batch ``(sample, key)`` pairs with the objective's ``collate``; its masks are drawn from a generator seeded by
+    the batch's first key, so a resumed run draws the same masks."""
     generator = torch.Generator().manual_seed(mix_seed(seed, *samples[0][1]))
-    return collate([views for (views, _label), _key in samples], generator=generator, **kwargs)
+    return collate([sample for (sample, _label), _key in samples], generator=generator)
 
 
 def _task(cfg: AdaptConfig):
@@ -244,11 +281,10 @@ def _task(cfg: AdaptConfig):
     return load_task(cfg.data.task_data()) if cfg.data.split else None
 
 
-def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoader:
-    """Multi-crop views of ``data.root``'s images, or with ``data.split`` of that split of ``task`` (default: the
-    task ``data`` describes)."""
+def _records(cfg: AdaptConfig, task=None):
+    """(source, records) of the SSA images: ``data.root``'s, or with ``data.split`` that split of ``task``, with
+    ``data.extra``'s added and ``data.max_images`` drawn."""
     from essa import data
-    from essa.ssl import MultiCropTransform
 
     if cfg.data.split:
         task = task or _task(cfg)
@@ -265,16 +301,38 @@ def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoade
         g = torch.Generator().manual_seed(cfg.seed)
         keep = sorted(torch.randperm(len(records), generator=g)[: cfg.data.max_images].tolist())
         records = [records[i] for i in keep]
-    ssl = cfg.ssl
-    transform = MultiCropTransform(
-        n_global=ssl.n_global, n_local=ssl.n_local, global_size=ssl.global_size,
-        local_size=_local_size(cfg, patch_size), global_scale=tuple(ssl.global_scale),
-        local_scale=tuple(ssl.local_scale),
-    )
-    collate = functools.partial(_ssa_collate, seed=cfg.seed, patch_size=patch_size, n_global=ssl.n_global,
-                                mask_ratio=tuple(ssl.mask_ratio), mask_probability=ssl.mask_probability)
-    return training_loader(source, records, transform, seed=cfg.seed, batch_size=cfg.optim.batch_size,
-                           num_workers=cfg.data.num_workers, collate_fn=collate, what=str(cfg.data.root))
+    return source, records
+
+
+def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoader:
+    """The objective's views (DINOv2: multi-crop and block masks; MAE / SimMIM: one crop and its masks) of
+    ``data.root``'s images, or with ``data.split`` of that split of ``task`` (default: the task ``data``
+    describes)."""
+    objective = objectives.get(cfg.objective)
+    objective.check(cfg, patch_size)
+    source, records = _records(cfg, task)
+    collate = functools.partial(_seeded_collate, seed=cfg.seed, collate=objective.collate(cfg, patch_size))
+    return training_loader(source, records, objective.transform(cfg, patch_size), seed=cfg.seed,
+                           batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
+                           what=str(cfg.data.root))
+
+
+#: Images in the per-epoch picture of a reconstruction objective (reconstructions/epoch_NNN.png).
+PREVIEW_IMAGES = 4
+
+
+def preview_batch(cfg: AdaptConfig, patch_size: int, labelled=None, loader: ResumableLoader | None = None):
+    """The fixed images of the per-epoch picture, through the objective's deterministic view, with masks drawn from
+    a generator seeded by ``seed``: the first :data:`PREVIEW_IMAGES` of the kNN monitor's (``labelled``), else of
+    the training images (``loader``'s). None when the objective draws no picture."""
+    objective = objectives.get(cfg.objective)
+    view = objective.preview_transform(cfg)
+    if view is None:
+        return None
+    source, records = labelled if labelled is not None else (loader.dataset.base.source,
+                                                             loader.dataset.base.records)
+    images = [view(source.load(record)) for record in records[:PREVIEW_IMAGES]]
+    return objective.collate(cfg, patch_size)(images, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def _labelled_images(cfg: AdaptConfig, task=None):
@@ -352,24 +410,26 @@ def export_choice(history: list[dict], monitored: bool) -> dict[str, Any]:
 
 
 def _export(module, run: RunDir) -> dict[str, Path]:
-    """Merged teacher backbone (plain timm weights) and the teacher's tuner state."""
-    teacher = copy.deepcopy(module.teacher.backbone)
-    for s, t in zip(module.student.backbone.parameters(), teacher.parameters(), strict=True):
-        t.requires_grad_(s.requires_grad)  # the tuner state is what trains in the student
-    backbone_path = export_merged(teacher, run.path / "backbone.safetensors")
-    return {"backbone": backbone_path, "tuner": tuners.save(teacher, run.path / "tuner.safetensors")}
+    """The objective's backbone (DINOv2: the teacher's; MAE, SimMIM: the student's) merged into plain timm weights,
+    its tuner state, and the objective's own files (a decoder)."""
+    backbone = module.exported_backbone()
+    backbone_path = export_merged(backbone, run.path / "backbone.safetensors")
+    return {"backbone": backbone_path, "tuner": tuners.save(backbone, run.path / "tuner.safetensors"),
+            **module.exported_extras(run.path)}
 
 
 class _SSAStage(Stage):
-    """``essa adapt`` as :func:`essa.train.stage.fit_stage` runs it."""
+    """``essa adapt`` as :func:`essa.train.stage.fit_stage` runs it, with the objective that ``objective`` names
+    (:mod:`essa.objectives`), through its interface (:mod:`essa.train.objective`)."""
 
     ties = "later"
     name = "adapt"
 
     def __init__(self, cfg: AdaptConfig, run: RunDir):
         self.cfg, self.run = cfg, run
+        self.objective = objectives.get(cfg.objective)
         self.checkpoint_every_n_steps = cfg.monitor.checkpoint_every_n_steps
-        self.unused_parameters = bool(cfg.ssl.head_warmup)
+        self.unused_parameters = self.objective.unused_parameters(cfg)
 
     def start(self) -> None:
         self.task = _task(self.cfg)
@@ -377,8 +437,10 @@ class _SSAStage(Stage):
         self.monitor = "knn_bal_acc" if self.knn_data is not None else None
 
     def epoch_metrics(self, module) -> dict[str, float]:
-        # after each epoch: kNN on the teacher's CLS features (best checkpoint by its balanced accuracy)
-        return knn_metrics(module.teacher.backbone, self.knn_data, self.cfg) if self.knn_data is not None else {}
+        # after each epoch: kNN on the monitored backbone's CLS features (best checkpoint by its balanced accuracy)
+        trainer = module.trainer
+        module.epoch_outputs(self.run.path, trainer.current_epoch, write=trainer.is_global_zero)
+        return knn_metrics(module.monitored_backbone, self.knn_data, self.cfg) if self.knn_data is not None else {}
 
     def tuned_model(self) -> nn.Module:
         backbone = self.cfg.backbone.build(img_size=self.cfg.ssl.global_size, dynamic_img_size=True)
@@ -389,30 +451,23 @@ class _SSAStage(Stage):
         return build_loader(self.cfg, backbone.patch_embed.patch_size[0], self.task)
 
     def module(self, backbone, loader, trainer, checkpointing):
-        from essa.train.ssa import SSAModule
-
-        # the head sized to the images SSA sees (a resumed run sees the same ones, so gets the same head)
-        self.cfg = cfg = dataclasses.replace(self.cfg, ssl=head_size(self.cfg.ssl, loader.sampler.size))
-        module = SSAModule(cfg, backbone, iters_per_epoch=steps_per_epoch(loader, trainer))
-        for note in module.schedules.warnings:
+        self.cfg = cfg = self.objective.sized(self.cfg, loader.sampler.size)
+        module = self.objective.module(cfg, backbone, steps_per_epoch(loader, trainer))
+        for note in module.schedule_warnings:
             warnings.warn(note, stacklevel=4)  # the caller of adapt (adapt -> fit_stage -> here)
-        prepare_backbones(cfg.trainer, module.student.backbone, module.teacher.backbone)
+        prepare_backbones(cfg.trainer, *module.prepared_backbones)
+        module.preview = preview_batch(cfg, backbone.patch_embed.patch_size[0], self.knn_data, loader)
         return module
 
     def reload(self, fitted: Fitted) -> dict[str, Any]:
-        module, cfg = fitted.module, self.cfg
+        module = fitted.module
         exported = export_choice(module.history, self.knn_data is not None)
         if exported["checkpoint"] == "best":  # else the module holds the last epoch's weights
             state = torch.load(self.run.best, map_location="cpu", weights_only=True)
             module.load_state_dict(state["state_dict"], strict=False)
         if fitted.trainer.is_global_zero:
             print(f"exported epoch {exported['epoch']} (step {exported['step']}): {exported['reason']}")
-        return {
-            "head_params": sum(p.numel() for p in module.student.head.parameters()),
-            "head": {"prototypes": cfg.ssl.prototypes, "hidden": cfg.ssl.head_hidden,
-                     "bottleneck": cfg.ssl.head_bottleneck, "warmup_steps": module.schedules.head_warmup_steps},
-            "images": fitted.loader.sampler.size, "exported": exported,
-        }
+        return {**module.stage_resources(), "images": fitted.loader.sampler.size, "exported": exported}
 
     def export(self, fitted: Fitted) -> dict[str, Path]:
         return _export(fitted.module, self.run)
@@ -423,11 +478,17 @@ def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = Fals
     """Run SSA. ``config``: an AdaptConfig, a YAML path, or None; ``sections`` override it by section
     (``backbone={...}, tuner={...}, optim={"epochs": 2}``, or top-level keys such as ``out=...``).
 
-    Returns {"run_dir", "backbone", "tuner", "metrics", "resources"}.
+    Returns {"run_dir", "backbone", "tuner", "metrics", "resources"}, and the objective's own exports (MAE and
+    SimMIM: "decoder").
     """
     cfg = resolve_config(config, sections, overrides)
     cfg.backbone.check_img_size("ssl.global_size (--img-size), ssl.local_size", cfg.ssl.global_size,
                                 cfg.ssl.local_size)
+    # the objective's checks that need the patch size (SimMIM's mask cells), before the run directory
+    from essa import backbones
+
+    patch = backbones.patch_size(cfg.backbone.name, weights=cfg.backbone.weights, **cfg.backbone.model_args)
+    objectives.get(cfg.objective).check(cfg, patch)
     run = RunDir(cfg.out)
     if resume:
         run.refuse_other_config(cfg, f"--resume continues {run.path} with its own config.yaml; the given config "

@@ -171,8 +171,14 @@ def ssa_step(
     device: str = "cpu",
     recompute_frozen: bool = True,
     loss_chunk: int | None | str = "default",
+    objective: str = "dinov2",
+    objective_options: dict | None = None,
 ) -> dict[str, Any]:
-    """One SSA step of the full objective on random images, as ``essa adapt`` runs it: the SSA module's own step
+    """One SSA step of the full objective on random images, as ``essa adapt`` runs it. ``objective``: the config's
+    ``objective`` (``mae`` and ``simmim``: ``batch_size`` images of ``global_size`` px with their masks drawn by the
+    objective's collate function, through :class:`essa.train.mim.ReconstructionModule`'s own step with its
+    config section's defaults, updated by ``objective_options``; ``prototypes``, ``local_size``, ``n_local`` and
+    ``loss_chunk`` are DINOv2's). For ``dinov2``: the SSA module's own step
     (:meth:`essa.train.stage.StageModule.standalone_step` of :class:`essa.train.ssa.SSAModule`: the schedules'
     learning rates and weight decay, the student on 2 masked global + ``n_local`` local crops, the teacher on the
     global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, the teacher's momentum update), set up as
@@ -186,7 +192,7 @@ def ssa_step(
     flight, and allocator slack. On CPU, ``live_peak_mib`` is the peak of live tensors alone (one more step, after
     the peak was read), the number CUDA's peak would report. ``gflop``: the FLOPs of one step (:func:`step_flops`),
     counted in one more step after the peak was read."""
-    from essa import tuners
+    from essa import objectives, tuners
     from essa.adaptation import resolve_config
     from essa.ssl import block_masks
     from essa.train.ssa import SSAModule
@@ -194,6 +200,7 @@ def ssa_step(
     dev = torch.device(device)
     torch.manual_seed(0)
     cfg = resolve_config(None, sections={
+        "objective": objective, **({objective: objective_options} if objective_options else {}),
         "backbone": {"name": backbone, "pretrained": False}, "tuner": {"name": tuner, "options": options or {}},
         # the reference head (its hidden and bottleneck widths), and a step of the tuner, not of the head warm-up
         # or the prototype freeze
@@ -207,17 +214,24 @@ def ssa_step(
     meter = MemoryMeter(dev)
     model = cfg.backbone.build(img_size=global_size, dynamic_img_size=True)
     tuners.apply(model, tuner, **(options or {}))
-    module = SSAModule(cfg, model, iters_per_epoch=100).to(dev)
-    if loss_chunk != "default":
-        module.loss.chunk_size = loss_chunk
+    patch = model.patch_embed.patch_size[0]
+    if objective == "dinov2":
+        module = SSAModule(cfg, model, iters_per_epoch=100).to(dev)
+        if loss_chunk != "default":
+            module.loss.chunk_size = loss_chunk
+        grid = global_size // patch
+        batch = {
+            "global_crops": torch.randn(2 * batch_size, 3, global_size, global_size, device=dev),
+            "local_crops": torch.randn(n_local * batch_size, 3, local_size, local_size, device=dev) if n_local else None,
+            "masks": block_masks(2 * batch_size, (grid, grid), generator=torch.Generator().manual_seed(0)).to(dev),
+        }
+    else:
+        module = objectives.get(objective).module(cfg, model, iters_per_epoch=100).to(dev)
+        images = list(torch.randn(batch_size, 3, global_size, global_size))
+        batch = {k: v.to(dev) for k, v in objectives.get(objective).collate(cfg, patch)(
+            images, generator=torch.Generator().manual_seed(0)).items()}
     opt = module.configure_optimizers()
     saved = SavedActivations(module.parameters())
-    grid = global_size // model.patch_embed.patch_size[0]
-    batch = {
-        "global_crops": torch.randn(2 * batch_size, 3, global_size, global_size, device=dev),
-        "local_crops": torch.randn(n_local * batch_size, 3, local_size, local_size, device=dev) if n_local else None,
-        "masks": block_masks(2 * batch_size, (grid, grid), generator=torch.Generator().manual_seed(0)).to(dev),
-    }
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
     @contextlib.contextmanager
@@ -277,6 +291,21 @@ def measure_grid(target: str, models: list[str], configs: list[tuple[str, str, d
     return ratio_table(list(rows.values()), "full")
 
 
+def measure_objectives(objectives: list[str], models: list[str], configs: list[tuple[str, str, dict]],
+                       repeats: int = 1, **kwargs) -> list[dict]:
+    """:func:`measure_grid` of :func:`ssa_step` once per SSA objective; with more than the one objective
+    ``dinov2``, each row's label is ``"<objective> <label>"``, its ``objective`` is kept, and its ratios are against
+    ``full`` with the same objective and model."""
+    if objectives == ["dinov2"]:
+        return measure_grid("essa.bench:ssa_step", models, configs, repeats=repeats, **kwargs)
+    rows = []
+    for objective in objectives:
+        for row in measure_grid("essa.bench:ssa_step", models, configs, repeats=repeats, objective=objective,
+                                **kwargs):
+            rows.append({**row, "objective": objective, "label": f"{objective} {row['label']}"})
+    return rows
+
+
 def markdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
     lines = [f"| model | {tuner_header} | trainable params | peak memory (MiB) | images/s | images per CPU-s "
              "| memory vs full | speed vs full (wall / CPU) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -299,7 +328,7 @@ def breakdown_table(rows: list[dict], tuner_header: str = "tuner") -> str:
         line = (f"| {r['model']} | {r['label']} | {r['peak_mib']:.0f} | " + " | ".join(f"{v:.0f}" for v in parts)
                 + f" | {r['peak_mib'] - sum(parts):.0f} | {r['peak_mib_ratio']:.2f}x |")
         if live:
-            full = next(f for f in rows if f["model"] == r["model"] and f["label"] == "full")
+            full = _reference_row(rows, r, "full")
             line += f" {r['live_peak_mib']:.0f} | {r['live_peak_mib'] / full['live_peak_mib']:.2f}x |"
         lines.append(line)
     return "\n".join(lines)
@@ -314,11 +343,18 @@ def compute_table(rows: list[dict], tuner_header: str = "tuner") -> str:
     return "\n".join(lines)
 
 
+def _reference_row(rows: list[dict], row: dict, reference: str) -> dict:
+    """The row labelled ``reference`` with ``row``'s model (and its objective, in rows of
+    :func:`measure_objectives`, whose labels are ``"<objective> <label>"``)."""
+    label = f"{row['objective']} {reference}" if "objective" in row else reference
+    return next(r for r in rows if r["model"] == row["model"] and r["label"] == label)
+
+
 def ratio_table(rows: list[dict], reference: str, keys=("peak_mib", "images_per_s", "images_per_cpu_s")) -> list[dict]:
     """Add ``<key>_ratio`` to each row: its value over the value of the row labelled ``reference``
-    with the same ``model``."""
+    with the same ``model`` (and objective: :func:`_reference_row`)."""
     for row in rows:
-        ref = next(r for r in rows if r["model"] == row["model"] and r["label"] == reference)
+        ref = _reference_row(rows, row, reference)
         for key in keys:
             row[f"{key}_ratio"] = row[key] / ref[key]
     return rows

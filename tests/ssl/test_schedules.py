@@ -102,3 +102,18 @@ def test_a_schedule_longer_than_the_run_is_clamped_and_named():
 def test_ssa_schedules_rejects_empty_run():
     with pytest.raises(ValueError, match="iters_per_epoch"):
         ssa_schedules(3, 0, lr=1e-4)
+
+
+def test_tuner_schedules_ramp_both_lrs_from_step_0_and_end_at_min_lr():
+    from essa.ssl.schedules import tuner_schedules
+
+    s = tuner_schedules(2, 5, 1e-3, head_lr=4e-3, min_lr=1e-6, warmup=4, weight_decay=(1e-5, 1e-4))
+    assert len(s) == 10 and s.warnings == ()
+    assert s.lr[:5].tolist() == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])  # the ramp, then the cosine's start
+    assert s.head_lr[:5].tolist() == pytest.approx([0.0, 1e-3, 2e-3, 3e-3, 4e-3])
+    assert s.lr[-1] == pytest.approx(1e-6) and s.head_lr[-1] == pytest.approx(1e-6)
+    assert s.weight_decay[0] == pytest.approx(1e-5) and s.weight_decay[-1] == pytest.approx(1e-4)
+    assert (tuner_schedules(1, 4, 1e-3).head_lr == tuner_schedules(1, 4, 1e-3).lr).all()  # head_lr None: lr's
+    clamped = tuner_schedules(1, 4, 1e-3, warmup="2 epochs")
+    assert clamped.warnings == ("optim.warmup='2 epochs' is 8 steps, longer than this run of 4 steps allows: "
+                                "clamped to 3",) and clamped.lr[3] == pytest.approx(1e-3)

@@ -6,17 +6,25 @@ from essa import config as config_mod
 from essa.commands.common import SCALE_FLAGS, add_common, add_scale_flags, config_path, overrides
 
 
+#: ``--objective`` choices: the names of :data:`essa.objectives.OBJECTIVES` (listed here so that the parser imports
+#: no torch; tests/test_cli_errors.py checks that the two agree).
+OBJECTIVES = ("dinov2", "mae", "simmim")
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("adapt", help="self-supervised adaptation (DINOv2 objective) with any tuner")
+    p = sub.add_parser("adapt", help="self-supervised adaptation (DINOv2, MAE or SimMIM objective) with any tuner")
     add_common(p)
     add_scale_flags(p)
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="SSA objective (default dinov2: student + EMA teacher, DINO + iBOT + KoLeo; mae: masked "
+                        "autoencoder, the encoder on visible patches only; simmim: mask tokens, linear decoder)")
     p.add_argument("--val", help="labelled image folder (one folder per class) for the kNN monitor")
     p.set_defaults(func=run_adapt)
 
 
 ADAPT_FLAGS = {
     "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "val": "data.val",
-    "tuner": "tuner.name", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
+    "tuner": "tuner.name", "objective": "objective", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
     "img_size": "ssl.global_size", "seed": "seed", "out": "out", **SCALE_FLAGS,
 }
 

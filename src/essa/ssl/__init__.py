@@ -1,4 +1,6 @@
-"""Building blocks of the DINOv2-style SSA objective: pure pieces that know nothing about tuners.
+"""Building blocks of the SSA objectives: pure pieces that know nothing about tuners. DINOv2's are below; MAE's are
+in :mod:`essa.ssl.mae`, SimMIM's in :mod:`essa.ssl.simmim`, and what those two share (patches, the one-crop view,
+the masked collate, the reconstruction picture) in :mod:`essa.ssl.mim`.
 
 - ``heads.DINOHead(in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3)``: (..., in_dim) ->
   (..., out_dim) prototype logits, ``prototypes(bottleneck(x))``; ``cancel_last_layer_gradients()`` freezes the

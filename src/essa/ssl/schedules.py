@@ -159,3 +159,51 @@ def ssa_schedules(
         head_warmup=warm,
         warnings=tuple(notes),
     )
+
+
+@dataclass(frozen=True)
+class TunerSchedules:
+    """The per-step values of an objective without the DINO parts (no head warm-up, prototypes or teacher): ``lr``
+    (the backbone's tuner), ``head_lr`` (the objective's own new parts, e.g. a decoder), ``weight_decay``: float64
+    (total_iters,). ``warnings``: what could not finish inside the run (clamped)."""
+
+    lr: np.ndarray
+    head_lr: np.ndarray
+    weight_decay: np.ndarray
+    warnings: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+
+def tuner_schedules(
+    epochs: int,
+    iters_per_epoch: int,
+    lr: float,
+    *,
+    head_lr: float | None = None,
+    min_lr: float = 1e-6,
+    warmup=1 / 30,
+    weight_decay: tuple[float, float] = (1e-5, 1e-4),
+) -> TunerSchedules:
+    """Schedules for an objective whose new parts train with the tuner from step 0 (MAE, SimMIM): the tuner's lr
+    and the new parts' lr (``head_lr``, default ``lr``) each a linear ramp from 0 over ``warmup`` steps (a length,
+    :func:`length_steps`; clamped to end before the last step, with a warning) then a cosine to ``min_lr`` at the
+    last step; weight decay a cosine from the first to the second value over the run."""
+    if epochs < 1 or iters_per_epoch < 1:
+        raise ValueError(
+            f"tuner_schedules: epochs and iters_per_epoch must be at least 1, got {epochs} and {iters_per_epoch}"
+        )
+    total = epochs * iters_per_epoch
+    ramp = length_steps(warmup, total, iters_per_epoch, "optim.warmup")
+    notes = ()
+    if ramp > total - 1:
+        notes = (f"optim.warmup={warmup!r} is {ramp} steps, longer than this run of {total} steps allows: clamped "
+                 f"to {total - 1}",)
+        ramp = total - 1
+    return TunerSchedules(
+        lr=cosine(lr, min_lr, total, warmup_iters=ramp),
+        head_lr=cosine(lr if head_lr is None else head_lr, min_lr, total, warmup_iters=ramp),
+        weight_decay=cosine(*weight_decay, total),
+        warnings=notes,
+    )

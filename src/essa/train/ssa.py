@@ -11,6 +11,8 @@ objective, the prototype freeze after the backward pass and the teacher's moment
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
@@ -22,7 +24,7 @@ from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
 from essa.train.memory import recompute_frozen
 from essa.train.resources import release_free_heap
 from essa.train.optim import decay_groups, default_lr
-from essa.train.stage import StageModule
+from essa.train.objective import ObjectiveModule
 from essa.train.trainer import attached_trainer, module_full_weights
 
 
@@ -52,7 +54,7 @@ def effective_rank(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
-class SSAModule(StageModule):
+class SSAModule(ObjectiveModule):
     """One SSA run. ``cfg`` is an :class:`essa.adaptation.AdaptConfig` whose head size is resolved
     (:func:`essa.adaptation.head_size`); ``iters_per_epoch`` sizes the schedules.
 
@@ -100,6 +102,32 @@ class SSAModule(StageModule):
     @property
     def tuned(self) -> nn.Module:
         return self.student.backbone  # the DINO head and the mask token are not part of the export
+
+    # ----- what the SSA stage reads (essa.train.objective.ObjectiveModule) ------------------------------------
+    @property
+    def monitored_backbone(self) -> nn.Module:
+        return self.teacher.backbone  # the kNN monitor reads the teacher's CLS features
+
+    @property
+    def prepared_backbones(self) -> tuple[nn.Module, ...]:
+        return self.student.backbone, self.teacher.backbone
+
+    @property
+    def schedule_warnings(self) -> tuple[str, ...]:
+        return self.schedules.warnings
+
+    def exported_backbone(self) -> nn.Module:
+        """The teacher's backbone, whose tuner state is what trains in the student."""
+        teacher = copy.deepcopy(self.teacher.backbone)
+        for s, t in zip(self.student.backbone.parameters(), teacher.parameters(), strict=True):
+            t.requires_grad_(s.requires_grad)
+        return teacher
+
+    def stage_resources(self) -> dict:
+        ssl = self.cfg.ssl
+        return {"head_params": sum(p.numel() for p in self.student.head.parameters()),
+                "head": {"prototypes": ssl.prototypes, "hidden": ssl.head_hidden, "bottleneck": ssl.head_bottleneck,
+                         "warmup_steps": self.schedules.head_warmup_steps}}
 
     # ----- what a checkpoint holds besides the student's trainable tensors and the teacher's copies ------------
     def checkpoint_state(self) -> dict:
