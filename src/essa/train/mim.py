@@ -87,11 +87,9 @@ class ReconstructionModule(ObjectiveModule):
                                       if not n.startswith("backbone."))}
 
     def exported_extras(self, run_dir: Path) -> dict[str, Path]:
-        from safetensors.torch import save_file
+        from essa.export import save_weights
 
-        path = Path(run_dir) / DECODER_FILE
-        save_file({k: v.detach().cpu().contiguous() for k, v in _new_parts(self.model).items()}, str(path),
-                  metadata={"objective": self.objective_name})
+        path = save_weights(_new_parts(self.model), Path(run_dir) / DECODER_FILE, {"objective": self.objective_name})
         return {"decoder": path}
 
     def epoch_outputs(self, run_dir: Path, epoch: int, write: bool) -> None:
