@@ -410,7 +410,8 @@ def test_a_study_of_two_objectives_shows_each_cells_objective_and_compares_apla_
                                              ["full (mae)", "mae", "**0.9600 ± 0.0100 (n=3)**", "–"]]
     apla_vs_full = [line for line in verdict(results["datasets"][0]) if " vs SSA full" in line]
     assert [line.split(": auc")[0] for line in apla_vs_full] == [
-        "Fine-tuning full: SSA apla (dinov2) vs SSA full (dinov2)", "Fine-tuning full: SSA apla (mae) vs SSA full (mae)"]
+        "Fine-tuning full: SSA apla (dinov2) vs SSA full (dinov2)",
+        "Fine-tuning full: SSA apla (mae) vs SSA full (mae)"]
     assert "auc +0.0500; APLA-SSA better" in apla_vs_full[0] and "auc -0.2500; APLA-SSA worse" in apla_vs_full[1]
 
     # dinov2 only, or no objective recorded (results.json of a study before the axis): no objective column

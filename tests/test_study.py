@@ -186,7 +186,8 @@ def test_one_objective_keeps_the_grid_its_directories_and_labels(tmp_path):
         assert _cells(study, tmp_path / "run") == TINY_CELLS
         assert [s.label for s in study.cfg.ssa.ssa_specs()] == ["none", "apla r=16"]
         assert [s.objective for s in study.cfg.ssa.ssa_specs()] == [None, "dinov2"]
-        assert study.adapt_sections(study.datasets[0], study_mod.TunerSpec("apla", {"r": 16}))["objective"] == "dinov2"
+        apla = study_mod.TunerSpec("apla", {"r": 16})
+        assert study.adapt_sections(study.datasets[0], apla)["objective"] == "dinov2"
         results = study.results({})
         assert "ssa_objectives" not in results["budget"]
         assert [(c["ssa"], c["objective"]) for c in results["datasets"][0]["cells"]] == [

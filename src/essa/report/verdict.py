@@ -24,7 +24,8 @@ def verdict(dataset: dict) -> list[str]:
     the best cell (of those not flagged for predicting one class); the flagged cells; per fine-tuning tuner, the
     best SSA cell against the cell without SSA ("helped", "within noise", "hurt", or "single seed: no noise
     estimate"); and APLA-SSA against full-SSA cells of the same SSA objective (metric, SSA peak memory and
-    throughput ratios) where both exist. A cell's SSA tuner is its recorded ``ssa_tuner`` name, whatever its label (:func:`ssa_tuner`)."""
+    throughput ratios) where both exist. A cell's SSA tuner is its recorded ``ssa_tuner`` name, whatever its label
+    (:func:`ssa_tuner`)."""
     metric = dataset["primary_metric"]
     cells = dataset["cells"]
     flagged = [f"{cell_name(c)} ({one_class_seeds(c)}/{len(c.get('seeds') or {})} seeds)"

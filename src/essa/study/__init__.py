@@ -49,7 +49,7 @@ from essa.study.runner import CELLS_FILE, CellError, Study, run
 
 __all__ = [
     "ALL_LABELS", "CELLS_FILE", "NO_SSA", "PROBES", "Cell", "CellError", "CellResult", "DatasetResult", "DatasetSpec",
-    "FinetuneStageConfig", "Grid", "ProbeResult", "Results", "SSASpec", "SSAStageConfig", "StageConfig", "Study", "StudyConfig",
-    "TunerResult", "TunerSpec", "WeightChanges", "budget_dir_suffix", "budget_label", "budget_suffix", "deep_merge",
-    "probe_backbone", "run", "slug",
+    "FinetuneStageConfig", "Grid", "ProbeResult", "Results", "SSASpec", "SSAStageConfig", "StageConfig", "Study",
+    "StudyConfig", "TunerResult", "TunerSpec", "WeightChanges", "budget_dir_suffix", "budget_label", "budget_suffix",
+    "deep_merge", "probe_backbone", "run", "slug",
 ]
