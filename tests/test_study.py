@@ -241,6 +241,32 @@ def test_objectives_are_a_grid_axis_of_the_ssa_tuners(tmp_path):
     assert any("with mae or simmim the same decoder" in note for note in results["notes"])
 
 
+@pytest.mark.slow
+def test_a_study_of_the_simmim_objective_runs_it_and_its_report_names_it(tmp_path):
+    """ssa.objectives: [simmim], one SSA tuner, one fine-tuning tuner: the SSA cell (in a fresh process, from the
+    study's saved config) runs SimMIM and writes its decoder; the report names the objective."""
+    config = _write(tmp_path, probes=["knn"],
+                    ssa={**TINY["ssa"], "tuners": [{"name": "apla", "options": {"r": 16}}], "objectives": ["simmim"]},
+                    finetune={**TINY["finetune"], "epochs": 1, "tuners": ["apla"]})
+    assert main(["run", "--config", str(config)]) == 0
+    run = tmp_path / "run" / "breast"
+    assert sorted(p.relative_to(run).as_posix() for p in run.glob("*/*")) == [
+        "finetune/simmim__apla_r16__apla", "probe/ssa_simmim__apla_r16", "ssa/simmim__apla_r16"]
+    ssa = run / "ssa" / "simmim__apla_r16"
+    assert (ssa / "decoder.safetensors").is_file() and (ssa / "backbone.safetensors").is_file()
+    assert yaml.safe_load((ssa / "config.yaml").read_text())["objective"] == "simmim"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    (cell,) = results["datasets"][0]["cells"]
+    assert (cell["ssa"], cell["objective"], cell["status"]) == ("apla r=16 (simmim)", "simmim", "done")
+    assert [(p["backbone"], p["objective"]) for p in results["datasets"][0]["probes"]] == [
+        ("ssa apla r=16 (simmim)", "simmim")]
+    assert results["budget"]["ssa_objectives"] == ["simmim"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    rows = _table_rows(report, "### Test metrics")
+    assert [r[:4] for r in rows] == [["apla r=16 (simmim)", "simmim", "apla", "done"]]
+    assert "| SSA | objective | fine-tuning | status |" in report and "- ssa_objectives: simmim" in report
+
+
 @pytest.mark.parametrize("changes, fragment", [
     ({"ssa": {**TINY["ssa"], "objectives": ["dinov2", "byol"]}},
      "ssa.objectives: unknown objective 'byol'; valid choices: dinov2, mae, simmim"),
