@@ -366,3 +366,59 @@ def test_a_classifier_that_predicts_one_class_is_flagged_and_never_bolded(tmp_pa
     results["datasets"][0]["cells"] = cells[1:]
     md = write_report(results, tmp_path)["markdown"].read_text()
     assert "one class" not in md and not any("one class" in line for line in verdict(results["datasets"][0]))
+
+
+def test_a_study_of_two_objectives_shows_each_cells_objective_and_compares_apla_with_full_per_objective(tmp_path):
+    """Results of ssa.objectives: [dinov2, mae]: an objective column beside every SSA column (– without SSA), and
+    APLA-SSA compared with the full-SSA cell of its own objective; results without the key (or dinov2 only) get no
+    column, as a study of one objective always did."""
+    def tuned(label, name, objective, values, ssa_res=None):
+        return {**cell(label, "full", seeds("auc", values), ssa_res=ssa_res), "objective": objective,
+                "ssa_tuner": {"name": name, "options": {}}, "finetune_tuner": {"name": "full", "options": {}}}
+
+    cells = [tuned("none", "none", None, [0.80, 0.81, 0.82]),
+             tuned("apla (dinov2)", "apla", "dinov2", [0.90, 0.91, 0.92], ssa_res=APLA_SSA),
+             tuned("apla (mae)", "apla", "mae", [0.70, 0.71, 0.72], ssa_res=APLA_SSA),
+             tuned("full (dinov2)", "full", "dinov2", [0.85, 0.86, 0.87], ssa_res=FULL_SSA),
+             tuned("full (mae)", "full", "mae", [0.95, 0.96, 0.97], ssa_res=FULL_SSA)]
+    probes = [{"backbone": "pretrained", "ssa": "none", "objective": None, "method": "knn", "metrics": {"auc": 0.7}},
+              {"backbone": "ssa apla (mae)", "ssa": "apla (mae)", "objective": "mae", "method": "knn",
+               "metrics": {"auc": 0.75}}]
+    results = {"name": "two", "datasets": [{"name": "breast", "task": "binary", "primary_metric": "auc",
+                                                   "cells": cells, "probes": probes}]}
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    lines = md.splitlines()
+    assert "| SSA | objective | fine-tuning | status | auc (primary) |" in lines
+    assert ("| SSA | objective | fine-tuning | SSA params | SSA peak MiB | SSA images/s | FT params | FT peak MiB | "
+            "FT images/s |") in lines
+    assert "| backbone | objective | method | auc |" in lines
+    assert next(line for line in lines if line.startswith("| task |")).startswith(
+        "| task | metric | SSA | objective | FT full | knn probe |")
+    metrics, resources_rows = table_rows(md, "SSA")
+    assert [row[:3] for row in metrics] == [["none", "–", "full"], ["apla (dinov2)", "dinov2", "full"],
+                                            ["apla (mae)", "mae", "full"], ["full (dinov2)", "dinov2", "full"],
+                                            ["full (mae)", "mae", "full"]]
+    assert metrics[4][4] == "**0.9600 ± 0.0100 (n=3)**"  # the bold primary metric, one column further right
+    assert [row[1] for row in resources_rows] == ["–", "dinov2", "mae", "dinov2", "mae"]
+    assert table_rows(md, "backbone") == [[["pretrained", "–", "knn", "0.7000"],
+                                           ["ssa apla (mae)", "mae", "knn", "0.7500"]]]
+    summary = table_rows(md, "task")[0]
+    assert [row[2:6] for row in summary] == [["none", "–", "0.8100 ± 0.0100 (n=3)", "0.7000"],
+                                             ["apla (dinov2)", "dinov2", "0.9100 ± 0.0100 (n=3)", "–"],
+                                             ["apla (mae)", "mae", "0.7100 ± 0.0100 (n=3)", "0.7500"],
+                                             ["full (dinov2)", "dinov2", "0.8600 ± 0.0100 (n=3)", "–"],
+                                             ["full (mae)", "mae", "**0.9600 ± 0.0100 (n=3)**", "–"]]
+    apla_vs_full = [line for line in verdict(results["datasets"][0]) if " vs SSA full" in line]
+    assert [line.split(": auc")[0] for line in apla_vs_full] == [
+        "Fine-tuning full: SSA apla (dinov2) vs SSA full (dinov2)",
+        "Fine-tuning full: SSA apla (mae) vs SSA full (mae)"]
+    assert "auc +0.0500; APLA-SSA better" in apla_vs_full[0] and "auc -0.2500; APLA-SSA worse" in apla_vs_full[1]
+
+    # dinov2 only, or no objective recorded (results.json of a study before the axis): no objective column
+    for keep in (lambda c: {**c, "objective": c["objective"] and "dinov2"},
+                 lambda c: {k: v for k, v in c.items() if k != "objective"}):
+        plain = copy.deepcopy(results)
+        plain["datasets"][0]["cells"] = [keep(c) for c in cells]
+        plain["datasets"][0]["probes"] = [keep(p) for p in probes]
+        md = write_report(plain, tmp_path)["markdown"].read_text()
+        assert "objective" not in md and "| SSA | fine-tuning | status | auc (primary) |" in md.splitlines()

@@ -168,6 +168,122 @@ def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):
     assert any(line.startswith("Fine-tuning apla, 40 labels: no SSA comparison yet") for line in verdict)
 
 
+#: The cells of TINY (relative to its dataset's directory), as they were before objectives were an axis: a study
+#: that runs dinov2 only must keep them, so a running study resumes with the code that has the axis.
+TINY_CELLS = ["ssa/apla_r16", "probe/pretrained", "probe/ssa_apla_r16", "finetune/none__full/seed_0",
+              "finetune/none__apla/seed_0", "finetune/apla_r16__full/seed_0", "finetune/apla_r16__apla/seed_0"]
+
+
+def _cells(study, root):
+    return [c.path.relative_to(root / "breast").as_posix() for c in study.cells]
+
+
+def test_one_objective_keeps_the_grid_its_directories_and_labels(tmp_path):
+    """No ssa.objectives, or ssa.objectives: [dinov2]: the same cells, directories and labels as before the axis."""
+    ssa = TINY["ssa"]
+    for changes in ({}, {"ssa": {**ssa, "objectives": ["dinov2"]}}):
+        study = study_mod.Study(_write(tmp_path, **changes))
+        assert _cells(study, tmp_path / "run") == TINY_CELLS
+        assert [s.label for s in study.cfg.ssa.ssa_specs()] == ["none", "apla r=16"]
+        assert [s.objective for s in study.cfg.ssa.ssa_specs()] == [None, "dinov2"]
+        apla = study_mod.TunerSpec("apla", {"r": 16})
+        assert study.adapt_sections(study.datasets[0], apla)["objective"] == "dinov2"
+        results = study.results({})
+        assert "ssa_objectives" not in results["budget"]
+        assert [(c["ssa"], c["objective"]) for c in results["datasets"][0]["cells"]] == [
+            ("none", None), ("none", None), ("apla r=16", "dinov2"), ("apla r=16", "dinov2")]
+        md = report_mod.summary_markdown(results)
+        assert "objective" not in md and "dinov2" not in md  # a dinov2-only report reads as before
+
+
+def test_objectives_are_a_grid_axis_of_the_ssa_tuners(tmp_path):
+    """ssa.objectives: [dinov2, simmim]: every SSA tuner but none once per objective, its directories naming every
+    objective but dinov2 (whose runs keep their names), its labels naming each; probes and fine-tuning downstream of
+    each SSA run; every cell's resolved config checked."""
+    study = study_mod.Study(_write(tmp_path, ssa={**TINY["ssa"], "objectives": ["dinov2", "simmim"]}))
+    assert _cells(study, tmp_path / "run") == [
+        "ssa/apla_r16", "ssa/simmim__apla_r16",
+        "probe/pretrained", "probe/ssa_apla_r16", "probe/ssa_simmim__apla_r16",
+        "finetune/none__full/seed_0", "finetune/none__apla/seed_0",
+        "finetune/apla_r16__full/seed_0", "finetune/apla_r16__apla/seed_0",
+        "finetune/simmim__apla_r16__full/seed_0", "finetune/simmim__apla_r16__apla/seed_0"]
+    dinov2, simmim = study.cells[:2]
+    assert [c.needs for c in study.cells[2:5]] == [None, dinov2, simmim]
+    assert [c.needs for c in study.cells[5:]] == [None, None, dinov2, dinov2, simmim, simmim]
+    specs = study.cfg.ssa.ssa_specs()
+    assert [(s.label, s.objective, s.dir_name) for s in specs] == [
+        ("none", None, "none"), ("apla r=16 (dinov2)", "dinov2", "apla_r16"),
+        ("apla r=16 (simmim)", "simmim", "simmim__apla_r16")]
+    dataset = study.datasets[0]
+    assert [study.adapt_sections(dataset, s)["objective"] for s in specs[1:]] == ["dinov2", "simmim"]
+    assert study.adapt_sections(dataset, specs[2])["out"].endswith("breast/ssa/simmim__apla_r16")
+    ft = study.finetune_sections(dataset, specs[2], study_mod.TunerSpec("full"))
+    assert ft["backbone"]["weights"].endswith("breast/ssa/simmim__apla_r16/backbone.safetensors")
+    assert study.probe_sections(dataset, specs[2])["backbone"]["weights"] == ft["backbone"]["weights"]
+    study.check_configs()  # each SSA cell resolves an AdaptConfig with its objective
+    bad = study_mod.Study(_write(tmp_path, ssa={**TINY["ssa"], "objectives": ["dinov2", "simmim"],
+                                                "config": {"simmim": {"mask_ratio": 2}}}))
+    with pytest.raises(ValueError, match="cell breast/ssa/apla_r16: simmim.mask_ratio=2"):
+        bad.check_configs()  # the first cell's AdaptConfig resolves the simmim section too
+    # results: each cell and probe with its objective, labels naming it
+    probe_dir = tmp_path / "run" / "breast" / "probe" / "ssa_simmim__apla_r16"
+    probe_dir.mkdir(parents=True)
+    (probe_dir / "metrics.json").write_text(json.dumps([{"name": "knn", "auc": 0.6}]))
+    results = study.results({})
+    cells = results["datasets"][0]["cells"]
+    assert [(c["ssa"], c["objective"], c["ssa_tuner"]["name"], c["finetune"]) for c in cells] == [
+        ("none", None, "none", "full"), ("none", None, "none", "apla"),
+        ("apla r=16 (dinov2)", "dinov2", "apla", "full"), ("apla r=16 (dinov2)", "dinov2", "apla", "apla"),
+        ("apla r=16 (simmim)", "simmim", "apla", "full"), ("apla r=16 (simmim)", "simmim", "apla", "apla")]
+    assert results["datasets"][0]["probes"] == [{"backbone": "ssa apla r=16 (simmim)", "ssa": "apla r=16 (simmim)",
+                                                 "objective": "simmim", "method": "knn", "metrics": {"auc": 0.6}}]
+    assert results["budget"]["ssa_objectives"] == ["dinov2", "simmim"]
+    assert any("with mae or simmim the same decoder" in note for note in results["notes"])
+
+
+@pytest.mark.slow
+def test_a_study_of_the_simmim_objective_runs_it_and_its_report_names_it(tmp_path):
+    """ssa.objectives: [simmim], one SSA tuner, one fine-tuning tuner: the SSA cell (in a fresh process, from the
+    study's saved config) runs SimMIM and writes its decoder; the report names the objective."""
+    config = _write(tmp_path, probes=["knn"],
+                    ssa={**TINY["ssa"], "tuners": [{"name": "apla", "options": {"r": 16}}], "objectives": ["simmim"]},
+                    finetune={**TINY["finetune"], "epochs": 1, "tuners": ["apla"]})
+    assert main(["run", "--config", str(config)]) == 0
+    run = tmp_path / "run" / "breast"
+    assert sorted(p.relative_to(run).as_posix() for p in run.glob("*/*")) == [
+        "finetune/simmim__apla_r16__apla", "probe/ssa_simmim__apla_r16", "ssa/simmim__apla_r16"]
+    ssa = run / "ssa" / "simmim__apla_r16"
+    assert (ssa / "decoder.safetensors").is_file() and (ssa / "backbone.safetensors").is_file()
+    assert yaml.safe_load((ssa / "config.yaml").read_text())["objective"] == "simmim"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    (cell,) = results["datasets"][0]["cells"]
+    assert (cell["ssa"], cell["objective"], cell["status"]) == ("apla r=16 (simmim)", "simmim", "done")
+    assert [(p["backbone"], p["objective"]) for p in results["datasets"][0]["probes"]] == [
+        ("ssa apla r=16 (simmim)", "simmim")]
+    assert results["budget"]["ssa_objectives"] == ["simmim"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    rows = _table_rows(report, "### Test metrics")
+    assert [r[:4] for r in rows] == [["apla r=16 (simmim)", "simmim", "apla", "done"]]
+    assert "| SSA | objective | fine-tuning | status |" in report and "- ssa_objectives: simmim" in report
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"ssa": {**TINY["ssa"], "objectives": ["dinov2", "byol"]}},
+     "ssa.objectives: unknown objective 'byol'; valid choices: dinov2, mae, simmim"),
+    ({"ssa": {**TINY["ssa"], "objectives": ["mae", "mae"]}},
+     r"ssa.objectives must be distinct, got \['mae', 'mae'\]; valid choices: dinov2, mae, simmim"),
+    ({"ssa": {**TINY["ssa"], "objectives": []}}, "ssa.objectives is empty: give at least one of dinov2, mae, simmim"),
+    ({"ssa": {**TINY["ssa"], "objectives": ["mae"], "config": {"objective": "mae"}}},
+     r"ssa.objectives=\[.mae.\] and ssa.config.objective=.mae. both set the SSA objective: give ssa.objectives "
+     "only"),
+])
+def test_bad_objectives_are_refused_naming_the_valid_ones(tmp_path, changes, fragment):
+    from essa.config import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        study_mod.Study(_write(tmp_path, **changes))
+
+
 @pytest.mark.parametrize("changes, fragment", [
     ({"datasets": []}, "datasets is empty"),
     ({"ssa": {"epochs": 1, "tuners": ["apla", {"name": "apla"}]}}, r"distinct tuners, got \['apla', 'apla'\]"),

@@ -1,4 +1,5 @@
-"""Names that a study and its report share: the SSA tuner that means "no SSA", and the file-name forms of labels.
+"""Names that a study and its report share: the SSA tuner that means "no SSA", the default SSA objective, and the
+file-name forms of labels.
 
 Two slugs, because each names files that already exist on disk and changing either would rename them: a study's
 directories (:func:`slug`, e.g. ``finetune/apla_r64__full/``, which a resumed study must find again) and a report's
@@ -11,6 +12,9 @@ import re
 
 #: The SSA "tuner" that skips SSA: fine-tuning starts from the foundation model.
 NO_SSA = "none"
+#: The SSA objective of a study that names none (``essa adapt``'s default); its cells' directories and labels do not
+#: name it, so a study's directories stay as they were before objectives were an axis of the grid.
+DEFAULT_OBJECTIVE = "dinov2"
 
 
 def slug(label: str) -> str:

@@ -12,6 +12,8 @@
 ``probes`` (``backbone``, ``method``, ``metrics``, and ``ssa``: the SSA label of its backbone, ``none`` for the
 foundation model), ``ssa_curves``; a cell's ``ssa_tuner`` and ``finetune_tuner`` (``{"name", "options"}``: the
 tuners behind its labels), ``status`` (default ``pending``), ``error``, ``seeds`` (seed -> test metrics),
+``objective`` of a cell or probe (its SSA objective, None without SSA; missing: dinov2, as in results written before
+the study recorded it; the tables get an objective column when any is not dinov2),
 ``ssa_resources`` and ``finetune_resources`` (``trainable_params``, ``peak_memory_mib``, ``images_per_s``; SSA
 also ``weight_change``, the relative L2 change of the backbone weights from the foundation model to the SSA export).
 
@@ -33,8 +35,8 @@ bold, never the verdict's best cell, and named in the verdict. ``essa finetune``
 test row; a seed dict without them is not flagged.
 
 The verdict compares cells by SSA tuner: the cells without SSA (``ssa_tuner`` ``none``), and APLA-SSA against
-full-SSA cells (``ssa_tuner`` ``apla`` and ``full``, whatever their labels); for results without ``ssa_tuner``
-(written before the study recorded it) the label's first word is taken as the tuner.
+full-SSA cells of the same objective (``ssa_tuner`` ``apla`` and ``full``, whatever their labels); for results
+without ``ssa_tuner`` (written before the study recorded it) the label's first word is taken as the tuner.
 
 Every file is written to a temporary file and renamed, so an interrupted study never leaves half a report; figures
 of earlier calls that this call did not redraw are removed, so ``figures/`` matches the report.

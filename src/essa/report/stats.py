@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from essa.evaluate.metrics import Summary, seed_summary
-from essa.names import NO_SSA
+from essa.names import DEFAULT_OBJECTIVE, NO_SSA
 
 #: Seed-dict keys that are not test metrics: resources and counts that a finetune run stores beside its metrics.
 _NOT_METRICS = frozenset({"peak_memory_mib", "images_per_s", "train_seconds", "trainable_params",
@@ -72,6 +72,24 @@ def is_baseline(cell: dict) -> bool:
     if (cell.get("ssa_tuner") or {}).get("name"):
         return ssa_tuner(cell) == NO_SSA
     return cell["ssa"] == NO_SSA
+
+
+def objective(entry: dict) -> str | None:
+    """The SSA objective of a cell or probe (None: no SSA): its recorded ``objective``; for results written before
+    the study recorded it (e.g. ``docs/offline_study/results.json``), dinov2, the only objective a study ran then."""
+    if "objective" in entry:
+        return None if entry["objective"] is None else str(entry["objective"])
+    if "finetune" in entry:  # a cell
+        baseline = is_baseline(entry)
+    else:  # a probe
+        baseline = entry.get("ssa") == NO_SSA or entry.get("backbone") == "pretrained"
+    return None if baseline else DEFAULT_OBJECTIVE
+
+
+def shows_objective(entries) -> bool:
+    """Whether tables of these cells or probes get an objective column: any of them has an objective but dinov2
+    (a study that ran dinov2 only, or wrote no objective, reads as before)."""
+    return any(objective(e) not in (None, DEFAULT_OBJECTIVE) for e in entries)
 
 
 def _is_metric(key: str) -> bool:

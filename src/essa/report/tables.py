@@ -19,7 +19,8 @@ from essa.report.formatting import (
     one_class_note,
     status_text,
 )
-from essa.report.stats import best, cell_summary, finished, metric_names, number, one_class_seeds
+from essa.report.stats import (best, cell_summary, finished, metric_names, number, objective, one_class_seeds,
+                               shows_objective)
 
 STATUSES = ("done", "partial", "pending", "failed")
 
@@ -53,6 +54,7 @@ def summary_tables(results: dict) -> list[Table]:
     finetunes = list(dict.fromkeys(str(c["finetune"]) for d in results["datasets"] for c in d["cells"]))
     methods = list(dict.fromkeys(str(p.get("method")) for d in results["datasets"] for p in d.get("probes") or []))
     keys = ("trainable_params", "peak_memory_mib", "images_per_s")
+    with_objective = shows_objective(c for d in results["datasets"] for c in d["cells"])
     rows, bold, resource_rows = [], set(), []
     for dataset in results["datasets"]:
         metric, cells = dataset["primary_metric"], dataset["cells"]
@@ -61,6 +63,8 @@ def summary_tables(results: dict) -> list[Table]:
                   for p in dataset.get("probes") or []}
         for ssa in dict.fromkeys(str(c["ssa"]) for c in cells):
             row = [str(dataset["name"]), metric, ssa]
+            if with_objective:
+                row.append(objective_text(next(c for c in cells if str(c["ssa"]) == ssa)))
             ssa_resources = {}
             for finetune in finetunes:
                 cell = next((c for c in cells if str(c["ssa"]) == ssa and str(c["finetune"]) == finetune), None)
@@ -77,13 +81,16 @@ def summary_tables(results: dict) -> list[Table]:
             resource_rows.append([str(dataset["name"]), finetune, *(
                 format_resource(key, float(np.mean(values)) if values else None)
                 for key in keys for values in [[r[key] for r in measured if r.get(key) is not None]])])
-    header = ["task", "metric", "SSA", *(f"FT {f}" for f in finetunes), *(f"{m} probe" for m in methods),
+    header = ["task", "metric", "SSA", *(["objective"] if with_objective else []), *(f"FT {f}" for f in finetunes),
+              *(f"{m} probe" for m in methods),
               "SSA params", "SSA peak MiB", "SSA images/s", "SSA weight change"]
     note = ("Test split. FT <tuner>: the primary metric after SSA (row) and fine-tuning with that tuner, mean ± std "
             "over seeds (n); bold: the best cell of the task. Probes: frozen features of the SSA backbone (none: "
             "the foundation model). SSA params: trainable backbone parameters during SSA (the DINO head aside). "
             "SSA weight change: ||W_ssa - W_0|| / ||W_0|| of the backbone weights, the SSA export against the "
             "foundation model (near 0: SSA left the model as it was).")
+    if with_objective:
+        note += f" Objective: what SSA optimised ({MISSING}: no SSA)."
     if any(one_class_seeds(c) for d in results["datasets"] for c in d["cells"]):
         note += f" {ONE_CLASS_MARK}: {ONE_CLASS_RULE}; never bold."
     return [Table(header, rows, frozenset(bold), note),
@@ -95,35 +102,39 @@ def metrics_table(dataset: dict) -> Table:
     """One row per cell: tuners, status and every test metric as mean ± std; the best primary mean in bold."""
     primary = dataset["primary_metric"]
     names = metric_names(dataset)
+    objectives = _ObjectiveColumn(dataset["cells"])
     rows, primary_means = [], []
     for cell in dataset["cells"]:
         summaries = [cell_summary(cell, name) for name in names]
         n_primary = summaries[0].n
         metric_cells = [format_summary(s, with_n=(i == 0 or s.n != n_primary)) for i, s in enumerate(summaries)]
         metric_cells[0] += one_class_note(cell)
-        rows.append([str(cell["ssa"]), str(cell["finetune"]), status_text(cell), *metric_cells])
+        rows.append([str(cell["ssa"]), *objectives(cell), str(cell["finetune"]), status_text(cell), *metric_cells])
         healthy = finished(summaries[0]) and not one_class_seeds(cell)
         primary_means.append(summaries[0].mean if healthy else -math.inf)
     top = max(primary_means, default=-math.inf)
-    bold = frozenset((i, 3) for i, mean in enumerate(primary_means) if mean == top and top > -math.inf)
+    column = 3 + len(objectives.header)
+    bold = frozenset((i, column) for i, mean in enumerate(primary_means) if mean == top and top > -math.inf)
     note = (f"Test split; mean ± std (ddof=1) over finished seeds, n = seeds; the std only with two seeds or more. "
             f"Bold: best {primary} (primary metric, higher is better).")
     if any(one_class_seeds(c) for c in dataset["cells"]):
         note += f" {ONE_CLASS_MARK}: {ONE_CLASS_RULE}; never bold."
-    return Table(["SSA", "fine-tuning", "status", f"{primary} (primary)", *names[1:]], rows, bold, note)
+    return Table(["SSA", *objectives.header, "fine-tuning", "status", f"{primary} (primary)", *names[1:]], rows, bold,
+                 note)
 
 
 def resources_table(dataset: dict) -> Table:
     """One row per cell: trainable parameters, peak memory and throughput of its SSA and fine-tuning runs."""
     keys = ("trainable_params", "peak_memory_mib", "images_per_s")
+    objectives = _ObjectiveColumn(dataset["cells"])
     rows = []
     for cell in dataset["cells"]:
         ssa = cell.get("ssa_resources") or {}
         finetune = cell.get("finetune_resources") or {}
-        rows.append([str(cell["ssa"]), str(cell["finetune"]),
+        rows.append([str(cell["ssa"]), *objectives(cell), str(cell["finetune"]),
                      *(format_resource(key, ssa.get(key)) for key in keys),
                      *(format_resource(key, finetune.get(key)) for key in keys)])
-    header = ["SSA", "fine-tuning", "SSA params", "SSA peak MiB", "SSA images/s",
+    header = ["SSA", *objectives.header, "fine-tuning", "SSA params", "SSA peak MiB", "SSA images/s",
               "FT params", "FT peak MiB", "FT images/s"]
     return Table(header, rows, note="Fine-tuning (FT) resources are means over its finished seeds; "
                                     f"{MISSING} = not measured (no SSA, or no finished seed).")
@@ -136,10 +147,27 @@ def probes_table(dataset: dict) -> Table | None:
         return None
     candidates = list(dict.fromkeys([dataset["primary_metric"], "balanced_accuracy"]))
     names = [name for name in candidates if any(name in (p.get("metrics") or {}) for p in probes)]
+    objectives = _ObjectiveColumn(probes)
     rows = []
     for probe in probes:
         values = probe.get("metrics") or {}
-        rows.append([str(probe.get("backbone", MISSING)), str(probe.get("method", MISSING)),
+        rows.append([str(probe.get("backbone", MISSING)), *objectives(probe), str(probe.get("method", MISSING)),
                      *(f"{number(values[n]):.4f}" if n in values else MISSING for n in names)])
-    return Table(["backbone", "method", *names], rows, note="Frozen features of the backbone before SSA "
-                                                            "(pretrained) and after each SSA; test split.")
+    return Table(["backbone", *objectives.header, "method", *names], rows,
+                 note="Frozen features of the backbone before SSA (pretrained) and after each SSA; test split.")
+
+
+def objective_text(entry: dict) -> str:
+    """A cell's or probe's SSA objective as a table shows it (``mae``; "–" without SSA)."""
+    return objective(entry) or MISSING
+
+
+class _ObjectiveColumn:
+    """The objective column of a table of ``entries`` (cells or probes): a header and one value per row when
+    any has an objective but dinov2 (:func:`~essa.report.stats.shows_objective`), else none."""
+
+    def __init__(self, entries):
+        self.header = ["objective"] if shows_objective(entries) else []
+
+    def __call__(self, entry: dict) -> list[str]:
+        return [objective_text(entry)] if self.header else []

@@ -13,6 +13,7 @@ from essa.report.stats import (
     cell_summary,
     finished,
     is_baseline,
+    objective,
     one_class_seeds,
     ssa_tuner,
 )
@@ -22,8 +23,9 @@ def verdict(dataset: dict) -> list[str]:
     """Conclusions computed from one dataset's cells, one line each (also printed by the study to the terminal):
     the best cell (of those not flagged for predicting one class); the flagged cells; per fine-tuning tuner, the
     best SSA cell against the cell without SSA ("helped", "within noise", "hurt", or "single seed: no noise
-    estimate"); and APLA-SSA against full-SSA cells (metric, SSA peak memory and throughput ratios) where both
-    exist. A cell's SSA tuner is its recorded ``ssa_tuner`` name, whatever its label (:func:`ssa_tuner`)."""
+    estimate"); and APLA-SSA against full-SSA cells of the same SSA objective (metric, SSA peak memory and
+    throughput ratios) where both exist. A cell's SSA tuner is its recorded ``ssa_tuner`` name, whatever its label
+    (:func:`ssa_tuner`)."""
     metric = dataset["primary_metric"]
     cells = dataset["cells"]
     flagged = [f"{cell_name(c)} ({one_class_seeds(c)}/{len(c.get('seeds') or {})} seeds)"
@@ -59,18 +61,18 @@ def _ssa_effect(cells: Sequence[dict], finetune: str, metric: str) -> str:
 
 
 def _apla_vs_full(cells: Sequence[dict], finetune: str, metric: str) -> list[str]:
-    """APLA-SSA cells against the full-SSA cell, both fine-tuned with ``finetune``: metric difference, and the
-    ratios of SSA peak memory and SSA throughput (the efficiency claim of the method)."""
+    """APLA-SSA cells against the best full-SSA cell of the same SSA objective, both fine-tuned with ``finetune``:
+    metric difference, and the ratios of SSA peak memory and SSA throughput (the efficiency claim of the method)."""
     same = [c for c in cells if str(c["finetune"]) == finetune]
-    full = best([c for c in same if ssa_tuner(c) == "full"], metric)
-    if full is None:
-        return []
-    full_cell, b = full
     lines = []
     for cell in same:
         a = cell_summary(cell, metric)
         if ssa_tuner(cell) != "apla" or not finished(a):
             continue
+        full = best([c for c in same if ssa_tuner(c) == "full" and objective(c) == objective(cell)], metric)
+        if full is None:
+            continue
+        full_cell, b = full
         judged = _judge(a, b, better="APLA-SSA better", worse="APLA-SSA worse",
                         neutral="APLA-SSA and full SSA do not differ beyond seed-to-seed noise")
         ratios = "; ".join(_resource_ratio(cell, full_cell, key, what, unit)

@@ -2,12 +2,14 @@
 
     essa run --config examples/quickstart.yaml
 
-A study is a grid: datasets x SSA tuner (``none``: the foundation model as it is) x label budget (optional:
-``finetune.label_budgets``) x fine-tuning tuner x seeds, under one budget (image size, batch size, epochs per
-stage). Per dataset it runs, in this order:
+A study is a grid: datasets x SSA tuner (``none``: the foundation model as it is) x SSA objective (optional:
+``ssa.objectives``, e.g. ``[dinov2, mae]``) x label budget (optional: ``finetune.label_budgets``) x fine-tuning
+tuner x seeds, under one budget (image size, batch size, epochs per stage). Per dataset it runs, in this order:
 
-- ``ssa/<tuner>/``: one ``essa adapt`` per SSA tuner, on the images of the task's **train split only** (labels
-  unused; never the val or test images), kNN-monitored on the val split;
+- ``ssa/[<objective>__]<tuner>/``: one ``essa adapt`` per SSA tuner and objective, on the images of the task's
+  **train split only** (labels unused; never the val or test images), kNN-monitored on the val split; the
+  directory names every objective but dinov2 (``ssa/apla_r64/``, ``ssa/mae__apla_r64/``), the label names the
+  objective whenever the study runs one other than dinov2 (``apla r=64 (mae)``, ``apla r=64 (dinov2)``);
 - ``probe/<backbone>[__<budget>]/``: ``essa evaluate`` of the frozen features (kNN, linear probe) of the
   foundation model and of each SSA export;
 - ``finetune/<ssa>__<tuner>[__<budget>]/seed_N/``: one ``essa finetune`` seed per cell, from the foundation model
@@ -31,6 +33,7 @@ from essa.study.config import (
     PROBES,
     DatasetSpec,
     FinetuneStageConfig,
+    SSASpec,
     SSAStageConfig,
     StageConfig,
     StudyConfig,
@@ -46,7 +49,7 @@ from essa.study.runner import CELLS_FILE, CellError, Study, run
 
 __all__ = [
     "ALL_LABELS", "CELLS_FILE", "NO_SSA", "PROBES", "Cell", "CellError", "CellResult", "DatasetResult", "DatasetSpec",
-    "FinetuneStageConfig", "Grid", "ProbeResult", "Results", "SSAStageConfig", "StageConfig", "Study", "StudyConfig",
-    "TunerResult", "TunerSpec", "WeightChanges", "budget_dir_suffix", "budget_label", "budget_suffix", "deep_merge",
-    "probe_backbone", "run", "slug",
+    "FinetuneStageConfig", "Grid", "ProbeResult", "Results", "SSASpec", "SSAStageConfig", "StageConfig", "Study",
+    "StudyConfig", "TunerResult", "TunerSpec", "WeightChanges", "budget_dir_suffix", "budget_label", "budget_suffix",
+    "deep_merge", "probe_backbone", "run", "slug",
 ]

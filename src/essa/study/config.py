@@ -9,7 +9,7 @@ from typing import Any
 
 from essa import config as config_mod, tuners
 from essa.config import BackboneConfig, ConfigError, TrainerConfig, TunerConfig
-from essa.names import NO_SSA, slug
+from essa.names import DEFAULT_OBJECTIVE, NO_SSA, slug
 
 #: Frozen-feature protocols of ``essa evaluate`` that a study can run on each backbone.
 PROBES = ("knn", "linear")
@@ -34,6 +34,25 @@ class TunerSpec:
 
 
 @dataclass
+class SSASpec(TunerSpec):
+    """A row of the study's SSA axis: an SSA tuner under one objective (None: the ``none`` tuner, no SSA).
+
+    ``label`` names both when the study runs any objective but dinov2 (``"apla r=64 (mae)"``, ``"apla r=64
+    (dinov2)"``), else it is the tuner's label (``tuner_label``). Directories name every objective but dinov2
+    (:attr:`dir_name`: ``mae__apla_r64``; dinov2's ``apla_r64``, as before objectives were an axis, so a study
+    that adds an objective keeps its dinov2 runs)."""
+
+    objective: str | None = None
+    tuner_label: str = ""
+
+    @property
+    def dir_name(self) -> str:
+        """The SSA part of a cell's directory names: ``apla_r64`` (dinov2, or no SSA), ``mae__apla_r64``."""
+        base = slug(self.tuner_label)
+        return base if self.objective in (None, DEFAULT_OBJECTIVE) else f"{slug(self.objective)}__{base}"
+
+
+@dataclass
 class StageConfig:
     """One stage of the study: its epochs, its tuners, and any further config of that stage's command."""
 
@@ -52,6 +71,51 @@ class SSAStageConfig(StageConfig):
 
     max_images: int | None = None  # a seeded subsample of those images (None: all)
     extra_data: list[str] = field(default_factory=list)  # more unlabelled image folders, added to every dataset's
+    # One more axis of the grid: every SSA tuner (but none) runs once per objective (essa adapt's ``objective``),
+    # e.g. [dinov2, mae]. None: no axis, the objective of ssa.config (default dinov2).
+    objectives: list[str] | None = None
+
+    def validate(self) -> None:
+        if self.objectives is None:
+            return
+        from essa.objectives import OBJECTIVES
+
+        valid = ", ".join(OBJECTIVES)
+        if "objective" in self.config:
+            raise ConfigError(f"ssa.objectives={self.objectives} and ssa.config.objective="
+                              f"{self.config['objective']!r} both set the SSA objective: give ssa.objectives only "
+                              f"(e.g. ssa.objectives: [{self.config['objective']}])")
+        if not self.objectives:
+            raise ConfigError(f"ssa.objectives is empty: give at least one of {valid} (or leave it out: dinov2)")
+        for name in self.objectives:
+            if name not in OBJECTIVES:
+                raise ConfigError(f"ssa.objectives: unknown objective {name!r}; valid choices: {valid}")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(f"ssa.objectives must be distinct, got {self.objectives}; valid choices: {valid}")
+
+    def objective_names(self) -> list[str]:
+        """The objectives of the grid: ``objectives``, or the one of ``config`` (default dinov2)."""
+        if self.objectives is not None:
+            return list(self.objectives)
+        return [self.config.get("objective", DEFAULT_OBJECTIVE)]
+
+    def names_objectives(self) -> bool:
+        """Whether the SSA labels name the objective: the study runs any objective but dinov2."""
+        return self.objective_names() != [DEFAULT_OBJECTIVE]
+
+    def ssa_spec(self, tuner: TunerSpec, objective: str | None = None) -> SSASpec:
+        """``tuner`` under ``objective`` (None: the first of the grid; always None for the ``none`` tuner)."""
+        if tuner.name == NO_SSA:
+            objective = None
+        elif objective is None:
+            objective = self.objective_names()[0]
+        label = tuner.label if objective is None or not self.names_objectives() else f"{tuner.label} ({objective})"
+        return SSASpec(tuner.name, dict(tuner.options), label, objective=objective, tuner_label=tuner.label)
+
+    def ssa_specs(self) -> list[SSASpec]:
+        """The SSA axis of the grid: per SSA tuner, in order, one row per objective (``none``: one, no objective)."""
+        return [self.ssa_spec(tuner, objective) for tuner in self.specs()
+                for objective in ([None] if tuner.name == NO_SSA else self.objective_names())]
 
 
 @dataclass

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from essa import config as config_mod
-from essa.names import NO_SSA, slug
-from essa.study.config import (ALL_LABELS, DatasetSpec, StageConfig, StudyConfig, TunerSpec, budget_dir_suffix,
-                               deep_merge)
+from essa.names import DEFAULT_OBJECTIVE, NO_SSA, slug
+from essa.study.config import (ALL_LABELS, DatasetSpec, SSASpec, StageConfig, StudyConfig, TunerSpec,
+                               budget_dir_suffix, deep_merge)
 
 
 @dataclass
@@ -33,13 +33,16 @@ class Cell:
 
 
 def probe_backbone(ssa: TunerSpec) -> str:
-    """The backbone a probe reads: the foundation model ("pretrained") or an SSA export ("ssa apla r=64")."""
+    """The backbone a probe reads: the foundation model ("pretrained") or an SSA export ("ssa apla r=64",
+    "ssa apla r=64 (mae)")."""
     return "pretrained" if ssa.name == NO_SSA else f"ssa {ssa.label}"
 
 
 class Grid:
-    """The cells of a study (datasets x SSA tuner x label budget x fine-tuning tuner x seeds), in the order they
-    run: per dataset, its SSA runs, the probes of every backbone per label budget, then its fine-tuning seeds.
+    """The cells of a study (datasets x SSA tuner x SSA objective x label budget x fine-tuning tuner x seeds), in
+    the order they run: per dataset, its SSA runs, the probes of every backbone per label budget, then its
+    fine-tuning seeds. The SSA arguments of its methods are rows of the SSA axis (:class:`SSASpec`); a plain
+    :class:`TunerSpec` is taken under the grid's first objective.
     ``config``: a StudyConfig, a YAML path or None, then ``sections`` and ``key=value`` overrides (as every essa
     command)."""
 
@@ -58,14 +61,23 @@ class Grid:
     def _dir(self, dataset: DatasetSpec, *parts: str) -> Path:
         return self.out / slug(dataset.name) / Path(*parts)
 
+    def ssa_spec(self, ssa: TunerSpec) -> SSASpec:
+        """``ssa`` as a row of the SSA axis (a plain TunerSpec under the grid's first objective)."""
+        return ssa if isinstance(ssa, SSASpec) else self.cfg.ssa.ssa_spec(ssa)
+
     def ssa_dir(self, dataset: DatasetSpec, spec: TunerSpec) -> Path:
-        return self._dir(dataset, "ssa", slug(spec.label))
+        return self._dir(dataset, "ssa", self.ssa_spec(spec).dir_name)
 
     def probe_dir(self, dataset: DatasetSpec, ssa: TunerSpec, budget=None) -> Path:
-        return self._dir(dataset, "probe", slug(probe_backbone(ssa)) + budget_dir_suffix(budget))
+        ssa = self.ssa_spec(ssa)
+        if ssa.objective in (None, DEFAULT_OBJECTIVE):  # "pretrained", "ssa_apla_r64": as before the axis
+            name = slug("pretrained" if ssa.name == NO_SSA else f"ssa {ssa.tuner_label}")
+        else:
+            name = f"ssa_{ssa.dir_name}"  # ssa_mae__apla_r64
+        return self._dir(dataset, "probe", name + budget_dir_suffix(budget))
 
     def finetune_dir(self, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec, budget=None) -> Path:
-        name = f"{slug(ssa.label)}__{slug(spec.label)}" + budget_dir_suffix(budget)
+        name = f"{self.ssa_spec(ssa).dir_name}__{slug(spec.label)}" + budget_dir_suffix(budget)
         return self._dir(dataset, "finetune", name)
 
     # ----- configs of the cells -------------------------------------------------------------------------------
@@ -84,6 +96,7 @@ class Grid:
         single_label = dataset.task != "multilabel" and self.task_of(dataset).task != "multilabel"
         own = {
             "backbone": dataclasses.asdict(self.cfg.backbone), "tuner": {"name": spec.name, "options": spec.options},
+            "objective": self.ssa_spec(spec).objective,
             "data": {"root": dataset.data.get("root"), "split": "train", "val_split": "val" if single_label else None,
                      "splits": splits, "max_images": self.cfg.ssa.max_images, "extra": list(self.cfg.ssa.extra_data),
                      "num_workers": dataset.data.get("num_workers", TaskDataConfig.num_workers)},
@@ -142,16 +155,16 @@ class Grid:
     # ----- the cells ------------------------------------------------------------------------------------------
     def _add_cells(self, dataset: DatasetSpec) -> None:
         ssa_cells = {}
-        for ssa in self.cfg.ssa.specs():
+        for ssa in self.cfg.ssa.ssa_specs():
             if ssa.name != NO_SSA:
                 ssa_cells[ssa.label] = self._ssa_cell(dataset, ssa)
         budgets = self.cfg.finetune.budgets()
         if self.cfg.probes:
             for budget in budgets:
-                for ssa in self.cfg.ssa.specs():
+                for ssa in self.cfg.ssa.ssa_specs():
                     self.cells.append(self._probe_cell(dataset, ssa, budget, ssa_cells.get(ssa.label)))
         for budget in budgets:
-            for ssa in self.cfg.ssa.specs():
+            for ssa in self.cfg.ssa.ssa_specs():
                 for spec in self.cfg.finetune.specs():
                     for seed in self.cfg.seeds:
                         self.cells.append(self._finetune_cell(dataset, ssa, spec, budget, seed,

@@ -9,7 +9,7 @@ from typing import Any, Callable, NotRequired, TypedDict
 from essa.config import BackboneConfig
 from essa.io import read_json
 from essa.names import NO_SSA
-from essa.study.config import DatasetSpec, TunerSpec, budget_label, budget_suffix
+from essa.study.config import DatasetSpec, SSASpec, TunerSpec, budget_label, budget_suffix
 from essa.study.grid import Grid, probe_backbone
 
 
@@ -23,6 +23,7 @@ class TunerResult(TypedDict):
 class ProbeResult(TypedDict):
     backbone: str  # "pretrained" (the foundation model) or "ssa <SSA label>" (an SSA export)
     ssa: str  # the SSA label of that backbone ("none": the foundation model)
+    objective: str | None  # the SSA objective of that backbone (None: the foundation model)
     method: str  # the protocol (knn, linear), and the label budget on that axis: "linear, 300 labels"
     metrics: dict[str, Any]  # test metrics, 95 % interval bounds, protocol settings (k, C)
 
@@ -30,8 +31,9 @@ class ProbeResult(TypedDict):
 class CellResult(TypedDict):
     """One fine-tuning cell (an SSA tuner, a fine-tuning tuner and a label budget) over its seeds."""
 
-    ssa: str  # the SSA tuner's label ("none": no SSA)
+    ssa: str  # the SSA tuner's label ("none": no SSA), naming its objective when the study names objectives
     ssa_tuner: TunerResult
+    objective: str | None  # the SSA objective (dinov2, mae, simmim); None without SSA
     finetune: str  # the fine-tuning tuner's label, and the label budget on that axis: "apla, 300 labels"
     finetune_tuner: TunerResult
     status: str  # done | partial | pending | failed
@@ -59,6 +61,7 @@ class Budget(TypedDict):
     seeds: list[int]
     ssa_seed: int
     label_budgets: NotRequired[list[str]]  # with the label-budget axis only: "300 labels", "all labels"
+    ssa_objectives: NotRequired[list[str]]  # only when the study runs any objective but dinov2: "dinov2", "mae"
 
 
 class Results(TypedDict):
@@ -82,6 +85,8 @@ def study_results(grid: Grid, state: dict, weight_change: Callable[[Path], float
                       "finetune_epochs": cfg.finetune.epochs, "seeds": list(cfg.seeds), "ssa_seed": cfg.ssa_seed}
     if cfg.finetune.label_budgets:
         budget["label_budgets"] = [budget_label(b) for b in cfg.finetune.budgets()]
+    if cfg.ssa.names_objectives():
+        budget["ssa_objectives"] = cfg.ssa.objective_names()
     return {
         "name": cfg.name, "backbone": cfg.backbone.weights or cfg.backbone.name,
         "wall_seconds": sum(s.get("seconds") or 0.0 for s in state.values()),
@@ -102,7 +107,9 @@ def _notes(grid: Grid) -> list[str]:
         "Learning rates: " + (f"set in the study config ({lr_note}); others " if lr_note else "")
         + "the reference defaults of method.md (1e-4 for full, 1e-3 for parameter-efficient tuners).",
         "Trainable parameters are the backbone's (plus, in fine-tuning, the head); every SSA tuner also trains "
-        "the same DINO head (see ssa/*/resources.json).",
+        "the same DINO head (see ssa/*/resources.json)." if not cfg.ssa.names_objectives() else
+        "Trainable parameters are the backbone's (plus, in fine-tuning, the head); with the dinov2 objective every "
+        "SSA tuner also trains the same DINO head, with mae or simmim the same decoder (see ssa/*/resources.json).",
     ]
     for d in grid.datasets:
         if d.data.get("max_train") and not cfg.finetune.label_budgets:
@@ -121,7 +128,7 @@ def _dataset_results(grid: Grid, dataset: DatasetSpec, state: dict,
                      weight_change: Callable[[Path], float | None]) -> DatasetResult:
     task = grid.task_of(dataset)
     cells, curves, probes = [], {}, []
-    for ssa in grid.cfg.ssa.specs():
+    for ssa in grid.cfg.ssa.ssa_specs():
         ssa_resources = None
         if ssa.name != NO_SSA:
             from essa.adaptation import RESOURCES_FILE
@@ -135,7 +142,7 @@ def _dataset_results(grid: Grid, dataset: DatasetSpec, state: dict,
                 curves[ssa.label] = rows
         for budget in grid.cfg.finetune.budgets():
             for row in read_json(grid.probe_dir(dataset, ssa, budget) / "metrics.json") or []:
-                probes.append({"backbone": probe_backbone(ssa), "ssa": ssa.label,
+                probes.append({"backbone": probe_backbone(ssa), "ssa": ssa.label, "objective": ssa.objective,
                                "method": row["name"] + budget_suffix(budget),
                                "metrics": {k: v for k, v in row.items() if k != "name"}})
             for spec in grid.cfg.finetune.specs():
@@ -144,7 +151,7 @@ def _dataset_results(grid: Grid, dataset: DatasetSpec, state: dict,
             "description": task.describe(), "cells": cells, "probes": probes, "ssa_curves": curves}
 
 
-def _cell_results(grid: Grid, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerSpec, budget, state: dict,
+def _cell_results(grid: Grid, dataset: DatasetSpec, ssa: SSASpec, spec: TunerSpec, budget, state: dict,
                   ssa_resources: dict | None) -> CellResult:
     from essa.evaluate.metrics import metric_names
 
@@ -166,7 +173,7 @@ def _cell_results(grid: Grid, dataset: DatasetSpec, ssa: TunerSpec, spec: TunerS
     resources = None
     if tests:
         resources = {k: sum(r.get(k, float("nan")) for r in tests) / len(tests) for k in keys}
-    return {"ssa": ssa.label, "ssa_tuner": tuner_result(ssa),
+    return {"ssa": ssa.label, "ssa_tuner": tuner_result(ssa), "objective": ssa.objective,
             "finetune": spec.label + budget_suffix(budget), "finetune_tuner": tuner_result(spec),
             "status": status, "error": "; ".join(errors) or None,
             "seeds": seeds, "ssa_resources": ssa_resources, "finetune_resources": resources}
