@@ -95,3 +95,33 @@ def test_scientific_notation_through_the_command_line(command, monkeypatch, tmp_
     lr = ["--lr", "5e-4"] if command == "finetune" else ["--set", "optim.lr=5e-4"]
     assert main([command, "--data", str(tmp_path), *lr, "--set", "optim.min_lr=1e-7"]) == 130
     assert seen["cfg"].optim.lr == 5e-4 and seen["cfg"].optim.min_lr == 1e-7
+
+
+def test_a_list_item_is_set_by_index_or_by_its_name():
+    from essa.config import set_dotted
+
+    data = {"datasets": [{"name": "breast", "data": {"root": "a"}}, {"name": "brain", "data": {}}]}
+    set_dotted(data, "datasets.0.data.max_train", 64)
+    set_dotted(data, "datasets.brain.data.root", "b")
+    set_dotted(data, "datasets.-1.ssa_epochs", 3)
+    assert data["datasets"] == [{"name": "breast", "data": {"root": "a", "max_train": 64}},
+                                {"name": "brain", "data": {"root": "b"}, "ssa_epochs": 3}]
+    with pytest.raises(ConfigError, match=r"datasets has 2 items \(indices 0..1\)"):
+        set_dotted(data, "datasets.2.data.root", "c")
+    with pytest.raises(ConfigError, match="datasets has no item 'lung'; give an index .* or a name: breast, brain"):
+        set_dotted(data, "datasets.lung.data.root", "c")
+    with pytest.raises(ConfigError, match="datasets is a list; name an item and its key, e.g. datasets.0.root"):
+        set_dotted(data, "datasets.root", "c")
+
+
+def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    import yaml
+
+    from essa.commands import main
+
+    assert main(["adapt", "--data", str(tmp_path), "--backbone", "vit_tiny_patch16_224", "--epochs", "2",
+                 "--set", "optim.lr=5e-4", "--out", str(tmp_path / "run"), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["epochs"] == 2 and printed["optim"]["lr"] == 5e-4 and printed["objective"] == "dinov2"
+    assert printed["trainer"]["logger"] == "csv" and printed["data"]["root"] == str(tmp_path)
+    assert not (tmp_path / "run").exists()

@@ -459,3 +459,12 @@ def test_a_study_interrupted_or_a_cell_killed_at_a_seeded_step_resumes_to_the_un
         results = (config.parent / "run" / "results.json").read_text().replace(str(config.parent), str(reference.parent))
         got = _without_measured(json.loads(results))
         assert got == expected, signal_at
+
+
+def test_a_dataset_key_is_set_from_the_command_line_by_index_or_name(tmp_path, capsys):
+    config = _write(tmp_path)
+    assert main(["run", "--config", str(config), "--set", "datasets.breast.data.max_train=10",
+                 "--set", "datasets.0.ssa_epochs=2", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["datasets"][0]["data"]["max_train"] == 10 and printed["datasets"][0]["ssa_epochs"] == 2
+    assert not (tmp_path / "run").exists()

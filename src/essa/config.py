@@ -291,13 +291,39 @@ def to_dict(obj) -> dict[str, Any]:
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set ``dotted`` (``optim.lr``) in the nested mapping ``data``. In a list (a study's ``datasets``), a key is an
+    index (``datasets.0.data.max_train``) or the ``name`` of one of its mappings (``datasets.breast.data.root``)."""
     keys = dotted.split(".")
     node = data
-    for key in keys[:-1]:
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, key, dotted, ".".join(keys[:i]))
+            continue
         node = node.setdefault(key, {})
-        if not isinstance(node, dict):
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {dotted!r}: {key} is not a section")
+    if isinstance(node, list):
+        raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:-1])} is a list; name an item and its key, e.g. "
+                          f"{'.'.join(keys[:-1])}.0.{keys[-1]}")
     node[keys[-1]] = value
+
+
+def _list_item(items: list, key: str, dotted: str, where: str) -> dict:
+    """The item of ``items`` that ``key`` names: its index, or the ``name`` of a mapping in it."""
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if key.lstrip("-").isdigit():
+        index = int(key)
+        if not -len(items) <= index < len(items):
+            raise ConfigError(f"override {dotted!r}: {where} has {len(items)} items (indices 0..{len(items) - 1})")
+        item = items[index]
+    elif key in names:
+        item = next(item for item in items if isinstance(item, dict) and item.get("name") == key)
+    else:
+        raise ConfigError(f"override {dotted!r}: {where} has no item {key!r}; give an index (0..{len(items) - 1}) "
+                          f"or a name: {', '.join(map(str, names)) or 'none has one'}")
+    if not isinstance(item, dict):
+        raise ConfigError(f"override {dotted!r}: {where}.{key} is {item!r}, not a section")
+    return item
 
 
 def parse_override(text: str) -> tuple[str, Any]:

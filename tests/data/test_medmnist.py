@@ -62,7 +62,7 @@ def test_medmnist_name_without_the_package_says_how(monkeypatch):
     monkeypatch.setitem(sys.modules, "medmnist", None)  # import medmnist -> ImportError
     with pytest.raises(data.DataError) as info:
         data.open_source("pneumoniamnist")
-    assert "pip install medmnist" in str(info.value) and "local .npz" in str(info.value)
+    assert "pip install \"essa[medmnist]\"" in str(info.value) and "local .npz" in str(info.value)
 
 
 def test_medmnist_name_downloads_through_the_package(monkeypatch, tmp_path):

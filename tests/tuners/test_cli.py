@@ -35,3 +35,20 @@ def test_bad_backbone_is_one_line_on_stderr():
     assert proc.returncode == 2
     assert proc.stderr.startswith("essa tuners: error: unknown backbone 'vit_tinny'")
     assert "Traceback" not in proc.stderr
+
+
+def test_tuners_takes_a_weights_file_alone_and_asks_for_one_of_the_two(tmp_path, capsys):
+    from tests.conftest import SHARED
+
+    weights = SHARED / "models" / "vit_tiny_p4_32_cifar10.safetensors"
+    if not weights.is_file():
+        import pytest
+
+        pytest.skip(f"the shared ViT is not at {weights}")
+    assert main(["tuners", "--weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    total = sum(p.numel() for p in backbones.create(weights=str(weights)).parameters())
+    assert out.strip().splitlines()[-1] == f"backbone {weights}: {total:,} parameters"
+    assert any(line.startswith("full ") and f"{total:,}" in line for line in out.splitlines())
+    assert main(["tuners"]) == 2
+    assert "give --backbone (a timm ViT name) or --weights" in capsys.readouterr().err

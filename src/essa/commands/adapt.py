@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from essa import config as config_mod
-from essa.commands.common import SCALE_FLAGS, add_common, add_scale_flags, config_path, overrides
+from essa.commands.common import (SCALE_FLAGS, add_common, add_scale_flags, config_path, overrides,
+                                  print_config)
 
 
 #: ``--objective`` choices: the names of :data:`essa.objectives.OBJECTIVES` (listed here so that the parser imports
@@ -34,6 +35,8 @@ def run_adapt(args) -> int:
     from essa.train.trainer import is_global_zero
 
     cfg = config_mod.load(AdaptConfig, config_path(args), overrides=overrides(args, ADAPT_FLAGS))
+    if args.print_config:
+        return print_config(cfg)
     result = adapt(cfg, resume=args.resume)
     if not is_global_zero():  # a distributed run prints once
         return 0

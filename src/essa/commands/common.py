@@ -25,6 +25,23 @@ def add_common(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, repeatable, e.g. --set optim.lr=5e-4")
+    add_print_config(p)
+
+
+def add_print_config(p) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults < --config < flags < --set) as YAML and exit; every key "
+                        "it prints can be given to --set")
+
+
+def print_config(cfg) -> int:
+    """Print a resolved config as the YAML a run's ``config.yaml`` holds; the command's exit code (0)."""
+    import yaml
+
+    from essa import config as config_mod
+
+    print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
+    return 0
 
 
 def overrides(args, mapping: dict[str, str]) -> list[str]:

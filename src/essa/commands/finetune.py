@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from essa import config as config_mod
-from essa.commands.common import SCALE_FLAGS, add_common, add_scale_flags, config_path, int_list, overrides
+from essa.commands.common import (SCALE_FLAGS, add_common, add_scale_flags, config_path, int_list, overrides,
+                                  print_config)
 
 
 def add_parser(sub) -> None:
@@ -34,6 +35,8 @@ def run_finetune(args) -> int:
     if args.seed is not None and args.seeds is None:
         args.seeds = [args.seed]
     cfg = config_mod.load(FinetuneConfig, config_path(args), overrides=overrides(args, FINETUNE_FLAGS))
+    if args.print_config:
+        return print_config(cfg)
     result = finetune(cfg, resume=args.resume)
     if not is_global_zero():  # a distributed run prints once
         return 0

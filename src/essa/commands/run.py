@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from essa.commands.common import SCALE_FLAGS, add_scale_flags, int_list
+from essa.commands.common import SCALE_FLAGS, add_print_config, add_scale_flags, int_list, print_config
 
 
 def add_parser(sub) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any study config key, repeatable, e.g. --set img_size=64 --set ssa.epochs=2")
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done, then exit")
+    add_print_config(p)
     add_scale_flags(p)
     p.set_defaults(func=run_command)
 
@@ -47,6 +48,8 @@ def run_command(args) -> int:
     from essa.study import Study
 
     study = Study(args.config, overrides=_overrides(args))
+    if args.print_config:
+        return print_config(study.cfg)
     if args.list:
         for cell in study.cells:
             print(f"{'done' if cell.done() else 'todo'}  {cell.kind:8s} {cell.id}")

@@ -9,7 +9,7 @@ from essa.errors import InputError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tuners", help="table of trainable parameters per tuner for a backbone")
-    p.add_argument("--backbone", required=True, help="timm ViT name, e.g. vit_small_patch14_dinov2")
+    p.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch14_dinov2 (or give --weights)")
     p.add_argument("--img-size", type=int, default=None, help="input size (changes position embeddings only)")
     p.add_argument("--weights", default=None, help="local weights file whose header names the architecture")
     p.add_argument(
@@ -68,6 +68,9 @@ def run(args) -> int:
         options = json.loads(args.options)
     except json.JSONDecodeError as err:
         raise InputError(f"--options is not JSON: {err}") from err
+    if args.backbone is None and args.weights is None:
+        raise InputError("give --backbone (a timm ViT name) or --weights (a local file whose header names the "
+                         "architecture)")
     rows = parameter_table(args.backbone, args.img_size, args.weights, options, args.combine)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -141,7 +141,7 @@ def download(name: str, size: int = 28, root: str | Path | None = None) -> Path:
         import medmnist
     except ImportError:
         raise DataError(
-            f"reading MedMNIST {name!r} by name needs the medmnist package: pip install medmnist; {hint}"
+            f"reading MedMNIST {name!r} by name needs the medmnist package: pip install \"essa[medmnist]\"; {hint}"
         ) from None
     info = medmnist.INFO.get(name)
     if info is None:
