@@ -70,8 +70,14 @@ def main() -> None:
     if objectives != ["dinov2"]:
         print(f"\nobjectives: {', '.join(objectives)} (rows labelled 'objective tuner'; ratios against full SSA "
               "with the same objective)")
-    print(f"\nbatch {args.batch_size} images (2 x {args.global_size} px + {args.n_local} x {args.local_size} px "
-          f"crops each), {args.prototypes} prototypes, {args.steps} timed steps after {args.warmup} warm-up, "
+    views = []
+    if "dinov2" in objectives:
+        views.append(f"dinov2: 2 x {args.global_size} px + {args.n_local} x {args.local_size} px crops each, "
+                     f"{args.prototypes} prototypes")
+    if set(objectives) - {"dinov2"}:
+        views.append(f"{'/'.join(o for o in objectives if o != 'dinov2')}: one {args.global_size} px crop each, "
+                     "the objective's default masks and decoder")
+    print(f"\nbatch {args.batch_size} images ({'; '.join(views)}), {args.steps} timed steps after {args.warmup} warm-up, "
           f"device {args.device}, frozen stretches {'kept' if args.no_recompute else 'recomputed'}, loss chunk "
           f"{'default' if args.loss_chunk is None else args.loss_chunk or 'none'}")
     print(markdown_table(rows, "SSA tuner"))
