@@ -422,3 +422,27 @@ def test_a_study_of_two_objectives_shows_each_cells_objective_and_compares_apla_
         plain["datasets"][0]["probes"] = [keep(p) for p in probes]
         md = write_report(plain, tmp_path)["markdown"].read_text()
         assert "objective" not in md and "| SSA | fine-tuning | status | auc (primary) |" in md.splitlines()
+
+
+def test_the_environment_block_names_versions_machine_and_load_and_old_results_render_without_it(tmp_path):
+    from essa.report.tables import environment_lines, header_blocks
+    from essa.study.results import environment
+
+    env = environment("2026-12-01 15:54 UTC", [1.5, 2.0, 2.25])
+    import torch
+
+    import essa
+
+    assert env["essa"] == essa.__version__ and env["torch"] == torch.__version__ and env["gpus"] == []
+    assert env["session_started"] == "2026-12-01 15:54 UTC" and len(env["load_average_now"]) == 3
+    lines = environment_lines({**env, "platform": "Linux-6", "cpu_cores": 2, "written": "2026-12-01 18:00 UTC",
+                               "load_average_now": [4.0, 3.5, 3.0]})
+    assert lines[0] == (f"essa {essa.__version__}, torch {torch.__version__}, timm {env['timm']}, "
+                        f"Lightning {env['lightning']}, Python {env['python']}")
+    assert lines[1] == "Machine: Linux-6, 2 CPU cores, GPUs: none"
+    assert lines[2] == "Written 2026-12-01 18:00 UTC by the session started 2026-12-01 15:54 UTC"
+    assert lines[3].startswith("Load average (1 / 5 / 15 min): 1.50 / 2.00 / 2.25 when the session started, "
+                               "4.00 / 3.50 / 3.00 when this was written")
+    base = {"name": "s", "datasets": []}
+    assert not any(getattr(b, "text", None) == "Environment" for b in header_blocks(base))
+    assert any(getattr(b, "text", None) == "Environment" for b in header_blocks({**base, "environment": env}))

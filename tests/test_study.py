@@ -421,7 +421,8 @@ def test_the_command_exits_1_when_a_cell_failed_and_lists_the_failures_last(tmp_
 
 
 #: Keys of results.json that measure time or memory, which no two runs share.
-_MEASURED = {"seconds", "wall_seconds", "train_seconds", "images_per_s", "peak_memory_mib", "eval_seconds"}
+_MEASURED = {"seconds", "wall_seconds", "train_seconds", "images_per_s", "peak_memory_mib", "eval_seconds",
+             "environment"}
 
 
 def _without_measured(value):
@@ -439,7 +440,10 @@ def test_a_study_interrupted_or_a_cell_killed_at_a_seeded_step_resumes_to_the_un
     (tmp_path / "ref").mkdir()
     reference = _write(tmp_path / "ref", **small)
     assert main(["run", "--config", str(reference)]) == 0
-    expected = _without_measured(json.loads((tmp_path / "ref" / "run" / "results.json").read_text()))
+    written = json.loads((tmp_path / "ref" / "run" / "results.json").read_text())
+    assert written["environment"]["session_started"] and written["environment"]["cpu_cores"] >= 1
+    assert "## Environment" in (tmp_path / "ref" / "run" / "report.md").read_text()
+    expected = _without_measured(written)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for signal_at, code in (("INT:1", 130), ("KILL:1", 1)):  # the SSA cell's step 1 (ssa/apla_r16)
         (tmp_path / signal_at.replace(":", "_")).mkdir()

@@ -39,6 +39,9 @@ def header_blocks(results: dict) -> list[Block]:
                  f"Total wall time: {format_duration(results.get('wall_seconds'))}",
                  f"Cells: {count_text} (of {len(cells)})"]),
     ]
+    env = results.get("environment")
+    if env:
+        blocks += [Heading("Environment", 2), Bullets(environment_lines(env))]
     budget = results.get("budget") or {}
     if budget:
         blocks += [Heading("Budget", 2), Bullets([f"{key}: {format_value(value)}" for key, value in budget.items()])]
@@ -46,6 +49,21 @@ def header_blocks(results: dict) -> list[Block]:
     if notes:
         blocks += [Heading("Notes", 2), Bullets([str(note) for note in notes])]
     return blocks
+
+
+def environment_lines(env: dict) -> list[str]:
+    """The environment block: versions, machine, when, and the load that every time and throughput depends on."""
+    def load(values) -> str:
+        return "unknown" if not values else " / ".join(f"{v:.2f}" for v in values)
+
+    gpus = ", ".join(env.get("gpus") or []) or "none"
+    return [f"essa {env.get('essa', MISSING)}, torch {env.get('torch', MISSING)}, timm {env.get('timm', MISSING)}, "
+            f"Lightning {env.get('lightning', MISSING)}, Python {env.get('python', MISSING)}",
+            f"Machine: {env.get('platform', MISSING)}, {env.get('cpu_cores') or '?'} CPU cores, GPUs: {gpus}",
+            f"Written {env.get('written', MISSING)} by the session started {env.get('session_started') or MISSING}",
+            f"Load average (1 / 5 / 15 min): {load(env.get('load_average_at_start'))} when the session started, "
+            f"{load(env.get('load_average_now'))} when this was written; times and throughputs measured under a "
+            f"load above the cores are slower than the machine can do"]
 
 
 def summary_tables(results: dict) -> list[Table]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any, Callable, NotRequired, TypedDict
 
@@ -64,6 +66,24 @@ class Budget(TypedDict):
     ssa_objectives: NotRequired[list[str]]  # only when the study runs any objective but dinov2: "dinov2", "mae"
 
 
+class Environment(TypedDict):
+    """Where and when the results were measured: versions, machine, and the machine's load, which moves every
+    throughput and time in the report (two runs with equal metrics differed by x1.25 vs x1.08 in throughput)."""
+
+    essa: str
+    torch: str
+    timm: str
+    lightning: str
+    python: str
+    platform: str
+    cpu_cores: int | None
+    gpus: list[str]
+    written: str  # UTC, when these results were written
+    session_started: str | None  # UTC, when the study session that wrote them started
+    load_average_at_start: list[float] | None  # 1, 5, 15 min load averages when the session started
+    load_average_now: list[float] | None  # ... when these results were written
+
+
 class Results(TypedDict):
     name: str
     backbone: str | None
@@ -71,6 +91,33 @@ class Results(TypedDict):
     budget: Budget
     notes: list[str]
     datasets: list[DatasetResult]
+    environment: NotRequired[Environment]
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 min load averages (None where the system has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def environment(session_started: str | None = None, load_at_start: list[float] | None = None) -> Environment:
+    """The :class:`Environment` now, for a session that started at ``session_started`` with ``load_at_start``."""
+    import platform
+
+    import lightning
+    import timm
+    import torch
+
+    import essa
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"essa": essa.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "lightning": lightning.__version__, "python": platform.python_version(),
+            "platform": platform.platform(terse=True), "cpu_cores": os.cpu_count(), "gpus": gpus,
+            "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "session_started": session_started,
+            "load_average_at_start": load_at_start, "load_average_now": load_average()}
 
 
 def tuner_result(spec: TunerSpec) -> TunerResult:

@@ -16,7 +16,7 @@ from essa import config as config_mod, io
 from essa.errors import Interrupted
 from essa.study.config import StudyConfig
 from essa.study.grid import Cell, Grid
-from essa.study.results import Results, WeightChanges, study_results
+from essa.study.results import Results, WeightChanges, environment, load_average, study_results
 from essa.train.progress import duration
 
 #: The file that records every cell's status and duration.
@@ -68,6 +68,7 @@ class Study(Grid):
         """Run every unfinished cell; returns the results (also in ``results.json``), the report paths and
         ``failed`` (cell id -> error of each failed cell)."""
         self.check_inputs()
+        self._session = (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average())
         self.out.mkdir(parents=True, exist_ok=True)
         config_mod.dump(self.cfg, self.out / "config.yaml")
         state = io.read_json(self.out / CELLS_FILE) or {}
@@ -142,6 +143,7 @@ class Study(Grid):
         from essa.report import write_report  # matplotlib: only once there is something to report
 
         results = self.results(state)
+        results["environment"] = environment(*getattr(self, "_session", (None, None)))
         io.write_json(self.out / "results.json", results, default=str)
         return results, write_report(results, self.out)
 
