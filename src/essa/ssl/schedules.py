@@ -189,21 +189,8 @@ def tuner_schedules(
     """Schedules for an objective whose new parts train with the tuner from step 0 (MAE, SimMIM): the tuner's lr
     and the new parts' lr (``head_lr``, default ``lr``) each a linear ramp from 0 over ``warmup`` steps (a length,
     :func:`length_steps`; clamped to end before the last step, with a warning) then a cosine to ``min_lr`` at the
-    last step; weight decay a cosine from the first to the second value over the run."""
-    if epochs < 1 or iters_per_epoch < 1:
-        raise ValueError(
-            f"tuner_schedules: epochs and iters_per_epoch must be at least 1, got {epochs} and {iters_per_epoch}"
-        )
-    total = epochs * iters_per_epoch
-    ramp = length_steps(warmup, total, iters_per_epoch, "optim.warmup")
-    notes = ()
-    if ramp > total - 1:
-        notes = (f"optim.warmup={warmup!r} is {ramp} steps, longer than this run of {total} steps allows: clamped "
-                 f"to {total - 1}",)
-        ramp = total - 1
-    return TunerSchedules(
-        lr=cosine(lr, min_lr, total, warmup_iters=ramp),
-        head_lr=cosine(lr if head_lr is None else head_lr, min_lr, total, warmup_iters=ramp),
-        weight_decay=cosine(*weight_decay, total),
-        warnings=notes,
-    )
+    last step; weight decay a cosine from the first to the second value over the run. These are
+    :func:`ssa_schedules`' without a head warm-up (its other, DINO-only arrays left out)."""
+    s = ssa_schedules(epochs, iters_per_epoch, lr, head_lr=head_lr, min_lr=min_lr, warmup=warmup, head_warmup=0,
+                      weight_decay=weight_decay, freeze_prototypes=0, teacher_temp_warmup=0)
+    return TunerSchedules(lr=s.lr, head_lr=s.head_lr, weight_decay=s.weight_decay, warnings=s.warnings)

@@ -20,7 +20,7 @@ from essa.ssl.mim import save_reconstructions
 from essa.ssl.schedules import tuner_schedules
 from essa.train.memory import recompute_frozen
 from essa.train.objective import ObjectiveModule
-from essa.train.optim import decay_groups, default_lr
+from essa.train.optim import default_lr
 from essa.train.resources import release_free_heap
 from essa.train.ssa import CollapseError, effective_rank
 from essa.train.trainer import attached_trainer
@@ -113,20 +113,9 @@ class ReconstructionModule(ObjectiveModule):
     def configure_optimizers(self):
         # Two parts with their own lr schedules: what acts in the encoder (the tuner; SimMIM's mask token) and the
         # decoder.
-        parts = {"backbone": [], "head": []}
-        for name, p in self.model.named_parameters():
-            parts["head" if name.startswith("decoder.") else "backbone"].append((name, p))
-        groups = []
-        for part, params in parts.items():
-            groups += [{**g, "part": part} for g in decay_groups(params) if g["params"]]
-        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
-
-    def schedule_step(self, optimizer):
-        self._it = it = min(self.global_step, len(self.schedules) - 1)
-        for group in optimizer.param_groups:
-            group["lr"] = float((self.schedules.head_lr if group["part"] == "head" else self.schedules.lr)[it])
-            if group["apply_decay"]:
-                group["weight_decay"] = float(self.schedules.weight_decay[it])
+        named = list(self.model.named_parameters())
+        return self.two_part_optimizer([(n, p) for n, p in named if not n.startswith("decoder.")],
+                                       [(n, p) for n, p in named if n.startswith("decoder.")])
 
     def batch_images(self, batch) -> int:
         return len(batch["images"])
@@ -150,9 +139,3 @@ class ReconstructionModule(ObjectiveModule):
         if loss.device.type == "cpu":
             release_free_heap()
         return loss
-
-    def _whole_batch(self, x: torch.Tensor) -> torch.Tensor:
-        trainer = attached_trainer(self)
-        if trainer is None or trainer.world_size == 1:
-            return x
-        return self.all_gather(x).flatten(0, 1)

@@ -26,14 +26,46 @@ from typing import Any
 import torch
 from torch import nn
 
+from essa.train.optim import decay_groups
 from essa.train.stage import StageModule
+from essa.train.trainer import attached_trainer
 
 
 class ObjectiveModule(StageModule):
-    """A StageModule the SSA stage can run whatever its objective (see the module docstring)."""
+    """A StageModule the SSA stage can run whatever its objective (see the module docstring).
+
+    What the objectives' modules share: an optimizer of two parts with their own lr schedules (``backbone``: what
+    acts inside the backbone; ``head``: the objective's new parts, the DINO head or a decoder), whose per-step values
+    ``self.schedules`` holds (``lr``, ``head_lr``, ``weight_decay``), and the whole batch of a distributed run."""
 
     #: The batch (the objective's collate output) whose reconstructions each epoch end draws; None: no picture.
     preview: dict[str, torch.Tensor] | None = None
+
+    def two_part_optimizer(self, backbone: list, head: list) -> torch.optim.AdamW:
+        """AdamW over (name, parameter) pairs of the two parts, weight decay groups of each
+        (:func:`essa.train.optim.decay_groups`) marked with their ``part``."""
+        groups = []
+        for part, params in (("backbone", backbone), ("head", head)):
+            groups += [{**g, "part": part} for g in decay_groups(params) if g["params"]]
+        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+
+    def _step_index(self) -> int:
+        return min(self.global_step, len(self.schedules) - 1)
+
+    def schedule_step(self, optimizer):
+        """This step's index into the schedules (``_it``), and its learning rates and weight decay in ``optimizer``."""
+        self._it = it = self._step_index()
+        for group in optimizer.param_groups:
+            group["lr"] = float((self.schedules.head_lr if group["part"] == "head" else self.schedules.lr)[it])
+            if group["apply_decay"]:
+                group["weight_decay"] = float(self.schedules.weight_decay[it])
+
+    def _whole_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, ...) of this process, or in a distributed run the rows of every process (world * B, ...)."""
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.world_size == 1:
+            return x
+        return self.all_gather(x).flatten(0, 1)
 
     @property
     def monitored_backbone(self) -> nn.Module:

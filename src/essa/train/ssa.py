@@ -23,9 +23,9 @@ from essa.ssl.collapse import CollapseWatch, head_stats
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
 from essa.train.memory import recompute_frozen
 from essa.train.resources import release_free_heap
-from essa.train.optim import decay_groups, default_lr
+from essa.train.optim import default_lr
 from essa.train.objective import ObjectiveModule
-from essa.train.trainer import attached_trainer, module_full_weights
+from essa.train.trainer import module_full_weights
 
 
 class CollapseError(RuntimeError):
@@ -143,26 +143,12 @@ class SSAModule(ObjectiveModule):
     def configure_optimizers(self):
         # Two parts with their own lr schedules: the backbone's tuner (and the mask token, which acts inside the
         # backbone) and the DINO head.
-        groups = []
-        for part, params in (("backbone", [*self.student.backbone.named_parameters(),
-                                           ("mask_token", self.student.mask_token)]),
-                             ("head", list(self.student.head.named_parameters()))):
-            groups += [{**g, "part": part} for g in decay_groups(params) if g["params"]]
-        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+        return self.two_part_optimizer([*self.student.backbone.named_parameters(),
+                                        ("mask_token", self.student.mask_token)],
+                                       list(self.student.head.named_parameters()))
 
     def on_train_epoch_start(self):
         self.teacher.eval()  # Lightning puts every submodule in train mode; the teacher never drops paths
-
-    def _step_index(self) -> int:
-        return min(self.global_step, len(self.schedules) - 1)
-
-    def schedule_step(self, optimizer):
-        """This step's index into the schedules, and its learning rates and weight decay in ``optimizer``."""
-        self._it = it = self._step_index()
-        for group in optimizer.param_groups:
-            group["lr"] = float((self.schedules.head_lr if group["part"] == "head" else self.schedules.lr)[it])
-            if group["apply_decay"]:
-                group["weight_decay"] = float(self.schedules.weight_decay[it])
 
     def batch_images(self, batch) -> int:
         return len(batch["global_crops"]) // self.cfg.ssl.n_global  # images, each with all its crops
@@ -237,13 +223,6 @@ class SSAModule(ObjectiveModule):
             return cls, patches
         return (self.head_norm(cls, HeadInputNorm.CLS),
                 None if patches is None else self.head_norm(patches, HeadInputNorm.PATCH))
-
-    def _whole_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, ...) of this process, or in a distributed run the rows of every process (world * B, ...)."""
-        trainer = attached_trainer(self)
-        if trainer is None or trainer.world_size == 1:
-            return x
-        return self.all_gather(x).flatten(0, 1)
 
     def _check_health(self, terms: dict, teacher_cls: torch.Tensor, stats: dict[str, float]) -> None:
         # Every process decides on the whole global batch, so that all stop together: a process stopping alone
