@@ -18,6 +18,7 @@ from essa.commands.tuners import parameter_table
 from essa.config import ConfigError, TunerConfig
 from essa.study.config import StudyConfig, _tuner_spec
 from tests.conftest import SHARED, tiny_vit
+from tests.tuners.test_tuners import assert_steps_change_only_trainable
 
 MERGEABLE = [
     ("apla+lora", {"apla": {"r": 16}, "lora": {"targets": ["qkv"]}}),
@@ -42,11 +43,6 @@ def _perturb(model, scale=0.05):
     with torch.no_grad():
         for p in tuners.trainable_parameters(model).values():
             p.add_(torch.randn_like(p) * scale)
-
-
-@pytest.fixture
-def images():
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("name, options", MERGEABLE + KEEPS_MODULES[:1], ids=_ids(MERGEABLE + KEEPS_MODULES[:1]))
@@ -79,19 +75,7 @@ def test_the_union_of_the_parts_trains(name, options):
 
 @pytest.mark.parametrize("name, options", ALL, ids=_ids(ALL))
 def test_adamw_steps_change_only_the_parts_parameters(images, name, options):
-    model = tuners.apply(tiny_vit(num_classes=3), name, **options)
-    trainable = tuners.trainable_parameters(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
-    for _ in range(2):
-        opt.zero_grad()
-        model(images).pow(2).mean().backward()
-        opt.step()
-    for n, p in model.named_parameters():
-        if n in trainable:
-            assert not torch.equal(p, before[n]), f"{n} should have trained"
-        else:
-            assert torch.equal(p, before[n]), f"{n} is frozen but changed"
+    assert_steps_change_only_trainable(tuners.apply(tiny_vit(num_classes=3), name, **options), images)
 
 
 @pytest.mark.parametrize("name, options", MERGEABLE, ids=_ids(MERGEABLE))

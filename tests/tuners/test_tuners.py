@@ -62,7 +62,11 @@ def test_merge_gives_a_plain_vit_with_identical_outputs(make_vit, images, name, 
 
 @pytest.mark.parametrize("name, options", ALL, ids=_ids(ALL))
 def test_adamw_steps_change_only_tuner_parameters(make_vit, images, name, options):
-    model = tuners.apply(make_vit(num_classes=3), name, **options)
+    assert_steps_change_only_trainable(tuners.apply(make_vit(num_classes=3), name, **options), images)
+
+
+def assert_steps_change_only_trainable(model, images) -> None:
+    """Two AdamW steps on ``model`` change every parameter that trains and no other."""
     trainable = tuners.trainable_parameters(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
