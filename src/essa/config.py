@@ -379,3 +379,75 @@ def dump(obj, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
     return path
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the source of ``cls`` and its bases (the subclass's first): the comment at the end
+    of the field's line, else the comment lines right above it."""
+    import inspect
+    import io
+    import tokenize
+
+    docs: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        lines = source.splitlines()
+        comments: dict[int, str] = {}  # line number (0-based) -> comment text
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0] - 1] = tok.string.lstrip("#").strip()
+        names = {f.name for f in dataclasses.fields(klass)}
+        for number, line in enumerate(lines):
+            name = line.strip().split(":", 1)[0]
+            if name not in names or name in docs or not line.startswith("    ") or line.startswith("     "):
+                continue
+            if number in comments and not line.lstrip().startswith("#"):
+                docs[name] = comments[number]
+                continue
+            above = []
+            index = number - 1
+            while index >= 0 and lines[index].strip().startswith("#"):
+                above.insert(0, comments[index])
+                index -= 1
+            if above:
+                docs[name] = " ".join(above)
+    return docs
+
+
+#: What :func:`key_docs` gives as the default of a key that has none (the config must set it).
+REQUIRED = "(required)"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return to_dict(value) if dataclasses.is_dataclass(value) else value
+    return REQUIRED
+
+
+def key_docs(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every key of config class ``cls`` (dotted, as ``--set`` takes it), its default (:data:`REQUIRED` when it has
+    none) and what its source comment says of it (empty when nothing does), in the order the config prints them."""
+    comments = _field_comments(cls)
+    types_ = _field_types(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if _is_dataclass_type(types_[f.name]):
+            out += key_docs(types_[f.name], f"{key}.")
+        else:
+            out.append((key, _default(f), comments.get(f.name, "")))
+    return out
+
+
+def default_of(cls: type, dotted: str) -> Any:
+    """The default of config class ``cls``'s key ``dotted`` (:data:`REQUIRED` when it has none; KeyError when
+    ``cls`` has no such key)."""
+    return {key: default for key, default, _ in key_docs(cls)}[dotted]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from essa import config as config_mod
-from essa.commands.common import (SCALE_FLAGS, add_common, add_scale_flags, config_path, overrides,
+from essa.commands.common import (SCALE_FLAGS, add_common, add_scale_flags, config_help, config_path, overrides,
                                   print_config)
 
 
@@ -13,11 +13,12 @@ OBJECTIVES = ("dinov2", "mae", "simmim")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("adapt", help="self-supervised adaptation (DINOv2, MAE or SimMIM objective) with any tuner")
-    add_common(p)
+    p = sub.add_parser("adapt", help="self-supervised adaptation (DINOv2, MAE or SimMIM objective) with any tuner",
+                       formatter_class=config_help("essa.adaptation:AdaptConfig", ADAPT_FLAGS))
+    add_common(p, "essa.adaptation:AdaptConfig")
     add_scale_flags(p)
     p.add_argument("--objective", choices=OBJECTIVES,
-                   help="SSA objective (default dinov2: student + EMA teacher, DINO + iBOT + KoLeo; mae: masked "
+                   help="SSA objective (dinov2: student + EMA teacher, DINO + iBOT + KoLeo; mae: masked "
                         "autoencoder, the encoder on visible patches only; simmim: mask tokens, linear decoder)")
     p.add_argument("--val", help="labelled image folder (one folder per class) for the kNN monitor")
     p.set_defaults(func=run_adapt)

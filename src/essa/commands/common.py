@@ -3,12 +3,77 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import textwrap
 from pathlib import Path
 
 
+def _config_class(spec: str):
+    """``"essa.adaptation:AdaptConfig"`` -> the class (imported only when help or the key listing is asked for)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-def add_common(p) -> None:
-    """Flags shared by the training commands; each maps to one config key."""
+
+def config_help(config: str, flags: dict[str, str]) -> type[argparse.HelpFormatter]:
+    """A help formatter (``add_parser(formatter_class=...)``) that ends each flag's help with the config key it sets
+    and that key's default, read from config class ``config`` (``"module:Class"``) when the help is shown; ``flags``:
+    flag attribute -> config key."""
+
+    class ConfigHelpFormatter(argparse.HelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str:
+            text = action.help or ""
+            key = flags.get(action.dest)
+            if key is None or text == argparse.SUPPRESS:
+                return text
+            from essa import config as config_mod
+
+            try:
+                default = config_mod.default_of(_config_class(config), key)
+            except KeyError:
+                default = None
+            tail = f"config {key}" if default is None else f"config {key}, default {_shown(default)}"
+            tail = tail.replace("%", "%%")
+            return f"{text} ({tail})" if text else tail
+
+    return ConfigHelpFormatter
+
+
+def _shown(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def add_keys(p, config: str) -> None:
+    """``--keys``: list every key of config class ``config`` (``"module:Class"``) with its default and doc, then
+    exit."""
+    p.add_argument("--keys", action=_KeysAction, config=config,
+                   help="list every config key (what --set and a YAML config take) with its default and what it "
+                        "does, then exit")
+
+
+class _KeysAction(argparse.Action):
+    def __init__(self, option_strings, dest, config: str, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.config = config
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print_keys(_config_class(self.config))
+        parser.exit(0)
+
+
+def print_keys(cls) -> None:
+    """One entry per key: ``key: default`` and, indented below, what the config's source says of it."""
+    from essa import config as config_mod
+
+    for key, default, doc in config_mod.key_docs(cls):
+        print(f"{key}: {_shown(default)}")
+        if doc:
+            print(textwrap.fill(doc, width=100, initial_indent="    ", subsequent_indent="    "))
+
+
+def add_common(p, config: str) -> None:
+    """Flags shared by the training commands; each maps to one config key of ``config`` (``"module:Class"``)."""
     p.add_argument("--config", help="YAML config file; flags and --set override it")
     p.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch14_dinov2.lvd142m")
     p.add_argument("--weights", help="local backbone weights (safetensors or PyTorch state dict)")
@@ -17,15 +82,16 @@ def add_common(p) -> None:
     p.add_argument("--tuner-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="tuner option, repeatable, e.g. --tuner-opt r=64; a combination's by part, e.g. "
                         "--tuner-opt apla.r=64 --tuner-opt 'lora.targets=[qkv]'")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--batch-size", type=int, help="images per optimisation step and process")
+    p.add_argument("--img-size", type=int, help="input size in pixels")
+    p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, repeatable, e.g. --set optim.lr=5e-4")
     add_print_config(p)
+    add_keys(p, config)
 
 
 def add_print_config(p) -> None:
@@ -109,9 +175,9 @@ def add_scale_flags(p) -> None:
     g.add_argument("--num-nodes", type=_positive_int, help="nodes (machines) of a multi-node run")
     g.add_argument("--strategy", choices=STRATEGIES,
                    help="ddp: a whole model per process; fsdp: parameters, gradients and optimizer state sharded "
-                        "over the processes (default auto)")
-    g.add_argument("--accelerator", help="auto (default), cpu, gpu, cuda or mps")
-    g.add_argument("--precision", choices=PRECISIONS, help="default auto: bf16-mixed on GPU, 32-true on CPU")
+                        "over the processes; auto: Lightning's choice (DDP with several processes)")
+    g.add_argument("--accelerator", help="auto, cpu, gpu, cuda or mps")
+    g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16-mixed on GPU, 32-true on CPU")
     g.add_argument("--accumulate-grad-batches", type=_positive_int,
                    help="batches per optimisation step (each process); a step trains on batch size x processes x "
                         "this many images")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from essa import config as config_mod
-from essa.commands.common import overrides
+from essa.commands.common import add_keys, config_help, overrides
 
 
 def _names(text: str) -> list[str]:
@@ -12,7 +12,8 @@ def _names(text: str) -> list[str]:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="kNN / linear probe of a backbone's frozen features, test metrics of a "
-                                        "fine-tuned classifier")
+                                        "fine-tuned classifier",
+                       formatter_class=config_help("essa.evaluate.run:EvalConfig", EVALUATE_FLAGS))
     p.add_argument("--config", help="YAML config file; flags and --set override it")
     p.add_argument("--backbone", help="timm ViT name whose frozen features to evaluate (kNN, linear probe)")
     p.add_argument("--weights", help="local backbone weights to evaluate (e.g. backbone.safetensors of essa adapt)")
@@ -26,10 +27,11 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, help="kNN neighbours (default 20)")
     p.add_argument("--temperature", type=float, help="kNN vote temperature (default 0.07)")
     p.add_argument("--img-size", type=int, help="input size (default: the model's own)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="images per forward pass")
     p.add_argument("--out", help="output directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, repeatable, e.g. --set data.split_seed=1")
+    add_keys(p, "essa.evaluate.run:EvalConfig")
     p.set_defaults(func=run_evaluate)
 
 

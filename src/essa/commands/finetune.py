@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from essa import config as config_mod
-from essa.commands.common import (SCALE_FLAGS, add_common, add_scale_flags, config_path, int_list, overrides,
-                                  print_config)
+from essa.commands.common import (SCALE_FLAGS, add_common, add_scale_flags, config_help, config_path, int_list,
+                                  overrides, print_config)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="supervised adaptation of a (self-supervised adapted) backbone to a "
-                                        "labelled task, over seeds, with test metrics")
-    add_common(p)
+                                        "labelled task, over seeds, with test metrics",
+                       formatter_class=config_help("essa.finetuning:FinetuneConfig", FINETUNE_FLAGS))
+    add_common(p, "essa.finetuning:FinetuneConfig")
     add_scale_flags(p)
     p.add_argument("--seeds", type=int_list, help="training seeds, e.g. 0,1,2 (one run directory each); "
                                                   "--seed N is the same as --seeds N")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from essa.commands.common import SCALE_FLAGS, add_print_config, add_scale_flags, int_list, print_config
+from essa.commands.common import (SCALE_FLAGS, add_keys, add_print_config, add_scale_flags, config_help, int_list,
+                                  print_config)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="a whole study: datasets x SSA tuner x fine-tuning tuner x seeds, with a report")
+    p = sub.add_parser("run", help="a whole study: datasets x SSA tuner x fine-tuning tuner x seeds, with a report",
+                       formatter_class=config_help("essa.study.config:StudyConfig", RUN_FLAGS))
     p.add_argument("--config", required=True, help="study YAML, e.g. examples/quickstart.yaml")
     p.add_argument("--backbone", help="timm ViT name (overrides backbone.name)")
     p.add_argument("--weights", help="local backbone weights instead of the pretrained ones, e.g. "
@@ -21,8 +23,14 @@ def add_parser(sub) -> None:
                    help="any study config key, repeatable, e.g. --set img_size=64 --set ssa.epochs=2")
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done, then exit")
     add_print_config(p)
+    add_keys(p, "essa.study.config:StudyConfig")
     add_scale_flags(p)
     p.set_defaults(func=run_command)
+
+
+#: The flags that set one study config key (what their help shows the default of; :func:`_overrides` sets them).
+RUN_FLAGS = {"backbone": "backbone.name", "weights": "backbone.weights", "seeds": "seeds", "out": "out",
+             **SCALE_FLAGS}
 
 
 def _overrides(args) -> list[str]:
