@@ -116,6 +116,8 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 PROGRESS = ("auto", "bar", "lines", "none")
 #: ``trainer.logger`` values (essa.train.loggers), and the packages (any one) and extra of those that need one.
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow", "none")
+#: ``trainer.keep_checkpoints``: which of ``checkpoints/`` a finished run keeps (essa.train.run_dir.prune).
+KEEP_CHECKPOINTS = ("last,best", "last", "best", "all", "none")
 _LOGGER_NEEDS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
                  "mlflow": (("mlflow",), "mlflow")}
 
@@ -153,6 +155,10 @@ class TrainerConfig:
     # WANDB_MODE=online), mlflow, none; each step's loss and lr every log_every_n_steps steps, each epoch's row
     logger: str = "csv"
     log_every_n_steps: int = 10
+    # what checkpoints/ keeps once the run is finished and exported: last,best; last; best; all (also
+    # epoch_NNN.ckpt at every epoch end); none (the exports are the run's result). A finished run pruned to less
+    # than last,best cannot be resumed (its export could not be redone)
+    keep_checkpoints: str = "last,best"
 
     def validate(self) -> None:
         devices = self.devices
@@ -175,6 +181,9 @@ class TrainerConfig:
         check_logger(self.logger)
         if self.log_every_n_steps < 1:
             raise ConfigError(f"trainer.log_every_n_steps={self.log_every_n_steps} must be at least 1")
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            raise ConfigError(f"trainer.keep_checkpoints={self.keep_checkpoints!r}; valid choices: "
+                              f"{', '.join(KEEP_CHECKPOINTS)}")
         if self.progress not in PROGRESS:
             raise ConfigError(f"trainer.progress={self.progress!r}; valid choices: {', '.join(PROGRESS)}")
         if not self.progress_every >= 0:

@@ -348,3 +348,65 @@ def test_a_really_read_only_out_is_one_line(tmp_path, tmpfs, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"cannot create the run directory {mnt / 'runs' / 'a'}: permission denied (read-only?)" in err
+
+
+@pytest.mark.skipif(not XRAYS.is_dir(), reason="shared chest X-rays not found")
+def test_keep_checkpoints_all_keeps_every_epoch_end_even_across_a_kill(folders, tmp_path, adapt_reference):  # noqa: F811
+    """``all``: ``epoch_NNN.ckpt`` is each epoch end's ``last.ckpt`` (the same file); killed right after epoch 0's
+    write, the resumed run has all three and the uninterrupted run's export."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    config_mod.dump(_cfg(folders, out, **ADAPT, trainer={"keep_checkpoints": "all"}), out / "given.yaml")
+    _killed("adapt", out / "given.yaml", "epoch:0")
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "epoch_000.ckpt",
+                                                                             "last.ckpt"]
+    with pytest.warns(UserWarning, match="taking over the lock"):
+        resumed = adapt(out / "given.yaml", resume=True)
+    _same_weights(adapt_reference["backbone"], resumed["backbone"])
+    names = sorted(p.name for p in (out / "checkpoints").glob("*"))
+    assert names == ["best.ckpt", "epoch_000.ckpt", "epoch_001.ckpt", "epoch_002.ckpt", "last.ckpt"]
+    assert os.path.samefile(out / "checkpoints" / "epoch_002.ckpt", out / "checkpoints" / "last.ckpt")
+    for epoch in range(3):
+        saved = torch.load(out / "checkpoints" / f"epoch_{epoch:03d}.ckpt", map_location="cpu", weights_only=True)
+        assert saved["epoch"] == epoch and saved["global_step"] == 3 * (epoch + 1)
+
+
+@pytest.mark.skipif(not XRAYS.is_dir(), reason="shared chest X-rays not found")
+@pytest.mark.parametrize("keep, kept", [("none", []), ("last", ["last.ckpt"])])
+def test_keep_checkpoints_prunes_a_finished_run_and_says_what_is_left(folders, tmp_path, adapt_reference, keep,  # noqa: F811
+                                                                      kept, capsys):
+    out = tmp_path / "run"
+    given = tmp_path / "given.yaml"
+    config_mod.dump(_cfg(folders, out, **ADAPT), given)
+    assert main(["adapt", "--config", str(given), "--keep-checkpoints", keep]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+    assert config_mod.read_yaml(out / "config.yaml")["trainer"]["keep_checkpoints"] == keep
+    _same_weights(adapt_reference["backbone"], out / "backbone.safetensors")  # pruning came after the export
+    capsys.readouterr()
+    # the run directory still refuses to be overwritten; a finished run without last.ckpt cannot be resumed
+    again = ["adapt", "--config", str(given), "--keep-checkpoints", keep]
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert ("already holds a finished run; choose another --out" in err if keep != "last"
+            else "already holds a run (checkpoints/last.ckpt)" in err)
+    assert main([*again, "--resume"]) == 2
+    assert (f"holds a finished run whose checkpoints were pruned (trainer.keep_checkpoints={keep}): there is "
+            "nothing to resume") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keep, kept", [("last,best", ["best.ckpt", "last.ckpt"]), ("last", ["last.ckpt"]),
+                                        ("best", ["best.ckpt"]), ("none", []),
+                                        ("all", ["best.ckpt", "epoch_000.ckpt", "last.ckpt"])])
+def test_prune_keeps_what_keep_checkpoints_names(tmp_path, keep, kept):
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    for name in ("last.ckpt", "best.ckpt", "epoch_000.ckpt"):
+        (run.checkpoints / name).write_bytes(b"x")
+    run.prune(keep)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == kept
+
+
+def test_keep_checkpoints_refuses_other_values():
+    with pytest.raises(config_mod.ConfigError, match=r"trainer.keep_checkpoints='some'; valid choices: last,best, "
+                                                     "last, best, all, none"):
+        config_mod.TrainerConfig(keep_checkpoints="some").validate()

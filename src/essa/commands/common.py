@@ -166,9 +166,9 @@ def _devices(text: str) -> str:
 def add_scale_flags(p) -> None:
     """Where and how the training steps run: the ``trainer`` config section (:data:`SCALE_FLAGS` maps each flag to
     its key). Shared by every command that trains; see docs/distributed.md."""
-    from essa.config import PRECISIONS, STRATEGIES
+    from essa.config import KEEP_CHECKPOINTS, PRECISIONS, STRATEGIES
 
-    g = p.add_argument_group("devices and memory (docs/distributed.md)")
+    g = p.add_argument_group("devices, memory and disk (docs/distributed.md)")
     g.add_argument("--devices", type=_devices,
                    help="processes (devices) per node: a count, -1 for all, auto, or indices such as 0,1 "
                         "(with torchrun or srun: the processes per node it starts)")
@@ -185,6 +185,10 @@ def add_scale_flags(p) -> None:
                    help="recompute each block's activations in the backward pass instead of storing them")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each transformer block")
+    g.add_argument("--keep-checkpoints", choices=KEEP_CHECKPOINTS,
+                   help="what checkpoints/ keeps once the run is finished and exported (all: also each epoch "
+                        "end's; none: only the exports remain; a run pruned to less than last,best cannot be "
+                        "resumed)")
 
 
 #: :func:`add_scale_flags`' flags (argparse attribute) -> ``trainer`` config keys.
@@ -192,5 +196,5 @@ SCALE_FLAGS = {
     "devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy",
     "accelerator": "trainer.accelerator", "precision": "trainer.precision",
     "accumulate_grad_batches": "trainer.accumulate_grad_batches", "grad_checkpointing": "trainer.grad_checkpointing",
-    "compile": "trainer.compile",
+    "compile": "trainer.compile", "keep_checkpoints": "trainer.keep_checkpoints",
 }

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import socket
 import time
@@ -169,6 +170,31 @@ class RunDir:
     def best(self) -> Path:
         return self.checkpoints / "best.ckpt"
 
+    def epoch(self, epoch: int) -> Path:
+        """The checkpoint of epoch ``epoch``'s end, kept with ``trainer.keep_checkpoints=all``."""
+        return self.checkpoints / f"epoch_{epoch:03d}.ckpt"
+
+    @property
+    def finished(self) -> bool:
+        """Whether a run finished here: its resources.json is written once training is done, before the exports."""
+        from essa.train.stage import RESOURCES_FILE
+
+        return (self.path / RESOURCES_FILE).is_file()
+
+    def prune(self, keep: str) -> None:
+        """Once the run is finished and exported, delete the checkpoints that ``keep`` (``trainer.keep_checkpoints``)
+        does not name; rank 0 only."""
+        if not is_global_zero():
+            return
+        kept = {"last,best": ("last.ckpt", "best.ckpt"), "last": ("last.ckpt",), "best": ("best.ckpt",),
+                "none": ()}.get(keep)
+        if kept is None:  # all
+            return
+        with writing(f"delete checkpoints in {self.checkpoints}"):
+            for path in self.checkpoints.glob("*.ckpt"):
+                if path.name not in kept:
+                    path.unlink()
+
     def refuse_other_config(self, cfg, message: str) -> None:
         """Raise ConfigError(``message``) when the directory's ``config.yaml`` holds another config than ``cfg`` (a
         config of the same class): a run continues, or is read back, only with the config it was made with."""
@@ -177,12 +203,21 @@ class RunDir:
             raise config_mod.ConfigError(message)
 
     def prepare(self, cfg, resume: bool) -> None:
-        """Create the directory; refuse to silently overwrite a run that has checkpoints."""
+        """Create the directory; refuse to silently overwrite a run that has checkpoints or finished, and to resume
+        a finished run whose ``last.ckpt`` was not kept (``trainer.keep_checkpoints``)."""
         if self.last.exists() and not resume:
             raise RunExistsError(
                 f"{self.path} already holds a run (checkpoints/last.ckpt); pass --resume to continue it "
                 "or choose another --out"
             )
+        keep = cfg.trainer.keep_checkpoints
+        if self.finished and keep not in ("last,best", "all"):  # pruned (prune): the export cannot be redone
+            if not self.last.exists() and not resume:
+                raise RunExistsError(f"{self.path} already holds a finished run; choose another --out")
+            if resume:
+                raise RunDirError(f"{self.path} holds a finished run whose checkpoints were pruned "
+                                  f"(trainer.keep_checkpoints={keep}): there is nothing to resume; its results and "
+                                  "exports are in that directory")
         if is_global_zero():
             with writing(f"write into the run directory {self.path}"):
                 self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -211,19 +246,34 @@ class RunDir:
                 writer.writerows(rows)
 
 
-def save_checkpoint(trainer: L.Trainer, path: Path) -> None:
+def save_checkpoint(trainer: L.Trainer, path: Path, also: Path | None = None) -> None:
     """Every process calls it (a sharded model's state is gathered); rank 0 writes, and the others wait until the
-    file is in place."""
+    file is in place. ``also``: a second name for the same file (a hard link, else a copy), in place before
+    ``path`` is."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, loops, loader position
         if trainer.is_global_zero:
+            if also is not None:
+                _second_name(tmp, also)
             os.replace(tmp, path)
     except OSError as err:  # e.g. a full disk: no partial file stays behind, the previous checkpoint stays whole
         if trainer.is_global_zero:
             tmp.unlink(missing_ok=True)
         raise _os_error(err, f"write {path}") from None
     trainer.strategy.barrier("essa.save_checkpoint")
+
+
+def _second_name(path: Path, name: Path) -> None:
+    """``name`` for the complete file ``path``: a hard link where the file system has them, else a copy; replaced
+    whole if it exists (a resumed run that redoes an epoch end)."""
+    tmp = name.with_name(name.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, name)
 
 
 class Checkpointing(Callback):
@@ -240,10 +290,11 @@ class Checkpointing(Callback):
     """
 
     def __init__(self, run: RunDir, every_n_steps: int, monitor: str | None = None, mode: str = "max",
-                 ties: str = "earlier", stop: StopRequest | None = None):
-        """``ties``: which epoch ``best.ckpt`` keeps when the monitored value equals the best so far."""
+                 ties: str = "earlier", stop: StopRequest | None = None, every_epoch: bool = False):
+        """``ties``: which epoch ``best.ckpt`` keeps when the monitored value equals the best so far;
+        ``every_epoch``: each epoch end's ``last.ckpt`` also as ``epoch_NNN.ckpt``."""
         self.run, self.every_n_steps, self.monitor, self.mode = run, every_n_steps, monitor, mode
-        self.ties, self.stop = ties, stop
+        self.ties, self.stop, self.every_epoch = ties, stop, every_epoch
         self.best_value: float | None = None
         self.best_epoch: int | None = None  # of best.ckpt, with its step: kept in every last.ckpt
         self.best_step: int | None = None
@@ -290,7 +341,7 @@ class Checkpointing(Callback):
                 self.best_value, self.best_epoch, self.best_step = value, trainer.current_epoch, trainer.global_step
                 save_checkpoint(trainer, self.run.best)
                 _kill_hook("best", trainer.current_epoch)
-        save_checkpoint(trainer, self.run.last)
+        save_checkpoint(trainer, self.run.last, self.run.epoch(trainer.current_epoch) if self.every_epoch else None)
         _kill_hook("epoch", trainer.current_epoch)
         # after the last epoch, only the export is left: the run finishes
         if trainer.current_epoch + 1 < trainer.max_epochs and self._stop_requested(trainer):

@@ -246,7 +246,7 @@ def _fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, train
     L.seed_everything(seed, workers=True, verbose=False)
     stage.start()
     checkpointing = Checkpointing(run, stage.checkpoint_every_n_steps, monitor=stage.monitor, ties=stage.ties,
-                                  stop=stop)
+                                  stop=stop, every_epoch=cfg.trainer.keep_checkpoints == "all")
     trainer = build_trainer(cfg.trainer, max_epochs=cfg.optim.epochs, grad_clip=cfg.optim.grad_clip,
                             callbacks=[checkpointing, EpochEnd(run, checkpointing, stage.epoch_metrics)],
                             trainer_kwargs=trainer_kwargs, unused_parameters=stage.unused_parameters,
@@ -276,5 +276,6 @@ def _fit_stage(stage: Stage, cfg, run: RunDir, *, seed: int, resume: bool, train
             with writing(f"write {run.path / RESOURCES_FILE}"):
                 io.write_json(run.path / RESOURCES_FILE, fitted.resources)
             exported = stage.export(fitted)
+            run.prune(cfg.trainer.keep_checkpoints)
     fitted.exported = trainer.strategy.broadcast(exported)  # the other processes return once the files exist
     return fitted
