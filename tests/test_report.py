@@ -137,6 +137,21 @@ def test_header(report):
         assert line in md
 
 
+def test_the_header_counts_cells_as_essa_run_does_and_the_table_rows_apart(tmp_path):
+    from essa.report.tables import header_blocks
+
+    base = {"name": "s", "backbone": "b", "wall_seconds": 1.0, "budget": {}, "notes": [],
+            "datasets": [{"name": "d", "cells": [{"status": "done"}, {"status": "pending"}]}]}
+    runs = {"done": 4, "failed": 1, "total": 105, "by_kind": {"ssa": {"done": 3, "failed": 1, "total": 12},
+                                                              "probe": {"done": 1, "failed": 0, "total": 21},
+                                                              "finetune": {"done": 0, "failed": 0, "total": 72}}}
+    lines = header_blocks({**base, "runs": runs})[1].items
+    assert "Cells: 4 of 105 done, 1 failed (SSA runs 3 of 12, probes 1 of 21, fine-tuning seeds 0 of 72)" in lines
+    assert ("Fine-tuning rows (an SSA tuner, a fine-tuning tuner and a label budget, over the seeds): 1 done, "
+            "0 partial, 1 pending, 0 failed (of 2)") in lines
+    assert "Cells: 1 done, 0 partial, 1 pending, 0 failed (of 2)" in header_blocks(base)[1].items  # older results
+
+
 def test_metric_table_one_row_per_cell_with_mean_std(report):
     _, results, paths = report
     md = paths["markdown"].read_text()

@@ -76,7 +76,13 @@ def test_a_study_killed_midway_resumes_writes_its_report_and_a_rerun_skips_every
     printed = capsys.readouterr().out
     assert "running: ssa" not in printed and "running: probe" not in printed  # finished cells are skipped
     assert "running: finetune" in printed and ssa_export.stat().st_mtime_ns == stamp
-    assert re.search(r"\[study\] 7/7 done, 0 left", printed)
+    assert re.search(r"\[study\] 7/7 done\n", printed)  # nothing left: no estimate to give
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["runs"] == {"done": 7, "failed": 0, "total": 7, "by_kind": {
+        "ssa": {"done": 1, "failed": 0, "total": 1}, "probe": {"done": 2, "failed": 0, "total": 2},
+        "finetune": {"done": 4, "failed": 0, "total": 4}}}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Cells: 7 of 7 done (SSA runs 1 of 1, probes 2 of 2, fine-tuning seeds 4 of 4)" in report
 
     report = (tmp_path / "run" / "report.md").read_text()
     rows = _table_rows(report, "### Test metrics")
@@ -122,6 +128,26 @@ def test_cells_and_their_configs(tmp_path):
     assert ft["data"] == {"num_workers": 0, "duplicates": "skip", "root": str(BREAST), "max_train": 48}
     assert (ft["img_size"], ft["optim"]["epochs"], ft["seeds"]) == (32, 2, [0, 1])
     assert study_mod.slug("apla r=64") == "apla_r64" and study_mod.slug("lora r=8 / qkv") == "lora_r8_qkv"
+
+
+def test_progress_counts_every_cell_and_estimates_from_the_measured_ones(tmp_path):
+    study = study_mod.Study(_write(tmp_path, seeds=[0, 1], probes=["knn"]))
+    cells = study.cells  # ssa, probe, probe, 8 x finetune
+    assert study.progress({}, cells[0]) == ("[study] 0/11 done, running: ssa " + cells[0].id
+                                            + ", 10 left after it (no estimate yet)")
+    state = {cells[0].id: {"status": "done", "seconds": 60.0}, cells[1].id: {"status": "failed", "seconds": 1.0}}
+    # only the probe and fine-tuning cells are left: no kind of them measured yet (the failed probe does not count)
+    assert study.progress(state, cells[2]).endswith(", 1 failed, running: probe " + cells[2].id
+                                                     + ", 8 left after it (no estimate yet)")
+    state[cells[2].id] = {"status": "done", "seconds": 10.0}
+    state[cells[3].id] = {"status": "done", "seconds": 30.0}
+    state[cells[4].id] = {"status": "done", "seconds": 50.0}
+    # 6 fine-tuning seeds left at their mean, 40 s each
+    assert study.progress(state, None) == "[study] 4/11 done, 1 failed, 6 left (about 4 min left)"
+    for cell in cells:
+        state.setdefault(cell.id, {"status": "done", "seconds": 1.0})
+    assert study.progress(state, None) == "[study] 10/11 done, 1 failed"
+    assert study.results(state)["runs"]["by_kind"]["probe"] == {"done": 1, "failed": 1, "total": 2}
 
 
 def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):

@@ -23,6 +23,15 @@ from essa.report.stats import (best, cell_summary, finished, metric_names, numbe
                                shows_objective)
 
 STATUSES = ("done", "partial", "pending", "failed")
+KINDS = {"ssa": "SSA runs", "probe": "probes", "finetune": "fine-tuning seeds"}
+
+
+def runs_line(runs: dict) -> str:
+    """``Cells: 4 of 105 done, 1 failed (SSA runs 3 of 12, probes 1 of 21, fine-tuning seeds 0 of 72)``: the count
+    ``essa run``'s progress lines give."""
+    kinds = ", ".join(f"{KINDS.get(kind, kind)} {n['done']} of {n['total']}" for kind, n in runs["by_kind"].items())
+    failed = f", {runs['failed']} failed" if runs["failed"] else ""
+    return f"Cells: {runs['done']} of {runs['total']} done{failed} ({kinds})"
 
 
 def header_blocks(results: dict) -> list[Block]:
@@ -33,11 +42,14 @@ def header_blocks(results: dict) -> list[Block]:
         status = str(cell.get("status") or "pending")
         counts[status] = counts.get(status, 0) + 1
     count_text = ", ".join(f"{n} {status}" for status, n in counts.items())
+    # results that count the cells as essa run does say so; the rows of the results tables are then rows
+    rows = (f"Fine-tuning rows (an SSA tuner, a fine-tuning tuner and a label budget, over the seeds): {count_text} "
+            f"(of {len(cells)})" if results.get("runs") else f"Cells: {count_text} (of {len(cells)})")
     blocks: list[Block] = [
         Heading(f"Study report: {results.get('name', MISSING)}", 1),
         Bullets([f"Backbone: {results.get('backbone', MISSING)}",
                  f"Total wall time: {format_duration(results.get('wall_seconds'))}",
-                 f"Cells: {count_text} (of {len(cells)})"]),
+                 *([runs_line(results["runs"])] if results.get("runs") else []), rows]),
     ]
     env = results.get("environment")
     if env:

@@ -84,6 +84,22 @@ class Environment(TypedDict):
     load_average_now: list[float] | None  # ... when these results were written
 
 
+class CellCount(TypedDict):
+    done: int
+    failed: int
+    total: int
+
+
+class Runs(TypedDict):
+    """The study's cells as ``essa run`` counts them (each SSA run, probe and fine-tuning seed is one): the count
+    its progress lines give, by kind."""
+
+    done: int
+    failed: int
+    total: int
+    by_kind: dict[str, CellCount]  # ssa, probe, finetune
+
+
 class Results(TypedDict):
     name: str
     backbone: str | None
@@ -91,7 +107,21 @@ class Results(TypedDict):
     budget: Budget
     notes: list[str]
     datasets: list[DatasetResult]
+    runs: NotRequired[Runs]
     environment: NotRequired[Environment]
+
+
+def runs(grid: Grid, state: dict) -> Runs:
+    """How many of ``grid``'s cells are done and failed (``state``: ``cells.json``), in all and by kind."""
+    out: Runs = {"done": 0, "failed": 0, "total": 0, "by_kind": {}}
+    for cell in grid.cells:
+        status = state.get(cell.id, {}).get("status")
+        kind = out["by_kind"].setdefault(cell.kind, {"done": 0, "failed": 0, "total": 0})
+        for count in (out, kind):
+            count["total"] += 1
+            if status in ("done", "failed"):
+                count[status] += 1
+    return out
 
 
 def load_average() -> list[float] | None:
@@ -140,6 +170,7 @@ def study_results(grid: Grid, state: dict, weight_change: Callable[[Path], float
         "budget": budget,
         "notes": _notes(grid),
         "datasets": [_dataset_results(grid, d, state, weight_change) for d in grid.datasets],
+        "runs": runs(grid, state),
     }
 
 

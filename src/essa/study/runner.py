@@ -128,6 +128,8 @@ class Study(Grid):
             parts.append(f"{len(failed)} failed")
         if running is not None:
             parts.append(f"running: {running.kind} {running.id}")
+        if not left:
+            return ", ".join(parts)
         parts.append(f"{len(left) - (running is not None)} left after it" if running else f"{len(left)} left")
         return ", ".join(parts) + f" ({eta})"
 
