@@ -10,6 +10,7 @@ import time
 
 import pytest
 import yaml
+from PIL import Image
 
 from essa import report as report_mod, study as study_mod
 from essa.commands import main, run as run_command
@@ -110,6 +111,16 @@ def test_a_study_killed_midway_resumes_writes_its_report_and_a_rerun_skips_every
     assert main(["run", "--config", str(config)]) == 0
     assert "running:" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    from essa.report import browser
+
+    if browser.find_browser() is not None:  # the real report, as a reader sees it (tests/test_report_browser.py)
+        assert main(["run", "--config", str(config), "--screenshot"]) == 0
+        printed = capsys.readouterr()
+        assert f"screenshot: {tmp_path / 'run' / 'report.png'}" in printed.out
+        assert "report.html at 800 px" not in printed.err  # every image loads, nothing is wider than the page
+        with Image.open(tmp_path / "run" / "report.png") as image:
+            assert image.width == browser.PAGE_WIDTH
 
 
 def test_cells_and_their_configs(tmp_path):

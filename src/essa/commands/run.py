@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any study config key, repeatable, e.g. --set img_size=64 --set ssa.epochs=2")
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done, then exit")
+    p.add_argument("--screenshot", action="store_true",
+                   help="also save the report as it looks in a browser, 800 px wide: OUT/report.png (needs a "
+                        "headless Chromium, e.g. apt-get install chromium), and say what does not fit")
     add_print_config(p)
     add_keys(p, "essa.study.config:StudyConfig")
     add_scale_flags(p)
@@ -68,6 +71,13 @@ def run_command(args) -> int:
         for line in verdict(dataset):
             print(f"  {line}")
     print(f"\nreport: {result['markdown']} and {result['html']}")
+    if args.screenshot:
+        from essa.report import browser
+
+        png = browser.screenshot(result["html"], result["html"].with_name("report.png"))
+        print(f"screenshot: {png}")
+        for problem in browser.problems(browser.measure(result["html"])):
+            print(f"  report.html at {browser.PAGE_WIDTH} px: {problem}", file=sys.stderr)
     if result["failed"]:
         print(f"\n{len(result['failed'])} of {len(study.cells)} cells failed:", file=sys.stderr)
         for cell_id, error in result["failed"].items():

@@ -77,8 +77,8 @@ def markdown_table(table: Table) -> str:
 # ----- html -------------------------------------------------------------------------------------------------------
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 70rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }
+table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.78rem; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.3rem; text-align: left; }
 th { background: #f3f3f3; }
 p.note, figcaption { color: #555; font-size: 0.85rem; }
 figure { margin: 1rem 0; }
@@ -108,11 +108,17 @@ def html_page(blocks: Sequence[Block], title: str) -> str:
             f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
+def _cell_text(text: str) -> str:
+    """Escaped, with a line-break opportunity after each underscore (``balanced_accuracy`` is one long word), so
+    that wide tables fit an 800 px page (tests/test_report_browser.py)."""
+    return html.escape(text).replace("_", "_<wbr>")
+
+
 def html_table(table: Table) -> str:
     def cell(text: str, bold: bool) -> str:
-        return f"<td><strong>{html.escape(text)}</strong></td>" if bold else f"<td>{html.escape(text)}</td>"
+        return f"<td><strong>{_cell_text(text)}</strong></td>" if bold else f"<td>{_cell_text(text)}</td>"
 
-    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table.header) + "</tr>"
+    head = "<tr>" + "".join(f"<th>{_cell_text(h)}</th>" for h in table.header) + "</tr>"
     rows = ["<tr>" + "".join(cell(text, (i, j) in table.bold) for j, text in enumerate(row)) + "</tr>"
             for i, row in enumerate(table.rows)]
     note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
