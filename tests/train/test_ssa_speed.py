@@ -190,6 +190,19 @@ def test_the_truncated_step_gives_the_full_autograd_losses_and_gradients(tuner, 
         assert torch.allclose(center, ref, atol=1e-7)
 
 
+@pytest.mark.parametrize("probability", [0.0, 1.0], ids=["no crop masked", "every crop masked"])
+def test_the_truncated_step_with_no_or_only_masked_global_crops_gives_the_same_step(probability):
+    reference = _module(options=LAST_TWO, truncated_backward="off", mask_probability=probability)
+    module = _module(options=LAST_TWO, mask_probability=probability)
+    batch = _batch(module)
+    assert batch["masks"].flatten(1).any(1).float().mean() == probability
+    (loss_ref, grads_ref), (loss, grads) = _step(reference, batch), _step(module, batch)
+    assert torch.allclose(loss, loss_ref, rtol=1e-6, atol=0)
+    assert all(torch.allclose(grads[k], grads_ref[k], rtol=1e-5, atol=1e-7) for k in grads_ref)
+    if not probability:  # no mask anywhere: the mask token's gradient is zero, as the whole-batch forward gives it
+        assert torch.equal(grads["mask_token"], torch.zeros_like(grads["mask_token"]))
+
+
 def test_the_shared_prefix_gives_the_teacher_its_own_outputs_and_the_student_the_rest():
     module = _module(options=LAST_TWO)
     batch = _batch(module)

@@ -275,8 +275,11 @@ class SSAModule(ObjectiveModule):
             rows.append(u_rows)
             cls.append(tokens[:, 0])
         s_cls = torch.cat(cls)[torch.cat(rows).argsort()]  # back in the batch's order
-        if s_patches is None:  # no crop has a mask
-            s_patches = s_cls.new_zeros(0, s_cls.shape[-1])
+        if s_patches is None:
+            # No crop has a mask. The mask token still gets the zero gradient the whole-batch forward gives it: AdamW
+            # steps a parameter with a zero gradient (moments, weight decay) but skips one without, and DDP waits
+            # for it.
+            s_patches = s_cls.new_zeros(0, s_cls.shape[-1]) + 0 * self.student.mask_token.sum()
         local_crops = batch["local_crops"]
         s_local = None
         if local_crops is not None:
