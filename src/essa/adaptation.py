@@ -43,8 +43,8 @@ from essa.train.truncation import MODES as TRUNCATION_MODES
 
 
 #: What a finished run measured (essa.train.stage.RESOURCES_FILE): the backbone's trainable parameters, the DINO
-#: head's parameters and size, the number of SSA images, which epoch was exported and why, peak training memory
-#: (MiB), training images/s and seconds.
+#: head's parameters and size, what the truncated backward did (dinov2: ``truncated_backward``), the number of SSA
+#: images, which epoch was exported and why, peak training memory (MiB), training images/s and seconds.
 RESOURCES_FILE = stage.RESOURCES_FILE
 #: Splits of a labelled task (``essa.task``) that ``data.split`` and ``data.val_split`` can name.
 SPLITS = ("train", "val", "test")
