@@ -128,6 +128,7 @@ class SSLConfig:
     # auto: when the tuner trains nothing in blocks 0..k-1 (e.g. apla with blocks [k..]), the student runs them
     # without autograd on the views without a mask token, and the teacher's prefix of the unmasked global crops is
     # reused for the student's (same gradients; essa.train.truncation; resources.json says what applied). off: never.
+    # dinov2 only (mae and simmim have no teacher to share a prefix with).
     truncated_backward: str = "auto"
 
     def validate(self) -> None:

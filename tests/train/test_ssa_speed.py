@@ -147,6 +147,15 @@ def test_patch_drop_cuts_the_counted_flops_of_a_step():
     assert flops[0.5] < 0.9 * flops[0.0]
 
 
+def test_patch_drop_on_a_backbone_whose_forward_cannot_be_followed_is_refused():
+    cfg = _module(patch_drop=0.5).cfg
+    backbone = cfg.backbone.build(img_size=32, dynamic_img_size=True)
+    tuners.apply(backbone, "apla")
+    backbone.blocks.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(ConfigError, match="ssl.patch_drop=0.5 needs .* forward hooks"):
+        SSAModule(cfg, backbone, iters_per_epoch=4)
+
+
 @pytest.mark.parametrize("objective", ["mae", "simmim"])
 def test_patch_drop_is_refused_for_the_reconstruction_objectives(objective):
     with pytest.raises(ConfigError, match=f"applies to objective=dinov2 only, not {objective}"):

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from essa.config import ConfigError
 from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.heads import HeadInputNorm
 from essa.ssl.collapse import CollapseWatch, head_stats
-from essa.ssl.prefix import tokens_after, tokens_before
+from essa.ssl.prefix import tokens_after, tokens_before, unsplittable
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
 from essa.train.memory import recompute_frozen
 from essa.train.resources import release_free_heap
@@ -84,6 +85,10 @@ class SSAModule(ObjectiveModule):
         head = DINOHead(backbone.embed_dim, ssl.prototypes, ssl.head_hidden, ssl.head_bottleneck)
         self.student = Student(backbone, head)
         self.teacher = make_teacher(self.student)
+        why = unsplittable(backbone) if ssl.patch_drop else None
+        if why:
+            raise ConfigError(f"ssl.patch_drop={ssl.patch_drop} needs a backbone whose forward the student's dropped "
+                              f"views can follow step by step, and {why}; leave ssl.patch_drop at 0")
         self.truncation = truncation.plan(ssl.truncated_backward, backbone, self.teacher.backbone, ssl.patch_drop)
         # standardised head inputs (ssl.head_input: standardize), shared by student and teacher
         self.head_norm = HeadInputNorm(backbone.embed_dim) if ssl.head_input == "standardize" else None
