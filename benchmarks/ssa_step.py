@@ -4,6 +4,7 @@
     python benchmarks/ssa_step.py --models vit_small_patch14_dinov2 --batch-size 2 --prototypes 4096
     python benchmarks/ssa_step.py --only apla --no-recompute --loss-chunk 0   # as before the memory work
     python benchmarks/ssa_step.py --objectives dinov2,mae,simmim   # every objective x tuner
+    python benchmarks/ssa_step.py --only apla --patch-drop 0.5 --apla-blocks last:4   # the two speed knobs
 
 With ``--objectives`` (default dinov2), each objective's rows are measured against full SSA with the same
 objective (MAE and SimMIM: one crop of ``--global-size`` px per image, the objective's default masks and decoder).
@@ -17,6 +18,10 @@ AdamW states, activations kept for the backward pass, the rest: transients and a
 whose time goes to matrix products can show), then checks the
 targets (ahead of the reference 0.60x memory, 1.25x throughput): APLA-SSA (whole W_O) at most 0.55x the peak memory
 and at least 1.35x the throughput of full SSA, on each model.
+
+``--patch-drop P`` adds each chosen tuner with ``ssl.patch_drop=P`` (PatchDropout on the student's CLS-only views);
+``--apla-blocks last:N`` adds APLA on the last N blocks with the truncated backward (``ssl.truncated_backward=auto``)
+and without it (``off``), and with both flags also with PatchDropout; every row against full SSA of the same run.
 """
 
 from __future__ import annotations
@@ -34,6 +39,23 @@ CONFIGS = [
     ("bitfit", "bitfit", {}),
     ("vpt deep 10", "vpt", {"tokens": 10}),
 ]
+
+
+def speed_configs(configs: list[tuple], patch_drop: float | None, apla_blocks: str | None) -> list[tuple]:
+    """``configs`` and the rows of ``--patch-drop`` and ``--apla-blocks`` (see the module docstring)."""
+    out = list(configs)
+    if patch_drop is not None:
+        out += [(f"{label} patch_drop={patch_drop:g}", tuner, options, {"ssl_options": {"patch_drop": patch_drop}})
+                for label, tuner, options in configs]
+    if apla_blocks is not None:
+        blocks = apla_blocks if apla_blocks.startswith("last:") else [int(b) for b in apla_blocks.split(",")]
+        label = f"apla blocks {apla_blocks}"
+        out += [(f"{label}, truncation off", "apla", {"blocks": blocks}, {"ssl_options": {"truncated_backward": "off"}}),
+                (f"{label}, truncated", "apla", {"blocks": blocks})]
+        if patch_drop is not None:
+            out.append((f"{label}, truncated, patch_drop={patch_drop:g}", "apla", {"blocks": blocks},
+                        {"ssl_options": {"patch_drop": patch_drop}}))
+    return out
 
 
 def main() -> None:
@@ -56,11 +78,17 @@ def main() -> None:
                              "0: all at once")
     parser.add_argument("--objectives", default="dinov2",
                         help="comma-separated SSA objectives (dinov2, mae, simmim); each tuner runs with each")
+    parser.add_argument("--patch-drop", type=float, default=None,
+                        help="also run each chosen tuner with ssl.patch_drop=P (the share of patches dropped)")
+    parser.add_argument("--apla-blocks", default=None,
+                        help="also run APLA on these blocks (last:N for the last N) with the truncated backward "
+                             "and without it")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
     models = args.models.split(",")
-    configs = [c for c in CONFIGS if args.only is None or c[0] in args.only.split(",") + ["full"]]
+    configs = speed_configs([c for c in CONFIGS if args.only is None or c[0] in args.only.split(",") + ["full"]],
+                            args.patch_drop, args.apla_blocks)
     objectives = args.objectives.split(",")
     rows = measure_objectives(objectives, models, configs, repeats=args.repeats,
                               global_size=args.global_size, local_size=args.local_size, n_local=args.n_local,
@@ -86,6 +114,15 @@ def main() -> None:
     print("\ncompute per step (matrix products and attention, forward + backward + recomputation; the same on any "
           "machine): full SSA's FLOPs over a tuner's bound the speed-up where matrix products dominate the time")
     print(compute_table(rows, "SSA tuner"))
+    if args.patch_drop is not None or args.apla_blocks is not None:
+        print("\nthe frozen prefix per row (ssl.truncated_backward): blocks run without autograd on views without a "
+              "mask token; shared: the teacher's prefix of the unmasked global crops reused by the student")
+        for r in rows:
+            t = r.get("truncated_backward")
+            if t:
+                print(f"  {r['model']} {r['label']}: {t['frozen_blocks']} blocks"
+                      f"{', shared with the teacher' if t['shared_prefix'] else ''}"
+                      f"{'' if t['reason'] is None else ' (' + t['reason'] + ')'}")
     # CPU seconds per image are robust to other load on a shared machine; on a GPU, wall-clock time is the cost.
     speed = "images_per_cpu_s" if args.device == "cpu" else "images_per_s"
     print(f"\ntargets, APLA (whole W_O) against full SSA on the same model (speed measured as {speed}):")

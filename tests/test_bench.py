@@ -1,5 +1,6 @@
 """essa.bench.step_flops: counted FLOPs of a step, CPU attention kernels included."""
 
+import pytest
 import torch
 
 from essa.bench import compute_table, step_flops
@@ -80,3 +81,41 @@ def test_the_tables_compare_each_row_with_full_of_its_own_objective():
                                                     "| m | mae full | 10.0 | 1.00x |", "| m | mae apla | 4.0 | 2.50x |"]
     live = [line.rsplit("|", 2)[-2].strip() for line in breakdown_table(rows).splitlines()[2:]]
     assert live == ["1.00x", "0.50x", "1.00x", "0.25x"]
+
+
+def test_last_blocks_is_the_models_last_n_block_indices():
+    from essa.bench import last_blocks
+
+    assert last_blocks({"blocks": "last:4", "r": 8}, 12) == {"blocks": [8, 9, 10, 11], "r": 8}
+    assert last_blocks({"blocks": [1, 2]}, 12) == {"blocks": [1, 2]} and last_blocks({}, 12) == {}
+    with pytest.raises(ValueError, match=r"N must be in 1\.\.12"):
+        last_blocks({"blocks": "last:13"}, 12)
+
+
+def test_an_ssa_step_of_apla_on_the_last_blocks_is_measured_with_its_truncation():
+    from essa.bench import ssa_step
+
+    step = dict(global_size=32, local_size=16, n_local=2, batch_size=2, prototypes=256, steps=1)
+    off, truncated = (ssa_step("vit_tiny_patch16_224", "apla", {"blocks": "last:4"}, ssl_options=ssl, **step)
+                      for ssl in ({"truncated_backward": "off"}, None))
+    assert off["truncated_backward"]["frozen_blocks"] == 0
+    assert truncated["truncated_backward"] == {"mode": "auto", "frozen_blocks": 8, "shared_prefix": True,
+                                               "reason": None}
+    assert truncated["trainable"] == off["trainable"] == 4 * (192 * 192 + 192)
+    assert truncated["gflop"] < off["gflop"] and truncated["saved_mib"] < off["saved_mib"]
+
+
+def test_a_config_of_the_grid_can_carry_its_own_step_keywords(monkeypatch):
+    from essa import bench
+
+    calls = []
+
+    def fake(target, kwargs, timeout=None):
+        calls.append(kwargs)
+        return {"peak_mib": 1.0, "images_per_s": 1.0, "images_per_cpu_s": 1.0, "step_s": 1.0}
+
+    monkeypatch.setattr(bench, "run_in_fresh_process", fake)
+    monkeypatch.setattr("builtins.print", lambda *a, **k: None)
+    bench.measure_grid("t", ["m"], [("full", "full", {}), ("full dropped", "full", {}, {"ssl_options": {"x": 1}})],
+                       global_size=32)
+    assert [c.get("ssl_options") for c in calls] == [None, {"x": 1}] and all(c["global_size"] == 32 for c in calls)

@@ -33,16 +33,18 @@ from torch import nn
 from essa import config as config_mod, objectives, tuners
 from essa.config import BackboneConfig, StageOptimConfig, TrainerConfig, TunerConfig
 from essa.objectives import head_size  # noqa: F401  (essa.adaptation.head_size, as documented)
+from essa.ssl.patch_dropout import check_drop
 from essa.train import stage
 from essa.train.loader import ResumableLoader, mix_seed, training_loader
 from essa.train.run_dir import RunDir
 from essa.train.stage import Fitted, Stage, export_merged, fit_stage
 from essa.train.trainer import prepare_backbones, steps_per_epoch
+from essa.train.truncation import MODES as TRUNCATION_MODES
 
 
 #: What a finished run measured (essa.train.stage.RESOURCES_FILE): the backbone's trainable parameters, the DINO
-#: head's parameters and size, the number of SSA images, which epoch was exported and why, peak training memory
-#: (MiB), training images/s and seconds.
+#: head's parameters and size, what the truncated backward did (dinov2: ``truncated_backward``), the number of SSA
+#: images, which epoch was exported and why, peak training memory (MiB), training images/s and seconds.
 RESOURCES_FILE = stage.RESOURCES_FILE
 #: Splits of a labelled task (``essa.task``) that ``data.split`` and ``data.val_split`` can name.
 SPLITS = ("train", "val", "test")
@@ -118,6 +120,16 @@ class SSLConfig:
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     freeze_prototypes: float | str = 1 / 300  # reference: the first of 300 epochs
+    # PatchDropout (essa.ssl.patch_dropout): the share of patch tokens the student drops from the views only its CLS
+    # token is scored on (local crops, global crops without an iBOT mask), in [0, 1); the class and register tokens,
+    # the iBOT-masked global crops and the teacher keep every token. 0: off (the step as without the key).
+    # dinov2 only: mae already runs its encoder on the visible patches alone, simmim needs every patch position.
+    patch_drop: float = 0.0
+    # auto: when the tuner trains nothing in blocks 0..k-1 (e.g. apla with blocks [k..]), the student runs them
+    # without autograd on the views without a mask token, and the teacher's prefix of the unmasked global crops is
+    # reused for the student's (same gradients; essa.train.truncation; resources.json says what applied). off: never.
+    # dinov2 only (mae and simmim have no teacher to share a prefix with).
+    truncated_backward: str = "auto"
 
     def validate(self) -> None:
         for key in ("prototypes", "head_hidden", "head_bottleneck"):
@@ -143,6 +155,13 @@ class SSLConfig:
         for key in ("global_size", "local_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise config_mod.ConfigError(f"ssl.{key}={getattr(self, key)} must be at least 1")
+        try:
+            check_drop(self.patch_drop, "ssl.patch_drop")
+        except ValueError as err:
+            raise config_mod.ConfigError(str(err)) from None
+        if self.truncated_backward not in TRUNCATION_MODES:
+            raise config_mod.ConfigError(f"ssl.truncated_backward={self.truncated_backward!r}; valid choices: "
+                                         f"{', '.join(TRUNCATION_MODES)}")
 
 
 @dataclass
@@ -255,6 +274,12 @@ class AdaptConfig:
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise config_mod.ConfigError("optim.epochs and optim.batch_size must be at least 1")
         objectives.get(self.objective)  # names the valid choices
+        if self.ssl.patch_drop and self.objective != "dinov2":
+            raise config_mod.ConfigError(
+                f"ssl.patch_drop={self.ssl.patch_drop} applies to objective=dinov2 only, not {self.objective}: "
+                + ("mae already runs its encoder on the visible patches alone (mae.mask_ratio sets how many)"
+                   if self.objective == "mae" else "simmim predicts every masked patch, so its encoder needs them all")
+                + "; leave ssl.patch_drop at 0")
         tuners.base.build(self.tuner.name, self.tuner.options)  # a bad tuner fails before any work
 
 

@@ -173,6 +173,7 @@ def ssa_step(
     loss_chunk: int | None | str = "default",
     objective: str = "dinov2",
     objective_options: dict | None = None,
+    ssl_options: dict | None = None,
 ) -> dict[str, Any]:
     """One SSA step of the full objective on random images, as ``essa adapt`` runs it. ``objective``: the config's
     ``objective`` (``mae`` and ``simmim``: ``batch_size`` images of ``global_size`` px with their masks drawn by the
@@ -185,6 +186,9 @@ def ssa_step(
     ``essa adapt`` sets it up (``optim.recompute_frozen``; the loss's ``chunk_size`` unless ``loss_chunk`` is an
     int, or None for no chunking). The step is one of the tuner after the head warm-up and the prototype freeze
     (``ssl.head_warmup`` and ``ssl.freeze_prototypes`` 0): every trainable parameter gets its gradient.
+    ``ssl_options``: more ``ssl`` keys (``patch_drop``, whose kept patches are drawn into the batch as the
+    objective's collate draws them; ``truncated_backward``); a tuner option ``blocks: "last:N"`` is the model's last
+    N blocks. The result's ``truncated_backward`` is what the step did with the frozen prefix (dinov2).
 
     Besides the peak and the timing, the result breaks the memory down (MiB): ``weights_mib`` (student, teacher
     and buffers; shared tensors once), ``grads_mib``, ``optimizer_mib`` (AdamW states), ``saved_mib`` (activations
@@ -195,6 +199,7 @@ def ssa_step(
     from essa import objectives, tuners
     from essa.adaptation import resolve_config
     from essa.ssl import block_masks
+    from essa.ssl.patch_dropout import draw_batch_kept
     from essa.train.ssa import SSAModule
 
     dev = torch.device(device)
@@ -206,15 +211,16 @@ def ssa_step(
         # or the prototype freeze
         "data": {"root": "unused"}, "ssl": {"prototypes": prototypes, "head_hidden": 2048, "head_bottleneck": 256,
                                             "head_warmup": 0, "freeze_prototypes": 0, "global_size": global_size,
-                                            "local_size": local_size, "n_local": n_local},
+                                            "local_size": local_size, "n_local": n_local, **(ssl_options or {})},
         "optim": {"recompute_frozen": recompute_frozen},
         # random images and weights: the collapse watch runs, as in a run after the warm-ups, but never stops a step
         "monitor": {"collapse_patience": sys.maxsize},
     })
     meter = MemoryMeter(dev)
     model = cfg.backbone.build(img_size=global_size, dynamic_img_size=True)
-    tuners.apply(model, tuner, **(options or {}))
+    tuners.apply(model, tuner, **last_blocks(options or {}, len(model.blocks)))
     patch = model.patch_embed.patch_size[0]
+    extra = {}
     if objective == "dinov2":
         module = SSAModule(cfg, model, iters_per_epoch=100).to(dev)
         if loss_chunk != "default":
@@ -225,6 +231,9 @@ def ssa_step(
             "local_crops": torch.randn(n_local * batch_size, 3, local_size, local_size, device=dev) if n_local else None,
             "masks": block_masks(2 * batch_size, (grid, grid), generator=torch.Generator().manual_seed(0)).to(dev),
         }
+        if cfg.ssl.patch_drop:
+            batch.update(draw_batch_kept(batch, patch, cfg.ssl.patch_drop, torch.Generator().manual_seed(1)))
+        extra["truncated_backward"] = module.truncation.record()
     else:
         module = objectives.get(objective).module(cfg, model, iters_per_epoch=100).to(dev)
         images = list(torch.randn(batch_size, 3, global_size, global_size))
@@ -258,7 +267,19 @@ def ssa_step(
         # alive when a step starts: weights, AdamW states, the last step's gradients, the batch
         start = sum(breakdown[k] for k in ("weights_mib", "optimizer_mib", "grads_mib"))
         breakdown["live_peak_mib"] = start + _mib(t for t in batch.values() if t is not None) + live_peak_mib(step)
-    return {"peak_mib": peak, **timing, "trainable": trainable, "total": total, **breakdown}
+    return {"peak_mib": peak, **timing, "trainable": trainable, "total": total, **breakdown, **extra}
+
+
+def last_blocks(options: dict, depth: int) -> dict:
+    """Tuner ``options`` with ``blocks: "last:N"`` (a benchmark's shorthand, any depth) as the last N block indices
+    of a model ``depth`` blocks deep."""
+    blocks = options.get("blocks")
+    if not (isinstance(blocks, str) and blocks.startswith("last:")):
+        return options
+    n = int(blocks.partition(":")[2])
+    if not 1 <= n <= depth:
+        raise ValueError(f"blocks={blocks!r}: N must be in 1..{depth} (the model's depth)")
+    return {**options, "blocks": list(range(depth - n, depth))}
 
 
 def run_in_fresh_process(target: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
@@ -271,16 +292,18 @@ def run_in_fresh_process(target: str, kwargs: dict[str, Any], timeout: float | N
     raise RuntimeError(f"benchmark {target} {kwargs} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def measure_grid(target: str, models: list[str], configs: list[tuple[str, str, dict]], repeats: int = 1,
+def measure_grid(target: str, models: list[str], configs: list[tuple], repeats: int = 1,
                  **kwargs) -> list[dict]:
-    """Run ``target`` for every model and (label, tuner, options) config, each in a fresh process, ``repeats``
-    rounds over the whole grid; a row keeps the best throughput and the highest peak memory of its rounds (other
-    load on a shared machine only ever slows a run down). Rows carry ``<key>_ratio`` against ``full``."""
+    """Run ``target`` for every model and (label, tuner, options) config, or (label, tuner, options, keywords)
+    where the config has ``target`` keywords of its own over ``kwargs``, each in a fresh process, ``repeats`` rounds
+    over the whole grid; a row keeps the best throughput and the highest peak memory of its rounds (other load on a
+    shared machine only ever slows a run down). Rows carry ``<key>_ratio`` against ``full``."""
     rows: dict[tuple[str, str], dict] = {}
     for round_ in range(repeats):
         for model in models:
-            for label, tuner, options in configs:
-                result = run_in_fresh_process(target, dict(backbone=model, tuner=tuner, options=options, **kwargs))
+            for label, tuner, options, *step in configs:
+                result = run_in_fresh_process(target, dict(backbone=model, tuner=tuner, options=options,
+                                                           **{**kwargs, **(step[0] if step else {})}))
                 print(f"  round {round_ + 1}: {model} {label}: {result['images_per_s']:.3f} img/s, "
                       f"{result['peak_mib']:.0f} MiB", flush=True)
                 row = rows.setdefault((model, label), {"model": model, "label": label, **result})

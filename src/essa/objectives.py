@@ -75,8 +75,14 @@ class DINOv2(Objective):
         from essa.ssl import collate
 
         ssl = cfg.ssl
-        return functools.partial(collate, patch_size=patch_size, n_global=ssl.n_global,
-                                 mask_ratio=tuple(ssl.mask_ratio), mask_probability=ssl.mask_probability)
+        batch = functools.partial(collate, patch_size=patch_size, n_global=ssl.n_global,
+                                  mask_ratio=tuple(ssl.mask_ratio), mask_probability=ssl.mask_probability)
+        if not ssl.patch_drop:
+            return batch
+        from essa.ssl.patch_dropout import collate_kept
+
+        # the kept patches drawn after the masks, from the same generator (a resumed run draws the same)
+        return functools.partial(collate_kept, collate=batch, patch_size=patch_size, drop=ssl.patch_drop)
 
     def module(self, cfg, backbone, iters_per_epoch):
         from essa.train.ssa import SSAModule

@@ -13,6 +13,10 @@ the masked collate, the reconstruction picture) in :mod:`essa.ssl.mim`.
   ``masking.block_mask(grid, num_masked, rng)``: one (H, W) mask.
 - ``masking.forward_masked(vit, images, masks, mask_token)``: (B, prefix + N, D) tokens of a timm ViT whose masked
   patches were replaced by ``mask_token``.
+- ``patch_dropout.draw_kept(n, num_patches, drop, generator)``: PatchDropout's kept patch indices (n, kept);
+  ``patch_dropout.collate_kept(samples, collate=..., patch_size=..., drop=...)``: a batch with them.
+- ``prefix.tokens_before(vit, images, k, kept=None)`` / ``prefix.tokens_after(vit, tokens, k)``: a timm ViT's
+  ``forward_features`` split at block k (optionally of kept patches only).
 - ``views.MultiCropTransform(n_global=2, n_local=8, global_size=224, local_size=98, ...)``: PIL image -> list of
   crops; ``views.collate(samples, patch_size=..., n_global=2)``: crop-major batches and masks.
 - ``heads.HeadInputNorm(dim)``: backbone tokens standardised per feature with running statistics (CLS and patch

@@ -7,25 +7,34 @@ update moves only the teacher's copies of what trains (tuner parameters, the hea
 The bookkeeping (epoch sums, history, step timing), the checkpoint hooks and the skeleton of the training step are
 :class:`essa.train.stage.StageModule`'s; this module gives the step's parts: the schedules' hyperparameters, the
 objective, the prototype freeze after the backward pass and the teacher's momentum update after the optimizer step.
+
+Less work per step: PatchDropout thins the student's views that only their CLS token is scored on (``ssl.patch_drop``,
+:mod:`essa.ssl.patch_dropout`; what the student sees changes), and a frozen prefix of blocks runs without autograd
+and, on the unmasked global crops, once for teacher and student (``ssl.truncated_backward``,
+:mod:`essa.train.truncation`; the same losses and gradients).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from essa.config import ConfigError
 from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.heads import HeadInputNorm
 from essa.ssl.collapse import CollapseWatch, head_stats
+from essa.ssl.prefix import tokens_after, tokens_before, unsplittable
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
 from essa.train.memory import recompute_frozen
 from essa.train.resources import release_free_heap
 from essa.train.optim import default_lr
 from essa.train.objective import ObjectiveModule
 from essa.train.trainer import module_full_weights
+from essa.train import truncation
 
 
 class CollapseError(RuntimeError):
@@ -76,6 +85,11 @@ class SSAModule(ObjectiveModule):
         head = DINOHead(backbone.embed_dim, ssl.prototypes, ssl.head_hidden, ssl.head_bottleneck)
         self.student = Student(backbone, head)
         self.teacher = make_teacher(self.student)
+        why = unsplittable(backbone) if ssl.patch_drop else None
+        if why:
+            raise ConfigError(f"ssl.patch_drop={ssl.patch_drop} needs a backbone whose forward the student's dropped "
+                              f"views can follow step by step, and {why}; leave ssl.patch_drop at 0")
+        self.truncation = truncation.plan(ssl.truncated_backward, backbone, self.teacher.backbone, ssl.patch_drop)
         # standardised head inputs (ssl.head_input: standardize), shared by student and teacher
         self.head_norm = HeadInputNorm(backbone.embed_dim) if ssl.head_input == "standardize" else None
         self.loss = DINOv2Loss(ssl.prototypes, ssl.n_global, ssl.student_temp, ssl.center_momentum,
@@ -127,7 +141,8 @@ class SSAModule(ObjectiveModule):
         ssl = self.cfg.ssl
         return {"head_params": sum(p.numel() for p in self.student.head.parameters()),
                 "head": {"prototypes": ssl.prototypes, "hidden": ssl.head_hidden, "bottleneck": ssl.head_bottleneck,
-                         "warmup_steps": self.schedules.head_warmup_steps}}
+                         "warmup_steps": self.schedules.head_warmup_steps},
+                "truncated_backward": self.truncation.record()}
 
     # ----- what a checkpoint holds besides the student's trainable tensors and the teacher's copies ------------
     def checkpoint_state(self) -> dict:
@@ -173,8 +188,13 @@ class SSAModule(ObjectiveModule):
         prefix = self.student.backbone.num_prefix_tokens
         flat_masks = masks.flatten(1)
 
+        k = self.truncation.frozen_blocks
         with torch.no_grad():
-            t_tokens = self.teacher.backbone.forward_features(global_crops)
+            if self.truncation.shared_prefix:  # the tokens entering block k, reused by the student (_student_views)
+                t_prefix = tokens_before(self.teacher.backbone, global_crops, k)
+                t_tokens = tokens_after(self.teacher.backbone, t_prefix, k)
+            else:
+                t_prefix, t_tokens = None, self.teacher.backbone.forward_features(global_crops)
             t_cls, t_patches = t_tokens[:, 0], t_tokens[:, prefix:][flat_masks]
             if self.head_norm is not None:  # statistics of this batch first (the first batch starts them)
                 self.head_norm.update(t_cls, HeadInputNorm.CLS)
@@ -186,9 +206,13 @@ class SSAModule(ObjectiveModule):
             t_prototypes = self.teacher.head.prototypes.scorer()
         # head warm-up: the backbone (tuner and mask token included) is frozen, so it runs without autograd
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.schedules.head_warmup[it]):
-            s_tokens = forward_masked(self.student.backbone, global_crops, masks, self.student.mask_token)
-            s_cls, s_patches = s_tokens[:, 0], s_tokens[:, prefix:][flat_masks]
-            s_local = self.student.backbone.forward_features(local_crops)[:, 0] if local_crops is not None else None
+            if k or self.cfg.ssl.patch_drop:
+                s_cls, s_patches, s_local = self._student_views(batch, flat_masks, t_prefix)
+            else:
+                s_tokens = forward_masked(self.student.backbone, global_crops, masks, self.student.mask_token)
+                s_cls, s_patches = s_tokens[:, 0], s_tokens[:, prefix:][flat_masks]
+                s_local = (self.student.backbone.forward_features(local_crops)[:, 0] if local_crops is not None
+                           else None)
         pieces = list(self._norm(s_cls, s_patches))
         if s_local is not None:
             pieces.append(self._norm(s_local, None)[0])
@@ -216,6 +240,56 @@ class SSAModule(ObjectiveModule):
         if terms["total"].device.type == "cpu":
             release_free_heap()  # the forward's freed transients would stay resident through the backward pass
         return terms["total"]
+
+    def _student_views(self, batch, flat_masks: torch.Tensor, t_prefix: torch.Tensor | None):
+        """The student's CLS tokens of the global crops (n_global * B, D, in the batch's order), its masked patch
+        tokens (masked patches, D) and the local crops' CLS tokens (n_local * B, D, or None), the views run apart:
+
+        - global crops with an iBOT mask: every patch, the mask token at the input (:func:`forward_masked`);
+        - global crops without one: the teacher's prefix continued from block k (``t_prefix``: the tokens entering
+          block k, shared: :mod:`essa.train.truncation`), or their own forward, of the patches ``kept_global``
+          keeps under ``ssl.patch_drop``;
+        - local crops: their own forward, of the patches ``kept_local`` keeps under ``ssl.patch_drop``.
+
+        A view's own forward runs its first k blocks without autograd (nothing there trains)."""
+        vit, k, prefix = self.student.backbone, self.truncation.frozen_blocks, self.student.backbone.num_prefix_tokens
+        dropped = bool(self.cfg.ssl.patch_drop)
+        if dropped and "kept_global" not in batch:
+            raise ValueError("ssl.patch_drop > 0 needs the batch's kept patches (kept_global, kept_local): batch "
+                             "with the dinov2 objective's collate (essa.objectives), which draws them")
+
+        def own(images, kept):
+            with torch.no_grad() if k else contextlib.nullcontext():
+                tokens = tokens_before(vit, images, k, kept)
+            return tokens_after(vit, tokens, k)
+
+        global_crops, masks = batch["global_crops"], batch["masks"]
+        masked = flat_masks.any(1)
+        rows, cls, s_patches = [], [], None
+        m_rows, u_rows = masked.nonzero()[:, 0], (~masked).nonzero()[:, 0]
+        if len(m_rows):
+            tokens = forward_masked(vit, global_crops[m_rows], masks[m_rows], self.student.mask_token)
+            rows.append(m_rows)
+            cls.append(tokens[:, 0])
+            s_patches = tokens[:, prefix:][flat_masks[m_rows]]
+        if len(u_rows):
+            if t_prefix is not None:
+                tokens = tokens_after(vit, t_prefix[u_rows], k)
+            else:
+                tokens = own(global_crops[u_rows], batch["kept_global"][u_rows] if dropped else None)
+            rows.append(u_rows)
+            cls.append(tokens[:, 0])
+        s_cls = torch.cat(cls)[torch.cat(rows).argsort()]  # back in the batch's order
+        if s_patches is None:
+            # No crop has a mask. The mask token still gets the zero gradient the whole-batch forward gives it: AdamW
+            # steps a parameter with a zero gradient (moments, weight decay) but skips one without, and DDP waits
+            # for it.
+            s_patches = s_cls.new_zeros(0, s_cls.shape[-1]) + 0 * self.student.mask_token.sum()
+        local_crops = batch["local_crops"]
+        s_local = None
+        if local_crops is not None:
+            s_local = own(local_crops, batch["kept_local"] if dropped else None)[:, 0]
+        return s_cls, s_patches, s_local
 
     def _norm(self, cls: torch.Tensor, patches: torch.Tensor | None):
         """CLS and patch tokens as the head reads them (standardised with ``head_norm``, if any)."""
