@@ -119,3 +119,22 @@ def test_a_config_of_the_grid_can_carry_its_own_step_keywords(monkeypatch):
     bench.measure_grid("t", ["m"], [("full", "full", {}), ("full dropped", "full", {}, {"ssl_options": {"x": 1}})],
                        global_size=32)
     assert [c.get("ssl_options") for c in calls] == [None, {"x": 1}] and all(c["global_size"] == 32 for c in calls)
+
+
+def test_steps_are_timed_one_by_one_and_the_median_step_counts():
+    """One slow step (other load, a one-off allocation) moves a mean but not the median the benchmarks report."""
+    import time
+
+    from essa.bench import time_steps
+
+    durations = iter([0.0, 0.02, 0.02, 1.0, 0.02, 0.02])  # the first is the untimed warm-up
+
+    def step():
+        end = time.perf_counter() + next(durations)
+        while time.perf_counter() < end:  # busy: CPU time too
+            pass
+
+    timed = time_steps(step, images_per_step=4, device=torch.device("cpu"), warmup=1, steps=5)
+    assert 0.02 <= timed["step_s"] < 0.5  # the mean would be 0.216 s or more
+    assert timed["images_per_s"] == pytest.approx(4 / timed["step_s"])
+    assert 4 / timed["images_per_cpu_s"] < 0.5  # the median CPU time of a step, not the slow one's

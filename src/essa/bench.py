@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -98,21 +99,26 @@ def step_flops(step: Callable[[], None]) -> float:
 
 
 def time_steps(step: Callable[[], None], images_per_step: int, device: torch.device, warmup: int, steps: int) -> dict:
-    """Run ``warmup`` untimed then ``steps`` timed calls of ``step``: images/s and seconds per step."""
+    """Run ``warmup`` untimed then ``steps`` timed calls of ``step``, each timed on its own: images/s, images per
+    CPU-second and seconds per step from the median step (LightlyTrain's rule too: a step slowed by other load, or
+    by a one-off allocation, moves a mean but not the median)."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    wall, cpu = [], []
     for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
     # CPU seconds (all threads of this process) are what a step costs whatever else shares the machine;
     # wall-clock images/s is what a user sees on an idle one.
-    return {"images_per_s": images_per_step * steps / elapsed, "step_s": elapsed / steps,
-            "images_per_cpu_s": images_per_step * steps / cpu}
+    step_s, cpu_s = statistics.median(wall), statistics.median(cpu)
+    return {"images_per_s": images_per_step / step_s, "step_s": step_s,
+            "images_per_cpu_s": images_per_step / cpu_s if cpu_s > 0 else float("inf")}
 
 
 def supervised_step(
