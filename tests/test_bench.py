@@ -138,3 +138,39 @@ def test_steps_are_timed_one_by_one_and_the_median_step_counts():
     assert 0.02 <= timed["step_s"] < 0.5  # the mean would be 0.216 s or more
     assert timed["images_per_s"] == pytest.approx(4 / timed["step_s"])
     assert 4 / timed["images_per_cpu_s"] < 0.5  # the median CPU time of a step, not the slow one's
+
+
+def test_tuner_texts_give_labels_tuners_and_options():
+    from essa.bench import parse_tuner
+
+    assert parse_tuner("apla") == ("apla", "apla", {})
+    assert parse_tuner("apla:r=64") == ("apla r=64", "apla", {"r": 64})
+    assert parse_tuner("lora:r=8:targets=[qkv]") == ("lora r=8 targets=['qkv']", "lora", {"r": 8, "targets": ["qkv"]})
+    assert parse_tuner("apla:blocks=last:4") == ("apla blocks=last:4", "apla", {"blocks": "last:4"})
+    assert parse_tuner("apla+lora:apla.r=64") == ("apla+lora apla.r=64", "apla+lora", {"apla": {"r": 64}})
+    with pytest.raises(ValueError, match="options are key=value after the name, e.g. apla:r=64"):
+        parse_tuner("apla:64")
+
+
+def test_essa_bench_measures_each_tuner_in_a_fresh_process_against_full(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from essa.commands import main
+
+    rows_file, png = tmp_path / "rows.json", tmp_path / "plot.png"
+    assert main(["bench", "--models", "vit_tiny_patch16_224", "--tuner", "apla:r=8", "--img-size", "32",
+                 "--local-size", "16", "--n-local", "2", "--prototypes", "256", "--batch-size", "2", "--steps", "1",
+                 "--json", str(rows_file), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(rows_file.read_text())
+    assert [r["label"] for r in rows] == ["full", "apla r=8"]  # full added as the reference
+    full, apla = rows
+    assert full["peak_mib_ratio"] == 1.0 and apla["trainable"] == 12 * (8 * 192 + 8) < full["trainable"]
+    assert 0 < apla["gflop"] < full["gflop"]
+    assert "| vit_tiny_patch16_224 | apla r=8 |" in out and "counted FLOPs per step" in out
+    with Image.open(png) as image:
+        assert image.size == (840, 540)
+    assert main(["bench", "--tuner", "apla:64"]) == 2
+    assert "options are key=value after the name" in capsys.readouterr().err

@@ -389,6 +389,64 @@ def ratio_table(rows: list[dict], reference: str, keys=("peak_mib", "images_per_
     return rows
 
 
+def parse_tuner(text: str) -> tuple[str, str, dict[str, Any]]:
+    """``essa bench --tuner`` text -> (label, tuner, options): ``apla`` -> ("apla", "apla", {}); ``apla:r=64`` ->
+    ("apla r=64", "apla", {"r": 64}); ``lora:r=8:targets=[qkv]``; ``apla:blocks=last:4`` (the last 4 blocks).
+    Values are YAML; a combination's options are by part (``apla+lora:apla.r=64``)."""
+    import yaml
+
+    from essa.config import set_dotted
+
+    name, *parts = text.split(":")
+    options: dict[str, Any] = {}
+    i = 0
+    while i < len(parts):  # "blocks=last:4" was split at its colon: join it back
+        part = parts[i]
+        if part.startswith("blocks=last") and i + 1 < len(parts) and parts[i + 1].isdigit():
+            part, i = f"{part}:{parts[i + 1]}", i + 1
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--tuner {text!r}: options are key=value after the name, e.g. apla:r=64")
+        set_dotted(options, key, value if value.startswith("last:") else yaml.safe_load(value))
+        i += 1
+    label = " ".join([name, *(f"{k}={v}" for k, v in _flat(options).items())])
+    return label, name, options
+
+
+def _flat(options: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def plot(rows: list[dict], path, speed: str = "images_per_cpu_s"):
+    """Peak memory against ``speed`` per row (one colour per model, each point labelled): where each tuner sits
+    between memory and speed; written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        ax.scatter([r["peak_mib"] for r in mine], [r[speed] for r in mine], label=model)
+        for r in mine:
+            ax.annotate(r["label"], (r["peak_mib"], r[speed]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("peak training memory (MiB)")
+    ax.set_ylabel({"images_per_cpu_s": "images per CPU-second", "images_per_s": "images/s"}.get(speed, speed))
+    ax.set_title("memory vs throughput per tuner (up and left is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _main(argv: list[str]) -> None:
     target, kwargs = argv[0], json.loads(argv[1])
     module, _, func = target.partition(":")

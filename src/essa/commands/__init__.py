@@ -17,7 +17,7 @@ import essa
 from essa.errors import EssaError, Interrupted
 
 # Modules that each contribute one subcommand, in the order of ``essa --help``.
-COMMANDS = ("tuners", "data", "adapt", "finetune", "evaluate", "run")
+COMMANDS = ("tuners", "data", "adapt", "finetune", "evaluate", "run", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
