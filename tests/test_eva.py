@@ -302,6 +302,22 @@ def test_dinov3_weights_note_their_licence_once_and_exports_record_it(offline_pr
     assert foreign.essa_arch["licence"] == "dinov3-license"
 
 
+def test_eva02_checkpoints_keep_their_final_norm_under_cls_pooling(offline_pretrained, images, tmp_path):
+    """EVA-02's checkpoints put the final norm on the pooled mean (timm moves a masked-image-modelling checkpoint's
+    ``norm`` to ``fc_norm``): essa loads them in that layout and puts the norm on every token, where the CLS token
+    reads it."""
+    pretrained = backbones.create("eva02_tiny_patch14_224", pretrained=True, **TINY).eval()
+    plain = tiny("eva02-ti").eval()
+    assert isinstance(pretrained.norm, nn.LayerNorm) and isinstance(pretrained.fc_norm, nn.Identity)
+    assert set(pretrained.state_dict()) == set(plain.state_dict()) and pretrained.global_pool == "token"
+    # a masked-image-modelling checkpoint from elsewhere (a mask token, the final norm as norm.*)
+    state = {**plain.state_dict(), "mask_token": torch.zeros(1, 1, 64)}
+    torch.save(state, tmp_path / "mim.pth")
+    loaded = backbones.create("eva02_tiny_patch14_224", weights=tmp_path / "mim.pth", **TINY).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_features(images), plain.forward_features(images))
+
+
 # ----- end to end: one SSA epoch per objective, one fine-tuning epoch, the CLI ------------------------------------
 def _backbone_section(arch):
     args = {**{k: v for k, v in TINY.items() if k != "img_size"}, **LAYER_SCALE.get(arch, {})}
@@ -310,7 +326,8 @@ def _backbone_section(arch):
 
 @pytest.mark.parametrize("arch, objective", [("dinov3", "dinov2"), ("dinov3", "mae"), ("dinov3", "simmim"),
                                              ("dinov2-reg4", "dinov2")])
-def test_one_ssa_step_per_objective_trains_monitors_the_cls_token_and_exports(folders, tmp_path, arch, objective):
+def test_one_ssa_step_per_objective_trains_monitors_the_cls_token_and_exports(folders, tmp_path, arch,  # noqa: F811
+                                                                              objective):
     """``essa adapt``'s own path (frozen-stretch recompute on by default, the kNN monitor on CLS features): one
     step on 8 X-rays; the export reloads by path alone and equals the fresh backbone with the saved tuner state."""
     import lightning as L

@@ -292,11 +292,20 @@ def create(
     timm_kwargs = _timm_kwargs(name, {**kwargs, "global_pool": "token", "fc_norm": False} if token_avg else kwargs)
 
     if pretrained:
+        # an Eva loads its checkpoint in the layout timm's default pooling gives (EVA-02 keeps its final norm as
+        # fc_norm there), then takes essa's pooling
+        eva = _is_eva_name(name)
+        load_kwargs = {k: v for k, v in timm_kwargs.items() if k not in ("global_pool", "use_fc_norm")} if eva \
+            else timm_kwargs
         with _hub_offline_unless_reachable():
             try:
-                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
+                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **load_kwargs)
             except OSError as err:  # huggingface_hub's "neither reachable nor cached" errors are OSErrors
                 raise BackboneError(_offline_message(name, err)) from err
+        if eva:
+            with torch.device("meta"):
+                target = timm.create_model(split_model_name_tag(name)[0], num_classes=num_classes, **timm_kwargs)
+            families.adopt_pooling(model, target)
     else:
         model = timm.create_model(split_model_name_tag(name)[0], pretrained=False, num_classes=num_classes, **timm_kwargs)
     reason = families.unsupported(model)

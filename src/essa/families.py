@@ -113,6 +113,33 @@ def run_blocks(vit: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None
     return x
 
 
+def _final_norm_on_tokens(model: nn.Module) -> bool:
+    """Whether an Eva normalises every token at the end (``norm``) rather than the pooled features (``fc_norm``)."""
+    return isinstance(model.fc_norm, nn.Identity) and not isinstance(model.norm, nn.Identity)
+
+
+def adopt_pooling(model: nn.Module, target: nn.Module) -> None:
+    """Give an Eva built as its pretrained checkpoint lays out (timm's default pooling: EVA-02 normalises the
+    pooled mean, ``fc_norm``) the pooling and final-norm placement of ``target`` (the same architecture built with
+    essa's arguments, e.g. on the meta device): afterwards its modules and state-dict keys are ``target``'s."""
+    if _final_norm_on_tokens(target) and isinstance(model.norm, nn.Identity):
+        model.norm, model.fc_norm = model.fc_norm, nn.Identity()
+    elif not _final_norm_on_tokens(target) and isinstance(model.fc_norm, nn.Identity):
+        model.fc_norm, model.norm = model.norm, nn.Identity()
+    model.global_pool = target.global_pool
+
+
+def _eva_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's Eva filter, then the final norm where ``model`` has it: timm moves a masked-image-modelling
+    checkpoint's ``norm`` to ``fc_norm`` (EVA-02's default mean pooling normalises there); with the final norm on
+    every token (essa's CLS pooling) it goes back to ``norm``."""
+    out = timm_eva.checkpoint_filter_fn(state_dict, model)
+    if _final_norm_on_tokens(model) and "norm.weight" not in out and "fc_norm.weight" in out:
+        out = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v for k, v in out.items()}
+    return out
+
+
 def checkpoint_filter(model: nn.Module):
-    """timm's function that maps a checkpoint's keys and shapes onto ``model``'s family."""
-    return timm_eva.checkpoint_filter_fn if is_eva(model) else timm_vit.checkpoint_filter_fn
+    """The function that maps a checkpoint's keys and shapes onto ``model``'s family (timm's, for an Eva with the
+    final norm put back where the model has it)."""
+    return _eva_checkpoint_filter if is_eva(model) else timm_vit.checkpoint_filter_fn
