@@ -16,7 +16,7 @@ from essa.ssl.mae import MAE, MAEDecoder, encode_visible, random_masks
 from essa.ssl.masking import forward_masked
 from essa.ssl.simmim import SimMIM, cell_masks
 from essa.train.memory import recompute_frozen
-from tests.train.test_adapt import folders  # noqa: F401  (the fixture: 24 X-rays and a labelled set of 20)
+from tests.train.test_adapt import XRAYS, folders  # noqa: F401  (the fixture: 24 X-rays, a labelled set of 20)
 from tests.tuners.test_tuners import _perturb, assert_steps_change_only_trainable
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -324,6 +324,7 @@ def _backbone_section(arch):
     return {"name": ARCHS[arch], "pretrained": False, "model_args": args}
 
 
+@pytest.mark.skipif(not XRAYS.is_dir(), reason=f"shared chest X-rays not found at {XRAYS}")
 @pytest.mark.parametrize("arch, objective", [("dinov3", "dinov2"), ("dinov3", "mae"), ("dinov3", "simmim"),
                                              ("dinov2-reg4", "dinov2")])
 def test_one_ssa_step_per_objective_trains_monitors_the_cls_token_and_exports(folders, tmp_path, arch,  # noqa: F811
