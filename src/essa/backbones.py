@@ -1,4 +1,9 @@
-"""Vision Transformer backbones: a timm name (DINOv2, MAE, supervised), a local weights file, or random init.
+"""Vision Transformer backbones: a timm name (DINOv2, DINOv3, EVA-02, MAE, supervised), a local weights file, or
+random init.
+
+Two timm families (:mod:`essa.families`): ``VisionTransformer`` and ``Eva`` (DINOv3, EVA-02). An Eva is built with
+CLS-token pooling unless ``global_pool`` is given (timm's Eva pools the mean of the patches by default; essa's
+objectives and probes read the CLS token after the final norm).
 
 Every backbone essa builds remembers how it was built (``model.essa_arch``: the timm name and the keyword
 arguments given to ``timm.create_model``), so that the weights files essa writes can describe themselves.
@@ -12,15 +17,17 @@ import json
 import os
 import socket
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from timm.models import split_model_name_tag
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 
-from essa import export
+from essa import export, families
 from essa.errors import EssaError
 
 # Keyword arguments that change the input resolution only: weights built for one value load into another by
@@ -37,10 +44,17 @@ class BackboneError(EssaError, ValueError):
     """A backbone could not be built from what the user asked for."""
 
 
-class TokenAvgViT(VisionTransformer):
-    """A timm ViT whose head reads the CLS token concatenated with the mean of the patch tokens, both after the
-    final norm (where pretrained weights have it). Built by ``create(..., global_pool="token+avg")``: the class of
-    a timm-built model is swapped, so its parameters and state-dict keys stay timm's; only the head is 2 x wider."""
+#: Licences of pretrained weights that essa notes once and records in the header of what it exports (key
+#: ``licence``): timm's ``pretrained_cfg.license`` -> what the note says.
+NOTED_LICENCES = {
+    "dinov3-license": "Meta's DINOv3 License (https://ai.meta.com/resources/models-and-libraries/dinov3-license/), "
+                      "not Apache-2.0",
+}
+_noted: set[str] = set()
+
+
+class _TokenAvg:
+    """The ``token+avg`` pooling and head, for either family (mixed in before the timm class)."""
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         if (pool_type or self.global_pool) != TOKEN_AVG_POOL:
@@ -57,8 +71,18 @@ class TokenAvgViT(VisionTransformer):
             torch.nn.init.zeros_(self.head.bias)
 
 
-def _token_avg(model: VisionTransformer, num_classes: int) -> TokenAvgViT:
-    model.__class__ = TokenAvgViT
+class TokenAvgViT(_TokenAvg, VisionTransformer):
+    """A timm ViT whose head reads the CLS token concatenated with the mean of the patch tokens, both after the
+    final norm (where pretrained weights have it). Built by ``create(..., global_pool="token+avg")``: the class of
+    a timm-built model is swapped, so its parameters and state-dict keys stay timm's; only the head is 2 x wider."""
+
+
+class TokenAvgEva(_TokenAvg, Eva):
+    """:class:`TokenAvgViT` for a timm Eva (DINOv3, EVA-02): CLS token and mean patch token (registers left out)."""
+
+
+def _token_avg(model: VisionTransformer | Eva, num_classes: int) -> VisionTransformer | Eva:
+    model.__class__ = TokenAvgEva if families.is_eva(model) else TokenAvgViT
     model.global_pool = TOKEN_AVG_POOL
     model.head_hidden_size = 2 * model.embed_dim
     model.reset_classifier(num_classes)
@@ -66,8 +90,42 @@ def _token_avg(model: VisionTransformer, num_classes: int) -> TokenAvgViT:
 
 
 def vit_names(pretrained: bool = False) -> list[str]:
-    """timm's Vision Transformer architectures (with pretrained tags when ``pretrained``)."""
-    return timm.list_models(module="vision_transformer", pretrained=pretrained)
+    """timm's architectures essa builds: its Vision Transformers and Eva models (DINOv3, EVA-02), with pretrained
+    tags when ``pretrained``."""
+    return sorted(n for module in families.MODULES for n in timm.list_models(module=module, pretrained=pretrained))
+
+
+def _is_eva_name(name: str) -> bool:
+    return split_model_name_tag(name)[0] in timm.list_models(module="eva")
+
+
+def _timm_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for ``timm.create_model``: for an Eva, CLS-token pooling unless ``global_pool`` is
+    given, and ViT's ``fc_norm`` under Eva's name ``use_fc_norm``."""
+    if not _is_eva_name(name):
+        return dict(kwargs)
+    out = {"global_pool": "token", **kwargs}
+    if "fc_norm" in out:
+        out["use_fc_norm"] = out.pop("fc_norm")
+    return out
+
+
+def licence_of(name: str) -> str | None:
+    """The licence timm gives the pretrained weights of ``name`` (its default tag when it has none), when essa
+    notes it (:data:`NOTED_LICENCES`); else None."""
+    cfg = timm.models.get_pretrained_cfg(name)  # None for a name without one
+    licence = getattr(cfg, "license", None) if cfg is not None else None
+    return licence if licence in NOTED_LICENCES else None
+
+
+def note_licence(name: str, licence: str | None) -> None:
+    """Say once per process that ``name``'s weights come under ``licence`` (a warning)."""
+    if licence is None or licence in _noted:
+        return
+    _noted.add(licence)
+    what = NOTED_LICENCES.get(licence, licence)
+    warnings.warn(f"{split_model_name_tag(name)[0]}: these pretrained weights come under {what}; essa records "
+                  f"licence={licence} in the header of the weights it exports from them", stacklevel=3)
 
 
 def _check_name(name: str) -> None:
@@ -77,9 +135,10 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(arch, archs, n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise BackboneError(
-            f"unknown backbone {name!r}: not a timm Vision Transformer.{hint} "
-            f"Valid choices are the {len(archs)} names of timm.list_models(module='vision_transformer'), "
-            "e.g. vit_small_patch14_dinov2.lvd142m, vit_base_patch16_224.mae, vit_tiny_patch16_224."
+            f"unknown backbone {name!r}: not a timm Vision Transformer (essa builds a {families.FAMILIES}).{hint} "
+            f"Valid choices are the {len(archs)} names of timm.list_models(module='vision_transformer') and "
+            "timm.list_models(module='eva'), e.g. vit_small_patch14_dinov2.lvd142m, vit_small_patch14_reg4_dinov2, "
+            "vit_small_patch16_dinov3.lvd1689m, eva02_tiny_patch14_224, vit_base_patch16_224.mae."
         )
     if tag:
         tags = [n.partition(".")[2] for n in vit_names(pretrained=True) if n.startswith(arch + ".")]
@@ -194,7 +253,8 @@ def create(
     """Build a timm Vision Transformer.
 
     Args:
-        name: a timm ViT name, with or without pretrained tag (``vit_small_patch14_dinov2.lvd142m``).
+        name: a timm ViT or Eva name, with or without pretrained tag (``vit_small_patch14_dinov2.lvd142m``,
+            ``vit_small_patch16_dinov3.lvd1689m``).
             May be left out when ``weights`` is a file whose header names the architecture.
         pretrained: load the tag's pretrained weights through timm / the Hugging Face Hub.
         img_size: input size; position embeddings of loaded weights are resampled to it.
@@ -206,8 +266,10 @@ def create(
             ``global_pool="token+avg"``: a head on the CLS token concatenated with the mean patch token
             (:class:`TokenAvgViT`).
 
-    Returns a ``VisionTransformer`` whose ``essa_arch`` attribute records ``timm_name`` and ``model_args``
-    (with ``num_classes`` when the model has a head, so that a classifier's weights file rebuilds its head).
+    Returns a timm ``VisionTransformer`` or ``Eva`` (DINOv3, EVA-02; CLS-token pooling unless ``global_pool`` is
+    given) whose ``essa_arch`` attribute records ``timm_name`` and ``model_args`` (with ``num_classes`` when the
+    model has a head, so that a classifier's weights file rebuilds its head), and ``licence`` when the weights come
+    under one of :data:`NOTED_LICENCES` (DINOv3's; said once as a warning).
     """
     if pretrained and weights is not None:
         raise BackboneError("give either pretrained=True or weights=PATH, not both")
@@ -227,23 +289,40 @@ def create(
     header_classes = kwargs.pop("num_classes", 0)
     num_classes = header_classes if num_classes is None else num_classes
     token_avg = kwargs.get("global_pool") == TOKEN_AVG_POOL
-    timm_kwargs = {**kwargs, "global_pool": "token", "fc_norm": False} if token_avg else kwargs
+    timm_kwargs = _timm_kwargs(name, {**kwargs, "global_pool": "token", "fc_norm": False} if token_avg else kwargs)
 
     if pretrained:
+        # an Eva loads its checkpoint in the layout timm's default pooling gives (EVA-02 keeps its final norm as
+        # fc_norm there), then takes essa's pooling
+        eva = _is_eva_name(name)
+        load_kwargs = {k: v for k, v in timm_kwargs.items() if k not in ("global_pool", "use_fc_norm")} if eva \
+            else timm_kwargs
         with _hub_offline_unless_reachable():
             try:
-                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
+                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **load_kwargs)
             except OSError as err:  # huggingface_hub's "neither reachable nor cached" errors are OSErrors
                 raise BackboneError(_offline_message(name, err)) from err
+        if eva:
+            with torch.device("meta"):
+                target = timm.create_model(split_model_name_tag(name)[0], num_classes=num_classes, **timm_kwargs)
+            families.adopt_pooling(model, target)
     else:
         model = timm.create_model(split_model_name_tag(name)[0], pretrained=False, num_classes=num_classes, **timm_kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise BackboneError(f"{name!r} built a {type(model).__name__}, not a timm VisionTransformer")
+    reason = families.unsupported(model)
+    if reason is not None:
+        raise BackboneError(f"{name!r} built {reason}")
+    families.prepare(model)
     if token_avg:
         model = _token_avg(model, num_classes)
 
     model.essa_arch = {"timm_name": split_model_name_tag(name)[0],
                        "model_args": {**kwargs, "num_classes": num_classes} if num_classes else dict(kwargs)}
+    # The weights' licence: the header's, else timm's for pretrained weights or a foreign file (not an essa export)
+    licence = meta.get("licence") or (licence_of(name) if pretrained or (weights is not None and
+                                                                         "timm_name" not in meta) else None)
+    if licence:
+        model.essa_arch["licence"] = licence
+        note_licence(name, licence)
     if state_dict is not None:
         _load_into(model, state_dict, meta, Path(weights))
     return model
@@ -257,7 +336,7 @@ def _load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], me
         # A file exported from a tuner that cannot fold into plain weights (VPT, AdaptFormer) keeps its modules.
         tuners.apply(model, tuner, **json.loads(meta.get("essa_tuner_options", "{}")))
     _check_geometry(model, state_dict, meta, path)
-    state_dict = checkpoint_filter_fn(state_dict, model)
+    state_dict = families.checkpoint_filter(model)(state_dict, model)
     if model.num_classes == 0:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -316,7 +395,7 @@ def patch_size(name: str | None = None, *, weights: str | Path | None = None, **
     elif name is None:
         raise BackboneError("give a backbone name (e.g. 'vit_small_patch14_dinov2.lvd142m') or weights=PATH")
     _check_name(name)
-    args = {k: v for k, v in model_args.items() if k not in ("num_classes", "global_pool")}
+    args = _timm_kwargs(name, {k: v for k, v in model_args.items() if k not in ("num_classes", "global_pool")})
     with torch.device("meta"):
         model = timm.create_model(split_model_name_tag(name)[0], pretrained=False, num_classes=0, **args)
     return int(model.patch_embed.patch_size[0])

@@ -23,7 +23,10 @@ def arch_metadata(model: torch.nn.Module) -> dict[str, str]:
     arch = getattr(model, "essa_arch", None)
     if not arch:
         return {}
-    return {"timm_name": arch["timm_name"], "model_args": json.dumps(arch["model_args"], sort_keys=True)}
+    meta = {"timm_name": arch["timm_name"], "model_args": json.dumps(arch["model_args"], sort_keys=True)}
+    if arch.get("licence"):  # the pretrained weights' licence when not a permissive one (DINOv3's)
+        meta["licence"] = arch["licence"]
+    return meta
 
 
 def save_weights(

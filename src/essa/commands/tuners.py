@@ -9,7 +9,8 @@ from essa.errors import InputError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tuners", help="table of trainable parameters per tuner for a backbone")
-    p.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch14_dinov2 (or give --weights)")
+    p.add_argument("--backbone", help="timm ViT or Eva name, e.g. vit_small_patch14_dinov2 or "
+                                      "vit_small_patch16_dinov3 (or give --weights)")
     p.add_argument("--img-size", type=int, default=None, help="input size (changes position embeddings only)")
     p.add_argument("--weights", default=None, help="local weights file whose header names the architecture")
     p.add_argument(

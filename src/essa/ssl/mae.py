@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from essa import families
 from essa.ssl.mim import patchify, unpatchify
 
 
@@ -60,7 +60,7 @@ def encode_visible(vit: VisionTransformer, images: torch.Tensor, masks: torch.Te
     ``dynamic_img_size``, class and register tokens, ``no_embed_class``) run on the whole image; then only the
     prefix tokens and the visible patch tokens go on, through ``norm_pre``, the blocks and ``norm`` (forward hooks
     on them, such as VPT's prompts, still run; ``grad_checkpointing`` is honoured). ``patch_drop`` is not applied:
-    the mask takes its place.
+    the mask takes its place. An Eva's (DINOv3, EVA-02) blocks get the RoPE embedding of the visible patches only.
 
     Args:
         masks: bool (B, H, W) or (B, H * W) on the patch grid, True = masked, the same count in every row.
@@ -73,16 +73,14 @@ def encode_visible(vit: VisionTransformer, images: torch.Tensor, masks: torch.Te
     if masks.dtype != torch.bool or masks.shape[0] != B or masks[0].numel() != num_patches:
         raise ValueError(f"encode_visible: masks must be bool (B, H, W) or (B, H*W) matching the patch grid of the "
                          f"images, here B={B} and H*W={num_patches}; got {masks.dtype} {tuple(masks.shape)}")
-    x = vit._pos_embed(x)
+    x, rope = families.embed(vit, x, patch_drop=False)
     prefix = vit.num_prefix_tokens
     ids = visible_indices(masks.to(x.device))
     visible = x[:, prefix:].gather(1, ids.unsqueeze(-1).expand(-1, -1, D))
     x = vit.norm_pre(torch.cat([x[:, :prefix], visible], dim=1))
-    if vit.grad_checkpointing and not torch.jit.is_scripting():
-        x = checkpoint_seq(vit.blocks, x)
-    else:
-        x = vit.blocks(x)
-    return vit.norm(x)
+    # an Eva's blocks rotate the visible patches with their own positions: the RoPE rows of the kept patches,
+    # gathered as timm's Eva does after patch dropout
+    return vit.norm(families.run_blocks(vit, x, families.keep_rope(rope, x, ids)))
 
 
 class MAEDecoder(nn.Module):

@@ -16,8 +16,9 @@ import math
 import random
 
 import torch
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
+
+from essa import families
 
 
 def _rng(generator: torch.Generator | None) -> random.Random:
@@ -109,8 +110,8 @@ def forward_masked(
     """``vit.forward_features`` with the embeddings of masked patches replaced by ``mask_token``.
 
     Args:
-        vit: a timm VisionTransformer, with ``dynamic_img_size`` or without (then ``images`` must have its
-            ``img_size``); tuners may have changed or hooked its modules.
+        vit: a timm VisionTransformer or Eva (DINOv3, EVA-02), with ``dynamic_img_size`` or without (then
+            ``images`` must have its ``img_size``); tuners may have changed or hooked its modules.
         images: (B, 3, H_img, W_img).
         masks: bool (B, H, W) or (B, H * W), True = masked, on the patch grid (H = H_img // patch size).
         mask_token: (D,) or (1, 1, D), the learnable embedding put in place of masked patches, before position
@@ -133,11 +134,8 @@ def forward_masked(
         )
     masks = masks.to(x.device).reshape(x.shape[:-1]).unsqueeze(-1)
     x = torch.where(masks, mask_token.to(x.dtype).reshape(D), x)
-    x = vit._pos_embed(x)  # timm's own step: dynamic resampling, registers and no_embed_class stay exact
-    x = vit.patch_drop(x)
+    # timm's own step: dynamic resampling, registers and no_embed_class stay exact; an Eva's RoPE embedding is the
+    # patch grid's, so a mask token keeps the position of the patch it replaces
+    x, rope = families.embed(vit, x)
     x = vit.norm_pre(x)
-    if vit.grad_checkpointing and not torch.jit.is_scripting():
-        x = checkpoint_seq(vit.blocks, x)
-    else:
-        x = vit.blocks(x)
-    return vit.norm(x)
+    return vit.norm(families.run_blocks(vit, x, rope))

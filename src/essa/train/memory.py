@@ -6,7 +6,8 @@ A frozen layer still keeps activations when a gradient must flow through it to s
 input, in every block. :func:`recompute_frozen` runs such frozen stretches under ``torch.utils.checkpoint``
 (non-reentrant), which keeps only the stretch's input and recomputes the rest when the backward pass needs it:
 
-- the MLP stretch ``act(fc1(norm2(x)))`` when ``norm2``, ``mlp.fc1`` and ``mlp.act`` have no trainable parameter
+- the MLP stretch ``act(fc1(norm2(x)))`` (SwiGLU: ``act(fc1_g(h)) * fc1_x(h)``) when ``norm2``, ``mlp.fc1`` (or
+  ``fc1_g``, ``fc1_x``) and ``mlp.act`` have no trainable parameter
   (``fc2`` may train: its input is the stretch's output). The stretch stops before ``fc2`` so that the
   recomputation costs one ``fc1`` (a third of a block's forward matmuls), not the whole MLP;
 - the attention stretch ``attn(norm1(x))`` when ``norm1`` and ``attn`` have no trainable parameter;
@@ -32,10 +33,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, GluMlp, Mlp, SwiGLU, apply_rot_embed_cat
+from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+#: The MLPs whose stretch before ``fc2`` is recomputed (their own ``forward``: hidden, drop1, norm, fc2, drop2).
+_MLPS = (Mlp, GluMlp, SwiGLU)
 
 
 def _trains(*modules: nn.Module) -> bool:
@@ -67,8 +72,34 @@ def _splittable(attn: nn.Module) -> bool:
             and not (attn._forward_hooks or attn._forward_pre_hooks))
 
 
-def _mlp_hidden(block: Block, x: torch.Tensor) -> torch.Tensor:
-    return block.mlp.act(block.mlp.fc1(block.norm2(x)))
+def _mlp_hidden(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's forward on ``norm2(x)`` up to its ``drop1``: ``act(fc1)``, or the gated product of SwiGLU
+    (``act(fc1_g) * fc1_x``) and of a packed GLU (``fc1`` split in two halves)."""
+    mlp, h = block.mlp, block.norm2(x)
+    if isinstance(mlp, SwiGLU):
+        return mlp.act(mlp.fc1_g(h)) * mlp.fc1_x(h)
+    h = mlp.fc1(h)
+    if isinstance(mlp, GluMlp):
+        x1, x2 = h.chunk(2, dim=mlp.chunk_dim)
+        return x1 * mlp.act(x2) if mlp.gate_last else mlp.act(x1) * x2
+    return mlp.act(h)
+
+
+def _hidden_layers(mlp: nn.Module) -> tuple[nn.Module, ...]:
+    """The MLP's modules inside :func:`_mlp_hidden`'s stretch (besides ``norm2``)."""
+    return (mlp.fc1_g, mlp.fc1_x, mlp.act) if isinstance(mlp, SwiGLU) else (mlp.fc1, mlp.act)
+
+
+def _mlp_rest(mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))
+
+
+def _checkpointed_mlp(block: nn.Module, x: torch.Tensor, grad: bool) -> torch.Tensor:
+    if grad and not _trains(block.norm2, *_hidden_layers(block.mlp)):
+        hidden = checkpoint(_mlp_hidden, block, x, use_reentrant=False)
+    else:
+        hidden = _mlp_hidden(block, x)
+    return _mlp_rest(block.mlp, hidden)
 
 
 def _recomputing_forward(block: Block, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
@@ -82,33 +113,94 @@ def _recomputing_forward(block: Block, x: torch.Tensor, **attn_kwargs) -> torch.
     else:
         attn = _attention(block, x, attn_kwargs)
     x = x + block.drop_path1(block.ls1(attn))
-    mlp = block.mlp
-    if grad and not _trains(block.norm2, mlp.fc1, mlp.act):
-        hidden = checkpoint(_mlp_hidden, block, x, use_reentrant=False)
+    return x + block.drop_path2(block.ls2(_checkpointed_mlp(block, x, grad)))
+
+
+def _eva_attention(block: EvaBlock, x: torch.Tensor, rope, attn_kwargs: dict) -> torch.Tensor:
+    return block.attn(block.norm1(x), rope=rope, **attn_kwargs)
+
+
+def _eva_attention_core(block: EvaBlock, x: torch.Tensor, rope, attn_kwargs: dict) -> torch.Tensor:
+    """timm's ``EvaAttention.forward`` (fused attention) on ``norm1(x)`` up to the input of ``attn.proj``."""
+    attn = block.attn
+    x = block.norm1(x)
+    B, N, C = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    if attn.qkv is not None:
+        if attn.q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, weight=attn.qkv.weight, bias=bias)
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     else:
-        hidden = _mlp_hidden(block, x)
-    return x + block.drop_path2(block.ls2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))))
+        q, k, v = (layer(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+                   for layer in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    x = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_kwargs.get("attn_mask"), dropout_p=attn.attn_drop.p if attn.training else 0.0,
+        is_causal=attn_kwargs.get("is_causal", False),
+    )
+    x = attn.norm(x.transpose(1, 2).reshape(B, N, C))
+    return x if gate is None else x * gate
+
+
+def _eva_splittable(attn: nn.Module) -> bool:
+    return (type(attn).forward is EvaAttention.forward and attn.fused_attn
+            and not (attn._forward_hooks or attn._forward_pre_hooks))
+
+
+def _eva_recomputing_forward(block: EvaBlock, x: torch.Tensor, rope=None, **attn_kwargs) -> torch.Tensor:
+    """timm's ``EvaBlock.forward`` (layer scale ``gamma_1``/``gamma_2``, the ``rope`` embedding) with the frozen
+    stretches checkpointed, as :func:`_recomputing_forward`."""
+    grad = torch.is_grad_enabled()
+    a = block.attn
+    beside_proj = [p for n, p in a.named_parameters() if not n.startswith("proj.")]
+    if grad and not _trains(block.norm1, a):
+        attn = checkpoint(_eva_attention, block, x, rope, attn_kwargs, use_reentrant=False)
+    elif grad and _eva_splittable(a) and not _trains(block.norm1) and not any(p.requires_grad for p in beside_proj):
+        attn = a.proj_drop(a.proj(checkpoint(_eva_attention_core, block, x, rope, attn_kwargs, use_reentrant=False)))
+    else:
+        attn = _eva_attention(block, x, rope, attn_kwargs)
+    if block.gamma_1 is not None:
+        attn = block.gamma_1 * attn
+    x = x + block.drop_path1(attn)
+    mlp = _checkpointed_mlp(block, x, grad)
+    if block.gamma_2 is not None:
+        mlp = block.gamma_2 * mlp
+    return x + block.drop_path2(mlp)
 
 
 def recompute_frozen(backbone: nn.Module) -> list[str]:
     """Make every block of ``backbone.blocks`` recompute its frozen stretches in the backward pass (see the module
     docstring). Call after the tuner is applied (``essa.tuners.apply``); calling again changes nothing.
 
-    Applies to blocks that run timm's own ``Block.forward`` with a timm ``Mlp`` that has no forward hooks (a hook
-    on the MLP, such as AdaptFormer's adapter, needs the MLP called whole); other blocks are left as they are.
+    Applies to blocks that run timm's own ``Block.forward`` (ViT) or ``EvaBlock.forward`` (DINOv3, EVA-02: its
+    ``rope=`` argument and layer scale ``gamma_1``/``gamma_2``) with a timm ``Mlp``, ``GluMlp`` or ``SwiGLU`` that
+    has no forward hooks (a hook on the MLP, such as AdaptFormer's adapter, needs the MLP called whole); other
+    blocks are left as they are. The stretch before an Eva's ``attn.proj`` (APLA) is recomputed for timm's
+    ``EvaAttention`` with fused attention and no hooks.
 
     Returns the names of the blocks that recompute (``blocks.0``, ...), whatever they currently freeze.
     """
     names = []
     for i, block in enumerate(getattr(backbone, "blocks", [])):
         mlp = getattr(block, "mlp", None)
+        forward = None
+        if isinstance(block, Block) and type(block).forward is Block.forward:
+            forward = _recomputing_forward
+        elif isinstance(block, EvaBlock) and type(block).forward is EvaBlock.forward:
+            forward = _eva_recomputing_forward
         eligible = (
-            isinstance(block, Block) and type(block).forward is Block.forward
-            and isinstance(mlp, Mlp) and type(mlp).forward is Mlp.forward
+            forward is not None and any(isinstance(mlp, c) and type(mlp).forward is c.forward for c in _MLPS)
             and not (mlp._forward_hooks or mlp._forward_pre_hooks)
         )
         if eligible:
             if "forward" not in vars(block):
-                block.forward = partial(_recomputing_forward, block)
+                block.forward = partial(forward, block)
             names.append(f"blocks.{i}")
     return names

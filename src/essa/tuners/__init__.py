@@ -1,4 +1,4 @@
-"""Parameter-efficient tuners for timm Vision Transformers.
+"""Parameter-efficient tuners for timm Vision Transformers and Eva models (DINOv3, EVA-02; :mod:`essa.families`).
 
     model = essa.backbones.create("vit_small_patch14_dinov2.lvd142m", pretrained=True)
     essa.tuners.apply(model, "apla", r=64)        # only 64 rows of each attn.proj train
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from essa import export
+from essa import export, families
 from essa.tuners.base import REGISTRY, Tuner, TunerError, build, register
 
 # Importing the method modules registers them.
@@ -46,8 +46,7 @@ def apply(model: VisionTransformer, name: str, *, train_head: bool = True, **opt
     """Apply tuner ``name`` to ``model`` in place: afterwards only the tuner's parameters (and the
     classification head, when the model has one and ``train_head``) require gradients. A combination
     (``"apla+lora"``) takes its options by part: ``apply(model, "apla+lora", apla={"r": 64})``."""
-    if not isinstance(model, VisionTransformer):
-        raise TunerError(f"tuners apply to timm VisionTransformer models, not {type(model).__name__}")
+    families.check(model, TunerError, "tuners")
     current = tuner_of(model)
     if current is not None:
         raise TunerError(
@@ -55,6 +54,7 @@ def apply(model: VisionTransformer, name: str, *, train_head: bool = True, **opt
         )
     tuner = build(name, options)
     tuner.check(model)
+    families.prepare(model)  # an Eva's fused qkv runs as a module call, so wrappers and hooks on it take effect
     model.requires_grad_(False)
     tuner.inject(model)
     if train_head:

@@ -2,7 +2,10 @@
 
 Targets are timm module names inside the transformer blocks (``qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``),
 resolved here to full module names before peft sees them, so that a target never reaches outside the blocks
-(a bare ``proj`` would otherwise also hit ``patch_embed.proj``).
+(a bare ``proj`` would otherwise also hit ``patch_embed.proj``). An Eva with separate query, key and value layers
+(EVA-02 B/L: ``attn.q_proj``, ``attn.k_proj``, ``attn.v_proj``) has no ``qkv``: there the default target ``qkv``
+means those three. SwiGLU MLPs name their layers ``mlp.fc1_g``, ``mlp.fc1_x`` (or a packed ``mlp.fc1``) and
+``mlp.fc2``; the error for a target that matches nothing lists the model's own names.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from torch import nn
 from essa.tuners.base import Tuner, TunerError, kind, positive_int, register, replace_module
 
 _BLOCK_PREFIX = re.compile(r"^blocks\.\d+\.")
+#: Targets that stand for other layers when the model has no layer of that name: an Eva's separate q, k, v.
+_ALIASES = {"qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj")}
 
 
 def block_linears(model: nn.Module) -> dict[str, str]:
@@ -46,6 +51,8 @@ def resolve_targets(model: nn.Module, targets: list[str], tuner: str) -> list[st
                 f"{', '.join(valid)}"
             )
         hits = [full for full, inner in linears.items() if inner == target or inner.endswith("." + target)]
+        if not hits and target in _ALIASES:
+            hits = [full for full, inner in linears.items() if inner in _ALIASES[target]]
         if not hits:
             raise TunerError(
                 f"{tuner}: target {target!r} matches no linear layer in the blocks; valid targets: {', '.join(valid)}"

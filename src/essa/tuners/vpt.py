@@ -5,6 +5,10 @@ block. Deep: every block gets its own prompts, replacing the previous block's pr
 norm the prompt tokens are removed again, so the model's outputs keep timm's token layout (class token first,
 patch tokens after ``num_prefix_tokens``) and pooling, kNN and patch-level losses see what they expect.
 
+In an Eva (DINOv3, EVA-02) every attention applies RoPE to the tokens after its ``attn.num_prefix_tokens``, the
+patches: the prompts sit before the patches, so each attention counts them as prefix tokens, and they get no
+rotation, as the class and register tokens.
+
 Prompts cannot be folded into ViT weights: a merged model keeps them and its export records the tuner.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from essa import families
 from essa.tuners.base import Tuner, TunerError, positive_int, register
 
 
@@ -53,5 +58,8 @@ class VPT(Tuner):
             block.vpt_prompts = nn.Parameter(nn.init.trunc_normal_(prompts, std=0.02))
             block.vpt_start, block.vpt_replace = start, i > 0
             block.register_forward_pre_hook(_insert_prompts)
+        if families.is_eva(model):  # RoPE starts after the prompts (shallow ones too stay up to the final norm)
+            for block in model.blocks:
+                block.attn.num_prefix_tokens = start + self.tokens
         model.norm.vpt_strip = (start, self.tokens)
         model.norm.register_forward_pre_hook(_strip_prompts)
