@@ -174,3 +174,36 @@ def test_essa_bench_measures_each_tuner_in_a_fresh_process_against_full(tmp_path
         assert image.size == (840, 540)
     assert main(["bench", "--tuner", "apla:64"]) == 2
     assert "options are key=value after the name" in capsys.readouterr().err
+
+
+def test_a_bf16_autocast_step_on_cpu_gives_nearly_the_fp32_loss():
+    from essa.bench import ssa_step
+
+    kwargs = dict(global_size=32, local_size=16, n_local=2, batch_size=2, prototypes=256, steps=1, warmup=1)
+    fp32 = ssa_step("vit_tiny_patch16_224", "apla", {"r": 8}, precision="32-true", **kwargs)
+    bf16 = ssa_step("vit_tiny_patch16_224", "apla", {"r": 8}, precision="bf16-mixed", **kwargs)
+    assert fp32["loss"] != bf16["loss"]  # autocast ran: bf16 matrix products round differently
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
+    with pytest.raises(ValueError, match="precision='fp8'; valid: auto, bf16-mixed, 32-true"):
+        ssa_step("vit_tiny_patch16_224", "apla", precision="fp8", **kwargs)
+
+
+def test_several_precisions_run_every_tuner_at_each_against_full_at_the_first(monkeypatch, capsys):
+    from essa import bench
+    from essa.commands import main
+
+    calls = []
+
+    def fake(target, kwargs, timeout=None):
+        calls.append((kwargs["tuner"], kwargs.get("precision")))
+        speed = {"32-true": 1.0, "bf16-mixed": 1.5}[kwargs["precision"]] * {"full": 1.0, "apla": 2.0}[kwargs["tuner"]]
+        return {"peak_mib": 100.0, "images_per_s": speed, "images_per_cpu_s": speed, "step_s": 1 / speed,
+                "trainable": 1, "total": 2, "loss": {"32-true": 5.0, "bf16-mixed": 5.01}[kwargs["precision"]]}
+
+    monkeypatch.setattr(bench, "run_in_fresh_process", fake)
+    assert main(["bench", "--tuner", "apla", "--precision", "32-true,bf16-mixed"]) == 0
+    assert calls == [("full", "32-true"), ("apla", "32-true"), ("full", "bf16-mixed"), ("apla", "bf16-mixed")]
+    out = capsys.readouterr().out
+    assert "| apla bf16-mixed | 1 | 100 | 3.000 | 3.000 | 1.00x | 3.00x / 3.00x |" in out
+    assert "vit_small_patch14_dinov2 apla bf16-mixed: 5.01000 vs 5.00000 (0.20% apart)" in out
+    assert main(["bench", "--precision", "fp8"]) == 2

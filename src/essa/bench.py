@@ -132,6 +132,7 @@ def supervised_step(
     steps: int = 3,
     device: str = "cpu",
     lr: float = 1e-4,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """One supervised training step of ``backbone`` with ``tuner``, as ``essa finetune`` runs it: the fine-tuning
     module's own step (:meth:`essa.train.stage.StageModule.standalone_step` of
@@ -155,12 +156,15 @@ def supervised_step(
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
     module.train()
 
-    def step():
-        module.standalone_step(((x, y), None), opt, optim.grad_clip)
+    autocast = _autocast(dev, precision)
 
-    timing = time_steps(step, batch_size, dev, warmup, steps)
+    def step():
+        return module.standalone_step(((x, y), None), opt, optim.grad_clip, forward_context=autocast)
+
+    loss = float(step())  # the first warm-up step: its loss compares precisions
+    timing = time_steps(step, batch_size, dev, max(warmup - 1, 0), steps)
     trainable, total = tuners.count_parameters(model)
-    return {"peak_mib": meter.peak_mib(), **timing, "trainable": trainable, "total": total}
+    return {"peak_mib": meter.peak_mib(), **timing, "trainable": trainable, "total": total, "loss": loss}
 
 
 def ssa_step(
@@ -180,6 +184,7 @@ def ssa_step(
     objective: str = "dinov2",
     objective_options: dict | None = None,
     ssl_options: dict | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """One SSA step of the full objective on random images, as ``essa adapt`` runs it. ``objective``: the config's
     ``objective`` (``mae`` and ``simmim``: ``batch_size`` images of ``global_size`` px with their masks drawn by the
@@ -195,6 +200,8 @@ def ssa_step(
     ``ssl_options``: more ``ssl`` keys (``patch_drop``, whose kept patches are drawn into the batch as the
     objective's collate draws them; ``truncated_backward``); a tuner option ``blocks: "last:N"`` is the model's last
     N blocks. The result's ``truncated_backward`` is what the step did with the frozen prefix (dinov2).
+    ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 on CPU, as ``trainer.precision: auto``), ``bf16-mixed``
+    (bf16 autocast on any device) or ``32-true``; the result's ``loss`` is the first step's, for comparing them.
 
     Besides the peak and the timing, the result breaks the memory down (MiB): ``weights_mib`` (student, teacher
     and buffers; shared tensors once), ``grads_mib``, ``optimizer_mib`` (AdamW states), ``saved_mib`` (activations
@@ -247,7 +254,7 @@ def ssa_step(
             images, generator=torch.Generator().manual_seed(0)).items()}
     opt = module.configure_optimizers()
     saved = SavedActivations(module.parameters())
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    autocast = _autocast(dev, precision)
 
     @contextlib.contextmanager
     def forward(count_saved: bool):
@@ -255,9 +262,9 @@ def ssa_step(
             yield
 
     def step(count_saved: bool = False):
-        module.standalone_step(batch, opt, cfg.optim.grad_clip, forward_context=forward(count_saved))
+        return module.standalone_step(batch, opt, cfg.optim.grad_clip, forward_context=forward(count_saved))
 
-    step(count_saved=True)  # the first step also counts what the backward pass keeps (unhooked steps are timed)
+    loss = float(step(count_saved=True))  # the first step also counts what the backward keeps (unhooked: timed)
     timing = time_steps(step, batch_size, dev, max(warmup - 1, 0), steps)
     trainable, total = tuners.count_parameters(model)
     params = list(module.parameters())
@@ -273,7 +280,18 @@ def ssa_step(
         # alive when a step starts: weights, AdamW states, the last step's gradients, the batch
         start = sum(breakdown[k] for k in ("weights_mib", "optimizer_mib", "grads_mib"))
         breakdown["live_peak_mib"] = start + _mib(t for t in batch.values() if t is not None) + live_peak_mib(step)
-    return {"peak_mib": peak, **timing, "trainable": trainable, "total": total, **breakdown, **extra}
+    return {"peak_mib": peak, **timing, "trainable": trainable, "total": total, "loss": loss, **breakdown, **extra}
+
+
+PRECISIONS = ("auto", "bf16-mixed", "32-true")
+
+
+def _autocast(device: torch.device, precision: str):
+    """The autocast of a benchmark step at ``precision`` (:data:`PRECISIONS`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+    bf16 = precision == "bf16-mixed" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def last_blocks(options: dict, depth: int) -> dict:

@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over the grid; the best speed is kept (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 autocast on CUDA, fp32 on CPU, as training), bf16-mixed, 32-true, or several "
+                        "comma-separated: each tuner at each, ratios against full at the first, e.g. "
+                        "32-true,bf16-mixed (default auto)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw peak memory against speed per tuner")
     p.set_defaults(func=run_bench)
@@ -56,6 +60,14 @@ def run_bench(args) -> int:
             raise InputError("--patch-drop applies to --stage ssa (the dinov2 objective)")
         configs += [(f"{label} patch_drop={args.patch_drop:g}", tuner, options,
                      {"ssl_options": {"patch_drop": args.patch_drop}}) for label, tuner, options in list(configs)]
+    precisions = [p for p in args.precision.split(",") if p]
+    if bad := [p for p in precisions if p not in bench.PRECISIONS]:
+        raise InputError(f"--precision {bad[0]!r}; valid: {', '.join(bench.PRECISIONS)}")
+    if precisions != ["auto"]:  # every tuner at every precision; the first's rows keep their labels (full: the
+        # reference of every ratio), the others' are labelled with theirs
+        configs = [(label if i == 0 else f"{label} {precision}", tuner, options,
+                    {**(step[0] if step else {}), "precision": precision})
+                   for i, precision in enumerate(precisions) for label, tuner, options, *step in configs]
     models = [m for m in args.models.split(",") if m]
     print(f"essa bench: {args.stage} step, {len(models) * len(configs)} configurations, each in a fresh process "
           f"({args.warmup} warm-up + {args.steps} timed steps, the median step counts)", flush=True)
@@ -74,6 +86,15 @@ def run_bench(args) -> int:
     if all("gflop" in r for r in rows):
         print("\ncounted FLOPs per step (the same on any machine):")
         print(bench.compute_table(rows, "SSA tuner" if args.stage == "ssa" else "tuner"))
+    if len(precisions) > 1:
+        print(f"\nfirst-step loss at each precision (the same weights, batch and masks), against {precisions[0]}:")
+        first = {(r["model"], r["label"]): r for r in rows}
+        for r in rows:
+            for precision in precisions[1:]:
+                if r["label"].endswith(f" {precision}"):
+                    base = first[(r["model"], r["label"].removesuffix(f" {precision}"))]
+                    print(f"  {r['model']} {r['label']}: {r['loss']:.5f} vs {base['loss']:.5f} "
+                          f"({abs(r['loss'] - base['loss']) / abs(base['loss']):.2%} apart)")
     from essa.study.results import load_average
 
     load = load_average()
