@@ -180,3 +180,48 @@ def test_image_sizes_the_patch_size_does_not_divide_are_refused_naming_ones_that
     with pytest.raises(BackboneError, match="ssl.local_size=10 .* patch size 8: use 8 or 16"):
         BackboneConfig(weights=str(path)).check_img_size("ssl.global_size, ssl.local_size", 32, 10)
     BackboneConfig(weights=str(path)).check_img_size("ssl.global_size, ssl.local_size", 32, None)
+
+
+# ----- preprocessing: what the backbone's inputs are normalised with -------------------------------------------
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def tiny_clip(**kwargs):
+    torch.manual_seed(0)
+    return backbones.create("vit_base_patch16_clip_224.openai", img_size=32, patch_size=8, depth=1, embed_dim=64,
+                            num_heads=2, **kwargs)
+
+
+def test_a_tagged_timm_name_brings_its_pretrained_configs_statistics():
+    pre = tiny_clip().essa_preprocessing
+    assert (pre.mean, pre.std, pre.interpolation) == (CLIP_MEAN, CLIP_STD, "bicubic")
+    # the tag decides, not the architecture's default tag: MAE's weights were trained with ImageNet's statistics
+    assert backbones.create("vit_base_patch16_224.mae", img_size=32, patch_size=8, depth=1).essa_preprocessing.mean \
+        == (0.485, 0.456, 0.406)
+    assert backbones.create("vit_base_patch16_224", img_size=32, patch_size=8, depth=1).essa_preprocessing.mean \
+        == (0.5, 0.5, 0.5)  # its default tag (augreg2_in21k_ft_in1k)
+
+
+def test_the_export_header_records_the_preprocessing_and_a_reload_by_path_uses_it(tmp_path, images):
+    model = tiny_clip().eval()
+    path = export.save_weights(model.state_dict(), tmp_path / "clip.safetensors", export.arch_metadata(model))
+    reloaded = backbones.create(weights=path).eval()  # the path alone: the header names no tag
+    assert reloaded.essa_preprocessing == model.essa_preprocessing
+    assert backbones.preprocessing(None, weights=path) == model.essa_preprocessing
+    torch.testing.assert_close(reloaded(images), model(images), rtol=0, atol=0)
+
+
+def test_files_without_recorded_statistics_fall_back_to_imagenet_unless_a_tag_is_named(make_vit, tmp_path):
+    model = make_vit()
+    path = tmp_path / "old.safetensors"
+    old_header = {k: v for k, v in export.arch_metadata(model).items() if k in ("timm_name", "model_args")}
+    export.save_weights(model.state_dict(), path, old_header)  # as essa wrote files before it recorded them
+    assert model.essa_preprocessing.mean == (0.5, 0.5, 0.5)  # vit_tiny_patch16_224's default tag
+    old = backbones.create(weights=path).essa_preprocessing
+    assert (old.mean, old.std, old.interpolation) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
+    pth = tmp_path / "other.pth"
+    torch.save(tiny_clip().state_dict(), pth)
+    named = backbones.create("vit_base_patch16_clip_224.openai", weights=pth, img_size=32, patch_size=8, depth=1,
+                             embed_dim=64, num_heads=2).essa_preprocessing
+    assert named.mean == CLIP_MEAN

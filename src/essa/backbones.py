@@ -1,12 +1,15 @@
 """Vision Transformer backbones: a timm name (DINOv2, MAE, supervised), a local weights file, or random init.
 
 Every backbone essa builds remembers how it was built (``model.essa_arch``: the timm name and the keyword
-arguments given to ``timm.create_model``), so that the weights files essa writes can describe themselves.
+arguments given to ``timm.create_model``), so that the weights files essa writes can describe themselves, and
+how its inputs are preprocessed (``model.essa_preprocessing``, :func:`preprocessing`: the mean, std and
+interpolation of a weights file's header, or of timm's pretrained config of the name).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import json
 import os
@@ -21,6 +24,7 @@ from timm.models import split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from essa import export
+from essa.data import normalize
 from essa.errors import EssaError
 
 # Keyword arguments that change the input resolution only: weights built for one value load into another by
@@ -181,6 +185,33 @@ def _resolve_arch(
     return name or head_name, {**head_args, **kwargs}
 
 
+def preprocessing(name: str | None, meta: dict[str, str] | None = None, *, weights: str | Path | None = None
+                  ) -> normalize.Preprocessing:
+    """How the inputs of the backbone ``name`` / ``weights`` are preprocessed (mean, std, interpolation), offline:
+
+    - a weights file whose header records it (essa's exports): the header's;
+    - another weights file: timm's pretrained config of ``name`` when it carries a tag
+      (``vit_large_patch16_224.mae``), else ImageNet's statistics (essa's older exports, which were trained with
+      them, and other people's checkpoints: name the tag, or set ``data.normalize``);
+    - a timm name: timm's pretrained config of the name (its tag, else the architecture's default tag), e.g.
+      CLIP's statistics for ``vit_base_patch16_clip_224.openai``; ImageNet's when timm has none.
+
+    ``meta``: the header of ``weights`` when already read."""
+    if weights is not None:
+        if meta is None:  # a .pth file or an unreadable one has no header (create says why it cannot read it)
+            meta = _header(Path(weights)) or {}
+        try:
+            found = normalize.from_header(meta, weights)
+        except ValueError as err:
+            raise BackboneError(str(err)) from None
+        if found is not None:
+            return found
+        if name is None or not split_model_name_tag(name)[1]:
+            return dataclasses.replace(normalize.IMAGENET,
+                                       source=f"imagenet ({Path(weights).name} records no preprocessing)")
+    return (normalize.of_timm_name(name) if name else None) or normalize.IMAGENET
+
+
 def create(
     name: str | None = None,
     *,
@@ -207,7 +238,8 @@ def create(
             (:class:`TokenAvgViT`).
 
     Returns a ``VisionTransformer`` whose ``essa_arch`` attribute records ``timm_name`` and ``model_args``
-    (with ``num_classes`` when the model has a head, so that a classifier's weights file rebuilds its head).
+    (with ``num_classes`` when the model has a head, so that a classifier's weights file rebuilds its head), and
+    whose ``essa_preprocessing`` is :func:`preprocessing` of the name and weights.
     """
     if pretrained and weights is not None:
         raise BackboneError("give either pretrained=True or weights=PATH, not both")
@@ -244,6 +276,7 @@ def create(
 
     model.essa_arch = {"timm_name": split_model_name_tag(name)[0],
                        "model_args": {**kwargs, "num_classes": num_classes} if num_classes else dict(kwargs)}
+    model.essa_preprocessing = preprocessing(name, meta, weights=weights)
     if state_dict is not None:
         _load_into(model, state_dict, meta, Path(weights))
     return model

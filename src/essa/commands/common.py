@@ -12,6 +12,7 @@ def add_common(p) -> None:
     p.add_argument("--config", help="YAML config file; flags and --set override it")
     p.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch14_dinov2.lvd142m")
     p.add_argument("--weights", help="local backbone weights (safetensors or PyTorch state dict)")
+    add_preprocessing_flags(p)
     p.add_argument("--data", help="images: a folder (finetune: also a .csv manifest or a MedMNIST .npz)")
     p.add_argument("--tuner", help="tuner name (essa tuners lists them), or several joined with +, e.g. apla+lora")
     p.add_argument("--tuner-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -26,6 +27,18 @@ def add_common(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, repeatable, e.g. --set optim.lr=5e-4")
     add_print_config(p)
+
+
+#: ``--normalize`` choices (essa.data.normalize.MODES, listed here so that the parser imports no torch).
+NORMALIZE_MODES = ("model", "imagenet", "dataset")
+
+
+def add_preprocessing_flags(p) -> None:
+    """``--normalize`` (data.normalize)."""
+    p.add_argument("--normalize", choices=NORMALIZE_MODES,
+                   help="mean/std images are normalised with: model (default: the backbone's own, an essa file's "
+                        "header or timm's pretrained config, e.g. CLIP's), imagenet, or dataset (computed from the "
+                        "training images) (data.normalize)")
 
 
 def add_print_config(p) -> None:
