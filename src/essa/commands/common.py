@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -34,11 +35,29 @@ NORMALIZE_MODES = ("model", "imagenet", "dataset")
 
 
 def add_preprocessing_flags(p) -> None:
-    """``--normalize`` (data.normalize)."""
+    """``--key-map`` (backbone.key_map) and ``--normalize`` (data.normalize)."""
+    p.add_argument("--key-map", action="append", default=[], metavar="PREFIX=REPLACEMENT",
+                   help="rename the keys of a --weights file that are not timm's, repeatable: the key prefix PREFIX "
+                        "becomes REPLACEMENT (empty: removed; null: those tensors dropped), e.g. --key-map module.= "
+                        "(backbone.key_map)")
     p.add_argument("--normalize", choices=NORMALIZE_MODES,
                    help="mean/std images are normalised with: model (default: the backbone's own, an essa file's "
                         "header or timm's pretrained config, e.g. CLIP's), imagenet, or dataset (computed from the "
                         "training images) (data.normalize)")
+
+
+def key_map(entries: list[str]) -> dict[str, str | None]:
+    """``["module.=", "a.=b."]`` -> ``{"module.": "", "a.": "b."}``; ``PREFIX=null`` drops the prefix's tensors."""
+    from essa.config import ConfigError
+
+    out: dict[str, str | None] = {}
+    for entry in entries:
+        prefix, sep, new = entry.partition("=")
+        if not sep or not prefix:
+            raise ConfigError(f"--key-map {entry!r}: expected PREFIX=REPLACEMENT, e.g. --key-map module.= (strips "
+                              "the prefix module.) or --key-map encoder.=null (drops those tensors)")
+        out[prefix] = None if new == "null" else new
+    return out
 
 
 def add_print_config(p) -> None:
@@ -68,6 +87,8 @@ def overrides(args, mapping: dict[str, str]) -> list[str]:
         out.append("backbone.pretrained=false")
         if args.backbone is None:
             out.append("backbone.name=null")  # the weights file's header names the architecture
+    if getattr(args, "key_map", None):
+        out.append(f"backbone.key_map={json.dumps(key_map(args.key_map))}")
     out += [f"tuner.options.{opt}" for opt in getattr(args, "tuner_opt", [])]
     return out + list(args.set)
 
