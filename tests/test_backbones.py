@@ -293,3 +293,14 @@ def test_the_key_map_is_a_config_key_and_a_flag(make_vit, tmp_path):
         config_mod.load(FinetuneConfig, overrides=["backbone.weights=w.pth", "backbone.key_map={module.: 3}"])
     with pytest.raises(ConfigError, match="--key-map 'module.': expected PREFIX=REPLACEMENT"):
         common.key_map(["module."])
+
+
+def test_an_unset_argument_keeps_the_model_args_value():
+    """essa evaluate builds with img_size=None when --img-size is not given: model_args' img_size stays (it used to
+    fall back to timm's 224, running a 32 px model at 224 px)."""
+    from essa.config import BackboneConfig
+
+    cfg = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False,
+                         model_args={"img_size": 32, "patch_size": 8, "depth": 1})
+    assert cfg.build(img_size=None, num_classes=0).patch_embed.img_size == (32, 32)
+    assert cfg.build(img_size=16, num_classes=0).patch_embed.img_size == (16, 16)

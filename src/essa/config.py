@@ -52,7 +52,8 @@ class BackboneConfig:
     def build(self, **kwargs):
         from essa import backbones  # configs load without importing torch and timm
 
-        kwargs = {**self.model_args, **kwargs}
+        # a None argument (evaluate's img_size when not given) leaves model_args' value, not timm's default
+        kwargs = {**self.model_args, **{k: v for k, v in kwargs.items() if v is not None}}
         if self.weights:
             return backbones.create(self.name, weights=self.weights, key_map=self.key_map or None, **kwargs)
         return backbones.create(self.name, pretrained=self.pretrained, **kwargs)
