@@ -102,3 +102,14 @@ def test_data_normalize_is_a_config_key_whose_bad_values_are_refused(config):
         config_mod.load(cls, overrides=root + ["data.normalize=clip"])
     with pytest.raises(config_mod.ConfigError, match="data.normalize_images=0 must be at least 1"):
         config_mod.load(cls, overrides=root + ["data.normalize_images=0"])
+
+
+def test_the_normalize_flag_sets_the_key_that_print_config_shows(capsys):
+    from essa.commands import main
+
+    assert main(["finetune", "--data", "somewhere", "--normalize", "dataset", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "  normalize: dataset\n  normalize_images: 1000\n" in printed
+    with pytest.raises(SystemExit):
+        main(["adapt", "--data", "somewhere", "--normalize", "clip", "--print-config"])
+    assert "--normalize: invalid choice: 'clip' (choose from 'model', 'imagenet', 'dataset')" in capsys.readouterr().err
