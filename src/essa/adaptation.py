@@ -350,16 +350,14 @@ def build_loader(cfg: AdaptConfig, patch_size: int, task=None, preprocessing=Non
 PREVIEW_IMAGES = 4
 
 
-def preview_batch(cfg: AdaptConfig, patch_size: int, labelled=None, loader: ResumableLoader | None = None,
-                  preprocessing=None):
+def preview_batch(cfg: AdaptConfig, patch_size: int, preprocessing, labelled=None,
+                  loader: ResumableLoader | None = None):
     """The fixed images of the per-epoch picture, through the objective's deterministic view (normalised with
-    ``preprocessing``; default ImageNet's), with masks drawn from a generator seeded by ``seed``: the first
+    ``preprocessing``, the run's), with masks drawn from a generator seeded by ``seed``: the first
     :data:`PREVIEW_IMAGES` of the kNN monitor's (``labelled``), else of the training images (``loader``'s). None
     when the objective draws no picture."""
-    from essa.data import normalize
-
     objective = objectives.get(cfg.objective)
-    view = objective.preview_transform(cfg, preprocessing or normalize.IMAGENET)
+    view = objective.preview_transform(cfg, preprocessing)
     if view is None:
         return None
     source, records = labelled if labelled is not None else (loader.dataset.base.source,
@@ -492,9 +490,9 @@ class _SSAStage(Stage):
         self.preprocessing = resolve_preprocessing(self.cfg, *images, own=normalize.of_model(backbone),
                                                    cache=self.run.path / PREPROCESSING_FILE)
         backbone.essa_preprocessing = self.preprocessing  # what the model is trained with (a teacher copies it)
-        if self.cfg.data.normalize != "dataset":  # dataset: resolve wrote the statistics with their images' key
-            io.write_json(self.run.path / PREPROCESSING_FILE, self.preprocessing.to_dict())
         if is_global_zero():
+            if self.cfg.data.normalize != "dataset":  # dataset: resolve wrote the statistics with their images' key
+                io.write_json(self.run.path / PREPROCESSING_FILE, self.preprocessing.to_dict())
             print(f"normalised with {self.preprocessing.describe()}")
         return build_loader(self.cfg, backbone.patch_embed.patch_size[0], self.task, self.preprocessing, images)
 
@@ -504,8 +502,8 @@ class _SSAStage(Stage):
         for note in module.schedule_warnings:
             warnings.warn(note, stacklevel=4)  # the caller of adapt (adapt -> fit_stage -> here)
         prepare_backbones(cfg.trainer, *module.prepared_backbones)
-        module.preview = preview_batch(cfg, backbone.patch_embed.patch_size[0], self.knn_data, loader,
-                                       self.preprocessing)
+        module.preview = preview_batch(cfg, backbone.patch_embed.patch_size[0], self.preprocessing, self.knn_data,
+                                       loader)
         module.preprocessing = self.preprocessing
         return module
 
