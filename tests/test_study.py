@@ -138,6 +138,15 @@ def test_data_normalize_reaches_every_kind_of_cell(tmp_path):
     study.check_configs()
 
 
+def test_the_preprocessing_flags_of_essa_run_set_the_study_keys():
+    from essa.commands import build_parser
+
+    args = build_parser().parse_args(["run", "--config", "s.yaml", "--weights", "w.pth", "--backbone",
+                                      "vit_tiny_patch16_224", "--key-map", "module.=", "--normalize", "imagenet"])
+    overrides = run_command._overrides(args)
+    assert 'backbone.key_map={"module.": ""}' in overrides and "data.normalize=imagenet" in overrides
+
+
 def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):
     """finetune.label_budgets: fine-tuning cells and probes per budget, each with its own max_train, directory and
     label, all starting from one SSA run per tuner; datasets[i].ssa_epochs sets that task's SSA epochs."""
