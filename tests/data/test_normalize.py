@@ -106,6 +106,9 @@ def test_data_normalize_is_a_config_key_whose_bad_values_are_refused(config):
 
 def test_the_normalize_flag_sets_the_key_that_print_config_shows(capsys):
     from essa.commands import main
+    from essa.commands.common import NORMALIZE_MODES
+
+    assert NORMALIZE_MODES == normalize.MODES  # the parser's copy (it imports no torch) is the implementation's
 
     assert main(["finetune", "--data", "somewhere", "--normalize", "dataset", "--print-config"]) == 0
     printed = capsys.readouterr().out
