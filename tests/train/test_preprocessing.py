@@ -100,6 +100,18 @@ def test_the_dinov2_views_and_the_knn_monitor_use_clips_statistics(task_root, tm
     metrics = adaptation.knn_metrics(backbone, stage.knn_data, cfg, stage.preprocessing)
     assert recorder.values() == {0, GREY} and metrics["knn_bal_acc"] == 1.0  # constant classes: trivially apart
 
+    # data.normalize=dataset: the SSA images' statistics (6 black, 6 grey), recorded with their images' key
+    cfg = adaptation.resolve_config(cfg, overrides=["data.normalize=dataset", f"out={tmp_path / 'run2'}"])
+    stage = adaptation._SSAStage(cfg, RunDir(cfg.out))
+    stage.start()
+    crops = stage.loader(stage.tuned_model()).dataset.base.transform(Image.new("RGB", (40, 36)))
+    mean, std = GREY / 255 / 2, GREY / 255 / 2  # half 0, half GREY / 255: std = mean
+    assert stage.preprocessing.mean == pytest.approx((mean,) * 3, rel=1e-6)
+    assert stage.preprocessing.std == pytest.approx((std,) * 3, rel=1e-6)
+    assert_constant(crops[0], 0, stage.preprocessing.mean, stage.preprocessing.std)
+    saved = json.loads((tmp_path / "run2" / adaptation.PREPROCESSING_FILE).read_text())
+    assert saved["mean"] == list(stage.preprocessing.mean) and "key" in saved
+
 
 def test_finetuning_views_and_the_probe_head_use_clips_statistics(task_root, tmp_path, monkeypatch):
     cfg = finetuning.resolve_config(sections=dict(
