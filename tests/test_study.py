@@ -161,6 +161,29 @@ def test_progress_counts_every_cell_and_estimates_from_the_measured_ones(tmp_pat
     assert study.results(state)["runs"]["by_kind"]["probe"] == {"done": 1, "failed": 1, "total": 2}
 
 
+def test_data_normalize_reaches_every_kind_of_cell(tmp_path):
+    """A study's data.normalize is SSA's own data key (its statistics: of the SSA images), not a split option, and
+    the fine-tuning and probe cells' data key; every cell's config resolves with it."""
+    study = study_mod.Study(_write(tmp_path, probes=["knn"], data={"num_workers": 0, "duplicates": "skip",
+                                                                   "normalize": "dataset", "normalize_images": 20}))
+    apla, full = study_mod.TunerSpec("apla", {"r": 16}), study_mod.TunerSpec("full")
+    ssa = study.adapt_sections(study.datasets[0], apla)
+    assert (ssa["data"]["normalize"], ssa["data"]["normalize_images"]) == ("dataset", 20)
+    assert ssa["data"]["splits"] == {"duplicates": "skip"}
+    assert study.finetune_sections(study.datasets[0], apla, full)["data"]["normalize"] == "dataset"
+    assert study.probe_sections(study.datasets[0], apla)["data"]["normalize"] == "dataset"
+    study.check_configs()
+
+
+def test_the_preprocessing_flags_of_essa_run_set_the_study_keys():
+    from essa.commands import build_parser
+
+    args = build_parser().parse_args(["run", "--config", "s.yaml", "--weights", "w.pth", "--backbone",
+                                      "vit_tiny_patch16_224", "--key-map", "module.=", "--normalize", "imagenet"])
+    overrides = run_command._overrides(args)
+    assert 'backbone.key_map={"module.": ""}' in overrides and "data.normalize=imagenet" in overrides
+
+
 def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):
     """finetune.label_budgets: fine-tuning cells and probes per budget, each with its own max_train, directory and
     label, all starting from one SSA run per tuner; datasets[i].ssa_epochs sets that task's SSA epochs."""

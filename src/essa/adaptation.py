@@ -6,7 +6,9 @@
 The objective is ``objective`` (:mod:`essa.objectives`): ``dinov2`` (default; student and EMA teacher, DINO + iBOT
 + KoLeo), ``mae`` or ``simmim`` (masked image modelling: the student and a decoder, no teacher).
 
-The run directory gets ``config.yaml`` (resolved), ``metrics.csv``/``metrics.json`` (one row per epoch: loss terms,
+The run directory gets ``config.yaml`` (resolved), ``preprocessing.json`` (:data:`PREPROCESSING_FILE`: the mean, std
+and interpolation of ``data.normalize``, which the exports' headers record too), ``metrics.csv``/``metrics.json``
+(one row per epoch: loss terms,
 feature rank, kNN), ``checkpoints/{last,best}.ckpt``, ``resources.json`` (:data:`RESOURCES_FILE`: trainable
 parameters, the DINO head or the decoder, the number of images, the exported epoch, peak training memory, training
 images/s and seconds), and the adapted backbone: ``backbone.safetensors`` (merged plain timm weights of the teacher
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from essa import config as config_mod, objectives, tuners
+from essa import config as config_mod, io, objectives, tuners
 from essa.config import BackboneConfig, StageOptimConfig, TrainerConfig, TunerConfig
 from essa.objectives import head_size  # noqa: F401  (essa.adaptation.head_size, as documented)
 from essa.ssl.patch_dropout import check_drop
@@ -38,7 +40,7 @@ from essa.train import stage
 from essa.train.loader import ResumableLoader, mix_seed, training_loader
 from essa.train.run_dir import RunDir
 from essa.train.stage import Fitted, Stage, export_merged, fit_stage
-from essa.train.trainer import prepare_backbones, steps_per_epoch
+from essa.train.trainer import is_global_zero, prepare_backbones, steps_per_epoch
 from essa.train.truncation import MODES as TRUNCATION_MODES
 
 
@@ -50,6 +52,9 @@ RESOURCES_FILE = stage.RESOURCES_FILE
 SPLITS = ("train", "val", "test")
 #: ``ssl.head_input`` values.
 HEAD_INPUTS = ("standardize", "raw")
+#: The preprocessing a run normalised with (essa.data.normalize: mean, std, interpolation, source, and with
+#: ``data.normalize: dataset`` what identifies the images the statistics were computed on).
+PREPROCESSING_FILE = "preprocessing.json"
 
 
 @dataclass
@@ -66,8 +71,16 @@ class SSADataConfig:
     extra: list[str] = field(default_factory=list)  # more unlabelled images (folders, any nesting), added to root's
     max_images: int | None = None  # a seeded subsample of all the images, for quick runs
     num_workers: int = 2
+    # the mean / std of every view and of the kNN monitor (essa.data.normalize): model: the backbone's own (an essa
+    # weights file's header, else timm's pretrained config of its name, e.g. CLIP's); imagenet; dataset: per channel
+    # over at most normalize_images of the SSA images (a seeded sample) at ssl.global_size. The export records it.
+    normalize: str = "model"
+    normalize_images: int = 1000
 
     def validate(self) -> None:
+        from essa.task import check_normalize
+
+        check_normalize(self.normalize, self.normalize_images)
         for key in ("split", "val_split"):
             if getattr(self, key) not in (None, *SPLITS):
                 raise config_mod.ConfigError(f"data.{key}={getattr(self, key)!r}; valid choices: {', '.join(SPLITS)}")
@@ -329,15 +342,31 @@ def _records(cfg: AdaptConfig, task=None):
     return source, records
 
 
-def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoader:
+def resolve_preprocessing(cfg: AdaptConfig, source, records, own=None, cache: Path | None = None):
+    """What the run normalises with (``data.normalize``, :func:`essa.data.normalize.resolve`): ``own`` is the
+    backbone's preprocessing (default: what ``essa.backbones.preprocessing`` says of ``backbone``); ``dataset``
+    computes the statistics on ``records`` at ``ssl.global_size`` (read from ``cache`` when it holds them)."""
+    from essa import backbones
+    from essa.data import normalize
+
+    if own is None:
+        own = backbones.preprocessing(cfg.backbone.name, weights=cfg.backbone.weights)
+    return normalize.resolve(cfg.data.normalize, own, source, records, img_size=cfg.ssl.global_size,
+                             max_images=cfg.data.normalize_images, cache=cache)
+
+
+def build_loader(cfg: AdaptConfig, patch_size: int, task=None, preprocessing=None, images=None) -> ResumableLoader:
     """The objective's views (DINOv2: multi-crop and block masks; MAE / SimMIM: one crop and its masks) of
     ``data.root``'s images, or with ``data.split`` of that split of ``task`` (default: the task ``data``
-    describes)."""
+    describes); ``images``: their (source, records) when already listed. The views are normalised with
+    ``preprocessing`` (an :class:`essa.data.normalize.Preprocessing`; default: :func:`resolve_preprocessing`)."""
     objective = objectives.get(cfg.objective)
     objective.check(cfg, patch_size)
-    source, records = _records(cfg, task)
+    source, records = images if images is not None else _records(cfg, task)
+    if preprocessing is None:
+        preprocessing = resolve_preprocessing(cfg, source, records)
     collate = functools.partial(_seeded_collate, seed=cfg.seed, collate=objective.collate(cfg, patch_size))
-    return training_loader(source, records, objective.transform(cfg, patch_size), seed=cfg.seed,
+    return training_loader(source, records, objective.transform(cfg, patch_size, preprocessing), seed=cfg.seed,
                            batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
                            what=str(cfg.data.root))
 
@@ -346,12 +375,14 @@ def build_loader(cfg: AdaptConfig, patch_size: int, task=None) -> ResumableLoade
 PREVIEW_IMAGES = 4
 
 
-def preview_batch(cfg: AdaptConfig, patch_size: int, labelled=None, loader: ResumableLoader | None = None):
-    """The fixed images of the per-epoch picture, through the objective's deterministic view, with masks drawn from
-    a generator seeded by ``seed``: the first :data:`PREVIEW_IMAGES` of the kNN monitor's (``labelled``), else of
-    the training images (``loader``'s). None when the objective draws no picture."""
+def preview_batch(cfg: AdaptConfig, patch_size: int, preprocessing, labelled=None,
+                  loader: ResumableLoader | None = None):
+    """The fixed images of the per-epoch picture, through the objective's deterministic view (normalised with
+    ``preprocessing``, the run's), with masks drawn from a generator seeded by ``seed``: the first
+    :data:`PREVIEW_IMAGES` of the kNN monitor's (``labelled``), else of the training images (``loader``'s). None
+    when the objective draws no picture."""
     objective = objectives.get(cfg.objective)
-    view = objective.preview_transform(cfg)
+    view = objective.preview_transform(cfg, preprocessing)
     if view is None:
         return None
     source, records = labelled if labelled is not None else (loader.dataset.base.source,
@@ -393,10 +424,11 @@ def knn_noise(labels, balanced_accuracy: float) -> float:
     return float(torch.sqrt((b * (1 - b) / counts).sum()) / len(counts))
 
 
-def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig) -> dict[str, float]:
+def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig, preprocessing=None) -> dict[str, float]:
     """Leave-one-out weighted kNN (class-balanced votes with ``monitor.knn_balanced``) accuracy and balanced accuracy
     of the backbone's CLS features on ``labelled`` (source, records), the k used (:func:`knn_k`) and the balanced
-    accuracy's standard error (:func:`knn_noise`)."""
+    accuracy's standard error (:func:`knn_noise`). Images normalised with ``preprocessing`` (default: the
+    backbone's own, :func:`essa.data.normalize.of_model`)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     from essa.evaluate.features import cls_features
@@ -404,7 +436,8 @@ def knn_metrics(backbone: nn.Module, labelled, cfg: AdaptConfig) -> dict[str, fl
 
     source, records = labelled
     # every process extracts its share and gets all features: each computes the same kNN over the whole set
-    feats, labels, _ = cls_features(backbone, source, records, img_size=cfg.ssl.global_size, distributed=True)
+    feats, labels, _ = cls_features(backbone, source, records, img_size=cfg.ssl.global_size, distributed=True,
+                                    preprocessing=preprocessing)
     k = knn_k(labels, cfg.monitor.knn_k)
     pred = knn_scores(feats, labels, k=k, temperature=cfg.monitor.knn_temperature, num_classes=len(source.classes),
                       balanced=cfg.monitor.knn_balanced).argmax(1)
@@ -434,10 +467,11 @@ def export_choice(history: list[dict], monitored: bool) -> dict[str, Any]:
                       f"{max(values):.3f}, standard error {noise / 2:.3f})"}
 
 
-def _export(module, run: RunDir) -> dict[str, Path]:
+def _export(module, run: RunDir, preprocessing) -> dict[str, Path]:
     """The objective's backbone (DINOv2: the teacher's; MAE, SimMIM: the student's) merged into plain timm weights,
-    its tuner state, and the objective's own files (a decoder)."""
+    its tuner state, and the objective's own files (a decoder); the headers record ``preprocessing``."""
     backbone = module.exported_backbone()
+    backbone.essa_preprocessing = preprocessing
     backbone_path = export_merged(backbone, run.path / "backbone.safetensors")
     return {"backbone": backbone_path, "tuner": tuners.save(backbone, run.path / "tuner.safetensors"),
             **module.exported_extras(run.path)}
@@ -465,7 +499,9 @@ class _SSAStage(Stage):
         # after each epoch: kNN on the monitored backbone's CLS features (best checkpoint by its balanced accuracy)
         trainer = module.trainer
         module.epoch_outputs(self.run.path, trainer.current_epoch, write=trainer.is_global_zero)
-        return knn_metrics(module.monitored_backbone, self.knn_data, self.cfg) if self.knn_data is not None else {}
+        if self.knn_data is None:
+            return {}
+        return knn_metrics(module.monitored_backbone, self.knn_data, self.cfg, self.preprocessing)
 
     def tuned_model(self) -> nn.Module:
         backbone = self.cfg.backbone.build(img_size=self.cfg.ssl.global_size, dynamic_img_size=True)
@@ -473,7 +509,17 @@ class _SSAStage(Stage):
         return backbone
 
     def loader(self, backbone) -> ResumableLoader:
-        return build_loader(self.cfg, backbone.patch_embed.patch_size[0], self.task)
+        from essa.data import normalize
+
+        images = _records(self.cfg, self.task)
+        self.preprocessing = resolve_preprocessing(self.cfg, *images, own=normalize.of_model(backbone),
+                                                   cache=self.run.path / PREPROCESSING_FILE)
+        backbone.essa_preprocessing = self.preprocessing  # what the model is trained with (a teacher copies it)
+        if is_global_zero():
+            if self.cfg.data.normalize != "dataset":  # dataset: resolve wrote the statistics with their images' key
+                io.write_json(self.run.path / PREPROCESSING_FILE, self.preprocessing.to_dict())
+            print(f"normalised with {self.preprocessing.describe()}")
+        return build_loader(self.cfg, backbone.patch_embed.patch_size[0], self.task, self.preprocessing, images)
 
     def module(self, backbone, loader, trainer, checkpointing):
         self.cfg = cfg = self.objective.sized(self.cfg, loader.sampler.size)
@@ -481,7 +527,9 @@ class _SSAStage(Stage):
         for note in module.schedule_warnings:
             warnings.warn(note, stacklevel=4)  # the caller of adapt (adapt -> fit_stage -> here)
         prepare_backbones(cfg.trainer, *module.prepared_backbones)
-        module.preview = preview_batch(cfg, backbone.patch_embed.patch_size[0], self.knn_data, loader)
+        module.preview = preview_batch(cfg, backbone.patch_embed.patch_size[0], self.preprocessing, self.knn_data,
+                                       loader)
+        module.preprocessing = self.preprocessing
         return module
 
     def reload(self, fitted: Fitted) -> dict[str, Any]:
@@ -495,7 +543,7 @@ class _SSAStage(Stage):
         return {**module.stage_resources(), "images": fitted.loader.sampler.size, "exported": exported}
 
     def export(self, fitted: Fitted) -> dict[str, Path]:
-        return _export(fitted.module, self.run)
+        return _export(fitted.module, self.run, self.preprocessing)
 
 
 def adapt(config: AdaptConfig | str | Path | None = None, *, resume: bool = False, overrides: list[str] | None = None,

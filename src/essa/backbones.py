@@ -6,12 +6,18 @@ CLS-token pooling unless ``global_pool`` is given (timm's Eva pools the mean of 
 objectives and probes read the CLS token after the final norm).
 
 Every backbone essa builds remembers how it was built (``model.essa_arch``: the timm name and the keyword
-arguments given to ``timm.create_model``), so that the weights files essa writes can describe themselves.
+arguments given to ``timm.create_model``), so that the weights files essa writes can describe themselves, and
+how its inputs are preprocessed (``model.essa_preprocessing``, :func:`preprocessing`: the mean, std and
+interpolation of a weights file's header, or of timm's pretrained config of the name).
+
+Weights whose keys are not timm's (a RETFound or MoCo checkpoint: ``module.``, ``encoder.``, ``backbone.``
+prefixes) load with a ``key_map`` (:func:`map_keys`: key prefixes replaced, or dropped with None).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import json
 import os
@@ -28,6 +34,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from essa import export, families
+from essa.data import normalize
 from essa.errors import EssaError
 
 # Keyword arguments that change the input resolution only: weights built for one value load into another by
@@ -240,6 +247,55 @@ def _resolve_arch(
     return name or head_name, {**head_args, **kwargs}
 
 
+def preprocessing(name: str | None, meta: dict[str, str] | None = None, *, weights: str | Path | None = None
+                  ) -> normalize.Preprocessing:
+    """How the inputs of the backbone ``name`` / ``weights`` are preprocessed (mean, std, interpolation), offline:
+
+    - a weights file whose header records it (essa's exports): the header's;
+    - another weights file: timm's pretrained config of ``name`` when it carries a tag
+      (``vit_large_patch16_224.mae``), else ImageNet's statistics (essa's older exports, which were trained with
+      them, and other people's checkpoints: name the tag, or set ``data.normalize``);
+    - a timm name: timm's pretrained config of the name (its tag, else the architecture's default tag), e.g.
+      CLIP's statistics for ``vit_base_patch16_clip_224.openai``; ImageNet's when timm has none.
+
+    ``meta``: the header of ``weights`` when already read."""
+    if weights is not None:
+        if meta is None:  # a .pth file or an unreadable one has no header (create says why it cannot read it)
+            meta = _header(Path(weights)) or {}
+        try:
+            found = normalize.from_header(meta, weights)
+        except ValueError as err:
+            raise BackboneError(str(err)) from None
+        if found is not None:
+            return found
+        if name is None or not split_model_name_tag(name)[1]:
+            return dataclasses.replace(normalize.IMAGENET,
+                                       source=f"imagenet ({Path(weights).name} records no preprocessing)")
+    return (normalize.of_timm_name(name) if name else None) or normalize.IMAGENET
+
+
+def map_keys(state_dict: dict[str, torch.Tensor], key_map: dict[str, str | None]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each key's longest matching prefix of ``key_map`` replaced by its value (``""``: the
+    prefix removed; None: the tensor dropped); keys no prefix matches stay as they are. Two keys mapped onto one
+    is an error."""
+    prefixes = sorted(key_map, key=len, reverse=True)
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is not None:
+            if key_map[prefix] is None:
+                continue
+            new = key_map[prefix] + key[len(prefix):]
+        else:
+            new = key
+        if new in out:
+            raise BackboneError(f"backbone.key_map {json.dumps(key_map)} maps both {origin[new]!r} and {key!r} to "
+                                f"{new!r}; drop one of the prefixes with null, e.g. {{{json.dumps(prefix or key)}: null}}")
+        out[new], origin[new] = value, key
+    return out
+
+
 def create(
     name: str | None = None,
     *,
@@ -248,6 +304,7 @@ def create(
     weights: str | Path | None = None,
     dynamic_img_size: bool = False,
     num_classes: int | None = None,
+    key_map: dict[str, str | None] | None = None,
     **model_args: Any,
 ) -> VisionTransformer:
     """Build a timm Vision Transformer.
@@ -262,6 +319,9 @@ def create(
         dynamic_img_size: accept any input size at run time (multi-crop), resampling position embeddings.
         num_classes: size of a classification head (0: none, the model returns pooled features). None: the
             ``num_classes`` in the header of ``weights`` (a classifier export), else 0.
+        key_map: for ``weights`` whose keys are not timm's: key prefix -> its replacement (``""`` removes it,
+            None drops the tensors), e.g. ``{"module.": ""}`` (:func:`map_keys`); applied before timm's
+            ``checkpoint_filter_fn``.
         model_args: further ``timm.create_model`` keyword arguments (``patch_size``, ``drop_path_rate``...), and
             ``global_pool="token+avg"``: a head on the CLS token concatenated with the mean patch token
             (:class:`TokenAvgViT`).
@@ -269,10 +329,14 @@ def create(
     Returns a timm ``VisionTransformer`` or ``Eva`` (DINOv3, EVA-02; CLS-token pooling unless ``global_pool`` is
     given) whose ``essa_arch`` attribute records ``timm_name`` and ``model_args`` (with ``num_classes`` when the
     model has a head, so that a classifier's weights file rebuilds its head), and ``licence`` when the weights come
-    under one of :data:`NOTED_LICENCES` (DINOv3's; said once as a warning).
+    under one of :data:`NOTED_LICENCES` (DINOv3's; said once as a warning), and whose ``essa_preprocessing`` is
+    :func:`preprocessing` of the name and weights.
     """
     if pretrained and weights is not None:
         raise BackboneError("give either pretrained=True or weights=PATH, not both")
+    if key_map and weights is None:
+        raise BackboneError(f"key_map {json.dumps(key_map)} renames the keys of a weights file: give weights=PATH "
+                            "(backbone.weights, --weights) too")
     kwargs = dict(model_args)
     if img_size is not None:
         kwargs["img_size"] = int(img_size)
@@ -323,12 +387,36 @@ def create(
     if licence:
         model.essa_arch["licence"] = licence
         note_licence(name, licence)
+    model.essa_preprocessing = preprocessing(name, meta, weights=weights)
     if state_dict is not None:
-        _load_into(model, state_dict, meta, Path(weights))
+        if key_map:
+            state_dict = map_keys(state_dict, key_map)
+        _load_into(model, state_dict, meta, Path(weights), key_map)
     return model
 
 
-def _load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], meta: dict[str, str], path: Path):
+def _prefix_hint(unexpected: list[str], model_keys: list[str]) -> str:
+    """A key_map that would fit: the commonest prefix before a model key among the unexpected keys."""
+    counts: dict[str, int] = {}
+    for key in unexpected:
+        for own in model_keys:
+            if key.endswith("." + own):
+                prefix = key[: -len(own)]
+                counts[prefix] = counts.get(prefix, 0) + 1
+                break
+    if not counts:
+        return ""
+    prefix = max(counts, key=counts.get)
+    return (f" {counts[prefix]} unexpected keys are model keys behind the prefix {prefix!r}: try "
+            f"--key-map {prefix}= (backbone.key_map: {{{json.dumps(prefix)}: ''}}; null drops a prefix's tensors).")
+
+
+def _keys(keys: list[str], n: int = 5) -> str:
+    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})" if keys else "0"
+
+
+def _load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], meta: dict[str, str], path: Path,
+               key_map: dict[str, str | None] | None = None):
     from essa import tuners  # tuners import backbones' neighbours; import here to keep module load light
 
     tuner = meta.get("essa_tuner")
@@ -342,10 +430,11 @@ def _load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], me
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
+        mapped = f" after backbone.key_map {json.dumps(key_map)}" if key_map else ""
         raise BackboneError(
-            f"weights in {str(path)!r} do not fit {model.essa_arch['timm_name']} "
-            f"{json.dumps(model.essa_arch['model_args'])}: missing {missing[:8]}"
-            f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            f"weights in {str(path)!r}{mapped} do not fit {model.essa_arch['timm_name']} "
+            f"{json.dumps(model.essa_arch['model_args'])}: missing keys {_keys(missing)}, unexpected keys "
+            f"{_keys(unexpected)}.{_prefix_hint(unexpected, list(model.state_dict()))}"
         )
     if tuner:
         tuners.bake(model)

@@ -36,13 +36,26 @@ class BackboneConfig:
     pretrained: bool = True
     weights: str | None = None  # a local file; overrides pretrained
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # more timm.create_model arguments
+    # weights whose keys are not timm's: key prefix -> replacement ("" strips it, null drops those tensors), e.g.
+    # {"module.": ""} for a DDP checkpoint (essa.backbones.map_keys); applied before timm's checkpoint_filter_fn
+    key_map: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        for prefix, new in self.key_map.items():
+            if not isinstance(prefix, str) or not prefix or not (new is None or isinstance(new, str)):
+                raise ConfigError(f"backbone.key_map: {prefix!r}: {new!r}; give key prefixes mapped to their "
+                                  "replacement ('' strips the prefix, null drops those tensors), e.g. "
+                                  "{'module.': ''}")
+        if self.key_map and not self.weights:
+            raise ConfigError("backbone.key_map renames the keys of a weights file: give backbone.weights (--weights)")
 
     def build(self, **kwargs):
         from essa import backbones  # configs load without importing torch and timm
 
-        kwargs = {**self.model_args, **kwargs}
+        # a None argument (evaluate's img_size when not given) leaves model_args' value, not timm's default
+        kwargs = {**self.model_args, **{k: v for k, v in kwargs.items() if v is not None}}
         if self.weights:
-            return backbones.create(self.name, weights=self.weights, **kwargs)
+            return backbones.create(self.name, weights=self.weights, key_map=self.key_map or None, **kwargs)
         return backbones.create(self.name, pretrained=self.pretrained, **kwargs)
 
     def check_img_size(self, what: str, *sizes: int | None) -> None:

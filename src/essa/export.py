@@ -1,7 +1,9 @@
 """Weights on disk: safetensors files that describe the architecture they hold.
 
 The header carries ``timm_name`` and ``model_args`` (JSON of ``timm.create_model`` keyword arguments), so
-``essa.backbones.create(weights=PATH)`` rebuilds the model with no other information.
+``essa.backbones.create(weights=PATH)`` rebuilds the model with no other information, and the preprocessing the
+model was used with (``mean``, ``std``: JSON lists; ``interpolation``; ``normalize``: where the statistics came
+from; :mod:`essa.data.normalize`), which every later stage that loads the file uses under ``data.normalize: model``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from essa.errors import InputError
 
 
 def arch_metadata(model: torch.nn.Module) -> dict[str, str]:
-    """Header fields describing ``model``'s architecture (empty when it was not built by essa)."""
+    """Header fields describing ``model``'s architecture and its preprocessing (``model.essa_preprocessing``)
+    (empty when it was not built by essa)."""
+    from essa.data import normalize
+
     arch = getattr(model, "essa_arch", None)
     if not arch:
         return {}
-    meta = {"timm_name": arch["timm_name"], "model_args": json.dumps(arch["model_args"], sort_keys=True)}
+    pre = getattr(model, "essa_preprocessing", None)
+    meta = {"timm_name": arch["timm_name"], "model_args": json.dumps(arch["model_args"], sort_keys=True),
+            **(normalize.header(pre) if pre is not None else {})}
     if arch.get("licence"):  # the pretrained weights' licence when not a permissive one (DINOv3's)
         meta["licence"] = arch["licence"]
     return meta

@@ -26,8 +26,10 @@ Two departures from the reference recipe, both defaults because they measured be
   negatives / positives) when the train split's largest class count exceeds :data:`AUTO_CLASS_RATIO` (1.5) times
   its smallest (multilabel: a label's positives against its negatives); ``true`` / ``false`` force it.
 
-Every seed sees the same splits (``data.split_seed``) and trains in its own run directory. Output in ``OUT``:
-``config.yaml``; ``summary.json`` / ``summary.csv`` (mean ± std over seeds of each test metric, the peak training
+Every seed sees the same splits (``data.split_seed``) and the same preprocessing (``data.normalize``: the
+backbone's own mean and std, e.g. an SSA export's header, ImageNet's, or the train split's), and trains in its own
+run directory. Output in ``OUT``: ``config.yaml``; ``preprocessing.json`` (the mean, std and interpolation used,
+which ``classifier.safetensors`` records too); ``summary.json`` / ``summary.csv`` (mean ± std over seeds of each test metric, the peak training
 memory and the training images/s); ``duplicates.json`` (when the scan ran); and per seed ``seed_N/``:
 ``config.yaml`` (``seeds: [N]``), ``metrics.json`` / ``metrics.csv`` (with ``head.init: lp`` a first row, epoch -1,
 with the validation metrics of the probe head; a row per epoch with the mean training loss, lr and validation
@@ -172,9 +174,25 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int):
     return tuners.apply(model, cfg.tuner.name, **cfg.tuner.options)
 
 
-def build_loader(cfg: FinetuneConfig, task: Task, seed: int) -> ResumableLoader:
-    """The train split with the training augmentation, in a seeded order that a resumed run continues exactly."""
-    transform = data.transforms.train_transform(cfg.img_size, scale=tuple(cfg.augment.scale), hflip=cfg.augment.hflip)
+#: The preprocessing the run normalised with (as essa adapt's: essa.adaptation.PREPROCESSING_FILE), in ``OUT``.
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def resolve_preprocessing(cfg: FinetuneConfig, task: Task, cache: Path | None = None) -> data.normalize.Preprocessing:
+    """What every seed normalises with (``data.normalize``, :func:`essa.data.normalize.resolve`): the backbone's own
+    preprocessing (:func:`essa.backbones.preprocessing`: an essa file's header, else timm's pretrained config of the
+    name), ImageNet's statistics, or the train split's at ``img_size`` (read from ``cache`` when it holds them)."""
+    own = backbones.preprocessing(cfg.backbone.name, weights=cfg.backbone.weights)
+    return data.normalize.resolve(cfg.data.normalize, own, task.source, task.splits["train"], img_size=cfg.img_size,
+                                  max_images=cfg.data.normalize_images, cache=cache)
+
+
+def build_loader(cfg: FinetuneConfig, task: Task, seed: int, preprocessing=None) -> ResumableLoader:
+    """The train split with the training augmentation, in a seeded order that a resumed run continues exactly,
+    normalised with ``preprocessing`` (default: :func:`resolve_preprocessing`)."""
+    preprocessing = preprocessing or resolve_preprocessing(cfg, task)
+    transform = data.transforms.train_transform(cfg.img_size, scale=tuple(cfg.augment.scale), hflip=cfg.augment.hflip,
+                                                preprocessing=preprocessing)
     return training_loader(task.source, task.splits["train"], transform, seed=seed, batch_size=cfg.optim.batch_size,
                            num_workers=cfg.data.num_workers, what=f"the train split of {cfg.data.root}")
 
@@ -215,14 +233,17 @@ def _head_inputs(model, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def fit_probe_head(model, cfg: FinetuneConfig, task: Task, seed: int, device: torch.device | str = "cpu") -> dict:
+def fit_probe_head(model, cfg: FinetuneConfig, task: Task, seed: int, device: torch.device | str = "cpu",
+                   preprocessing=None) -> dict:
     """LP-FT's first stage (``head.init: lp``): essa's linear probe (:func:`essa.evaluate.linear_probe.
     fit_linear_probe`: standardised features, C chosen on the val split by the primary metric) fitted on what the
     head reads from the model as it starts training (eval view of the train and val images), folded into the head
     (:meth:`~essa.evaluate.linear_probe.LinearProbe.as_linear`). Draws nothing from torch's random generator, so
     that training starts from the same random state as with ``head.init: random``.
+    ``preprocessing``: the eval view's (default: the model's own).
     Returns {"init", "C", "selected_on", "val_<metric>"}: what ``seed_N/head_init.json`` records."""
-    kwargs = dict(img_size=cfg.img_size, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
+    kwargs = dict(img_size=cfg.img_size, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
+                  preprocessing=preprocessing)
     home = next(model.parameters()).device
     with torch.random.fork_rng(devices=[]):  # the DataLoaders draw their base seeds from the global generator
         model.to(device)
@@ -265,9 +286,10 @@ def test_row(run: RunDir) -> dict | None:
     return rows[-1] if rows and rows[-1].get("split") == "test" else None
 
 
-def _val_metrics(module, cfg: FinetuneConfig, task: Task) -> dict[str, Any]:
+def _val_metrics(module, cfg: FinetuneConfig, task: Task, preprocessing=None) -> dict[str, Any]:
     out = classifier_scores(module.model, task.source, task.splits["val"], task=task.task, img_size=cfg.img_size,
-                            batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers, distributed=True)
+                            batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers, distributed=True,
+                            preprocessing=preprocessing)
     return {"split": "val", **metrics.compute(task.task, out.labels, out.values, task.num_classes)}
 
 
@@ -285,29 +307,32 @@ class _SeedStage(Stage):
     """One seed of ``essa finetune`` as :func:`essa.train.stage.fit_stage` runs it: trains, tests the best
     checkpoint, exports it and writes the test row."""
 
-    def __init__(self, cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume: bool):
+    def __init__(self, cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume: bool, preprocessing):
         self.cfg, self.seed, self.task, self.run, self.resume = cfg, seed, task, run, resume
+        self.preprocessing = preprocessing
         self.checkpoint_every_n_steps = cfg.checkpoint_every_n_steps
         self.monitor = task.primary
         self.name = f"finetune seed {seed}"
 
     def epoch_metrics(self, module) -> dict[str, Any]:
-        return _val_metrics(module, self.cfg, self.task)
+        return _val_metrics(module, self.cfg, self.task, self.preprocessing)
 
     def tuned_model(self):
         model = build_classifier(self.cfg, self.task.num_classes)
+        model.essa_preprocessing = self.preprocessing  # what it is trained with, which its export records
         prepare_backbones(self.cfg.trainer, model)
         return model
 
     def loader(self, model) -> ResumableLoader:
-        return build_loader(self.cfg, self.task, self.seed)
+        return build_loader(self.cfg, self.task, self.seed, self.preprocessing)
 
     def module(self, model, loader, trainer, checkpointing) -> ClassifierModule:
         cfg, seed, task, run = self.cfg, self.seed, self.task, self.run
         head_init = None
         # a resumed run's head is in its checkpoint
         if cfg.head.init == "lp" and not (self.resume and run.last.exists()):
-            head_init = fit_probe_head(model, cfg, task, seed, device=trainer.strategy.root_device)
+            head_init = fit_probe_head(model, cfg, task, seed, device=trainer.strategy.root_device,
+                                       preprocessing=self.preprocessing)
             if trainer.is_global_zero:
                 (run.path / HEAD_INIT_FILE).write_text(json.dumps(head_init, indent=2))
                 print(f"seed {seed}: head initialised by the linear probe (C={head_init['C']:.3g}, "
@@ -320,7 +345,7 @@ class _SeedStage(Stage):
         module = ClassifierModule(model, task.task, lr_schedule(cfg.optim, cfg.tuner.name, total_steps),
                                   cfg.optim.weight_decay, self.loss_weights, cfg.optim.layer_decay)
         if head_init is not None:  # the linear-probe head before step 0 is the first candidate for the best checkpoint
-            start = {"epoch": -1, "step": 0, **_val_metrics(module, cfg, task)}
+            start = {"epoch": -1, "step": 0, **_val_metrics(module, cfg, task, self.preprocessing)}
             module.history = [start]
             if math.isfinite(start.get(task.primary, math.nan)):
                 checkpointing.best_value = start[task.primary]
@@ -336,12 +361,14 @@ class _SeedStage(Stage):
         # every process tests its share of the test split; process 0 writes the files
         self.test = classifier_scores(module.model, task.source, task.splits["test"], task=task.task,
                                       img_size=cfg.img_size, batch_size=cfg.optim.batch_size,
-                                      num_workers=cfg.data.num_workers, distributed=True)
+                                      num_workers=cfg.data.num_workers, distributed=True,
+                                      preprocessing=self.preprocessing)
         return {"images": fitted.loader.sampler.size}
 
     def export(self, fitted: Fitted) -> dict:
         """The merged classifier and the test row, written last into the metrics: it marks the seed as finished."""
         task, run, module, best = self.task, self.run, fitted.module, self.best
+        module.model.essa_preprocessing = self.preprocessing
         export_merged(module.model, run.path / CLASSIFIER_FILE)
         row = {
             "epoch": best["epoch"], "step": best["global_step"], "split": "test",  # the tested (best) checkpoint's
@@ -354,9 +381,9 @@ class _SeedStage(Stage):
 
 
 def _train_seed(cfg: FinetuneConfig, seed: int, task: Task, run: RunDir, resume: bool,
-                trainer_kwargs: dict | None) -> dict:
+                trainer_kwargs: dict | None, preprocessing) -> dict:
     """Train one seed in ``run``, test its best checkpoint and export it; returns the test row."""
-    stage = _SeedStage(cfg, seed, task, run, resume)
+    stage = _SeedStage(cfg, seed, task, run, resume, preprocessing)
     return fit_stage(stage, cfg, run, seed=seed, resume=resume, trainer_kwargs=trainer_kwargs).exported
 
 
@@ -380,12 +407,16 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
         run.refuse_other_config(seed_cfg, f"{run.path} was run with another config ({run.path / 'config.yaml'}); "
                                           "give the same options, or another --out")
     task = load_task(cfg.data, cfg.task, cfg.metric)
+    preprocessing = resolve_preprocessing(cfg, task, cache=out / PREPROCESSING_FILE)
     if is_global_zero():  # in a distributed run, process 0 writes and prints
         out.mkdir(parents=True, exist_ok=True)
         config_mod.dump(cfg, out / "config.yaml")
+        if cfg.data.normalize != "dataset":  # dataset: resolve wrote the statistics with their images' key
+            io.write_json(out / PREPROCESSING_FILE, preprocessing.to_dict())
         if task.duplicates is not None:
             (out / "duplicates.json").write_text(json.dumps(task.duplicates.to_dict(), indent=2))
         print(task.describe())
+        print(f"normalised with {preprocessing.describe()}")
 
     if only is not None and not set(only) <= set(cfg.seeds):
         raise ValueError(f"only={only} names seeds that are not in seeds={cfg.seeds}")
@@ -395,7 +426,7 @@ def finetune(config: FinetuneConfig | str | Path | None = None, *, resume: bool 
         if row is None and only is not None and seed not in only:
             continue
         if row is None:
-            row = _train_seed(seed_cfg, seed, task, run, resume, trainer_kwargs)
+            row = _train_seed(seed_cfg, seed, task, run, resume, trainer_kwargs, preprocessing)
         else:
             print(f"seed {seed}: finished before, read from {run.path / 'metrics.json'}")
         seeds[seed] = {"run_dir": run.path, "classifier": run.path / CLASSIFIER_FILE, "test": row}

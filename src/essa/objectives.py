@@ -61,14 +61,14 @@ class DINOv2(Objective):
     def unused_parameters(self, cfg) -> bool:
         return bool(cfg.ssl.head_warmup)  # the head warm-up's steps leave the tuner without gradients
 
-    def transform(self, cfg, patch_size):
+    def transform(self, cfg, patch_size, preprocessing):
         from essa.ssl import MultiCropTransform
 
         ssl = cfg.ssl
         return MultiCropTransform(
             n_global=ssl.n_global, n_local=ssl.n_local, global_size=ssl.global_size,
             local_size=local_size(cfg, patch_size), global_scale=tuple(ssl.global_scale),
-            local_scale=tuple(ssl.local_scale),
+            local_scale=tuple(ssl.local_scale), mean=preprocessing.mean, std=preprocessing.std,
         )
 
     def collate(self, cfg, patch_size):
@@ -97,10 +97,11 @@ class _Reconstruction(Objective):
     def options(self, cfg):
         return getattr(cfg, self.name)
 
-    def transform(self, cfg, patch_size):
+    def transform(self, cfg, patch_size, preprocessing):
         from essa.ssl.mim import ReconstructionTransform
 
-        return ReconstructionTransform(cfg.ssl.global_size, scale=tuple(self.options(cfg).scale))
+        return ReconstructionTransform(cfg.ssl.global_size, scale=tuple(self.options(cfg).scale),
+                                       mean=preprocessing.mean, std=preprocessing.std)
 
     def masks(self, cfg, patch_size):
         """``mask_fn(n, generator=...)`` -> bool (n, H, W) on the patch grid of ``ssl.global_size``."""
@@ -111,10 +112,10 @@ class _Reconstruction(Objective):
 
         return functools.partial(collate_masked, mask_fn=self.masks(cfg, patch_size))
 
-    def preview_transform(self, cfg):
+    def preview_transform(self, cfg, preprocessing):
         from essa.ssl.mim import CenterTransform
 
-        return CenterTransform(cfg.ssl.global_size)
+        return CenterTransform(cfg.ssl.global_size, mean=preprocessing.mean, std=preprocessing.std)
 
     def build(self, cfg, backbone):
         raise NotImplementedError

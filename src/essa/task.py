@@ -38,14 +38,31 @@ class TaskDataConfig:
     duplicates: str = "report"  # skip | report | drop | error (exact duplicates, essa.data.find_duplicates)
     duplicate_scope: str = "across"  # the policy acts on groups across splits, or on all groups
     num_workers: int = 2
+    # the mean / std images are normalised with (essa.data.normalize): model: the backbone's own (an essa weights
+    # file's header, else timm's pretrained config of its name, e.g. CLIP's); imagenet; dataset: per channel over at
+    # most normalize_images images of the train split (a seeded sample), resized to the model's size
+    normalize: str = "model"
+    normalize_images: int = 1000
 
     def validate(self) -> None:
+        check_normalize(self.normalize, self.normalize_images)
         if self.duplicates not in DUPLICATE_POLICIES:
             raise ConfigError(f"data.duplicates={self.duplicates!r}; valid choices: {', '.join(DUPLICATE_POLICIES)}")
         if self.max_train is not None and self.max_train < 1:
             raise ConfigError(f"data.max_train={self.max_train} must be at least 1 (or null: the whole train split)")
         if self.duplicate_scope not in SCOPES:
             raise ConfigError(f"data.duplicate_scope={self.duplicate_scope!r}; valid choices: {', '.join(SCOPES)}")
+
+
+def check_normalize(mode: str, images: int, where: str = "data") -> None:
+    """``data.normalize`` is one of essa.data.normalize.MODES and ``data.normalize_images`` at least 1."""
+    try:
+        data.normalize.check_mode(mode, f"{where}.normalize")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if images < 1:
+        raise ConfigError(f"{where}.normalize_images={images} must be at least 1 (the images data.normalize=dataset "
+                          "computes the statistics on)")
 
 
 def check_task_key(task: str | None) -> None:

@@ -71,9 +71,12 @@ def test_classifiers_of_several_seeds_are_scored_and_summarised(tmp_path):
         assert stats["std"] == pytest.approx(np.std(values, ddof=1))
     assert "classifier (mean ± std)" in result["table"] and "(n=2)" in result["table"]
 
-    # each row is the model's own softmax on the test images
+    # each row is the model's own softmax on the test images, normalised as its header says
     task = result["task"]
-    dataset = data.ImageDataset(task.source, task.splits["test"][:3], data.transforms.eval_transform(32))
+    own = backbones.create(weights=run / "seed_1" / "classifier.safetensors").essa_preprocessing
+    assert own == data.normalize.of_model(models[1])
+    view = data.transforms.eval_transform(32, preprocessing=own)
+    dataset = data.ImageDataset(task.source, task.splits["test"][:3], view)
     with torch.no_grad():
         expected = models[1](torch.stack([dataset[i][0] for i in range(3)])).softmax(1)
     with open(tmp_path / "eval" / "classifier_seed_1_predictions.csv") as f:

@@ -17,8 +17,10 @@ def breast():
     return source, [r for r in source.records if r.split == "test"][:6]
 
 
-def _eval_view(source, records, size=32):
-    dataset = data.ImageDataset(source, records, data.transforms.eval_transform(size))
+def _eval_view(source, records, model, size=32):
+    """The eval view of ``records`` with ``model``'s own preprocessing (vit_tiny_patch16_224's: 0.5 / 0.5, bicubic)."""
+    view = data.transforms.eval_transform(size, preprocessing=data.normalize.of_model(model))
+    dataset = data.ImageDataset(source, records, view)
     return torch.stack([dataset[i][0] for i in range(len(records))])
 
 
@@ -28,7 +30,7 @@ def test_cls_features_are_the_eval_mode_cls_token_and_the_mode_is_restored(make_
     out = cls_features(model, source, records, img_size=32, batch_size=4)
     assert model.training
     with torch.no_grad():
-        expected = model.eval().forward_features(_eval_view(source, records))[:, 0]
+        expected = model.eval().forward_features(_eval_view(source, records, model))[:, 0]
     assert out.values.shape == (6, 192) and torch.allclose(out.values, expected, atol=1e-5)
     assert out.labels.tolist() == [r.label for r in records] and out.records == records
 
@@ -64,14 +66,19 @@ class _Refuses(torch.nn.Module):
 def test_cached_features_are_read_back_only_for_the_same_backbone_and_images(make_vit, breast, tmp_path):
     source, records = breast
     path = tmp_path / "features" / "test.safetensors"
-    first = cached_cls_features(make_vit().eval(), source, records, path, {"name": "tiny"}, img_size=32)
-    again = cached_cls_features(_Refuses(), source, records, path, {"name": "tiny"}, img_size=32)
+    vit = make_vit().eval()
+    own = data.normalize.of_model(vit)  # the stand-in has no preprocessing of its own: give it the ViT's
+    first = cached_cls_features(vit, source, records, path, {"name": "tiny"}, img_size=32)
+    again = cached_cls_features(_Refuses(), source, records, path, {"name": "tiny"}, img_size=32, preprocessing=own)
     assert torch.equal(first.values, again.values) and torch.equal(first.labels, again.labels)
     assert again.records == records
-    for identity, subset, size in (({"name": "other"}, records, 32), ({"name": "tiny"}, records[:3], 32),
-                                   ({"name": "tiny"}, records, 16)):
+    imagenet = data.normalize.resolve("imagenet", own)
+    for identity, subset, size, pre in (({"name": "other"}, records, 32, own),
+                                        ({"name": "tiny"}, records[:3], 32, own),
+                                        ({"name": "tiny"}, records, 16, own),
+                                        ({"name": "tiny"}, records, 32, imagenet)):  # another normalisation
         with pytest.raises(AssertionError, match="should have come from the cache"):
-            cached_cls_features(_Refuses(), source, subset, path, identity, img_size=size)
+            cached_cls_features(_Refuses(), source, subset, path, identity, img_size=size, preprocessing=pre)
 
 
 def test_classifier_scores_are_probabilities(make_vit, breast):
@@ -79,7 +86,7 @@ def test_classifier_scores_are_probabilities(make_vit, breast):
     model = make_vit(num_classes=2).eval()
     out = classifier_scores(model, source, records, task="binary", img_size=32)
     with torch.no_grad():
-        assert torch.allclose(out.values, model(_eval_view(source, records)).softmax(1), atol=1e-6)
+        assert torch.allclose(out.values, model(_eval_view(source, records, model)).softmax(1), atol=1e-6)
     logits = torch.tensor([[0.0, 2.0, -1.0]])
     assert torch.allclose(probabilities(logits, "multilabel"), torch.sigmoid(logits))
     assert torch.isclose(probabilities(logits, "ordinal").sum(), torch.tensor(1.0))

@@ -201,9 +201,10 @@ def test_the_reconstruction_loss_falls_on_a_few_images(objective):
     folder = SHARED / "data" / "chest_xray_pneumonia" / "train" / "NORMAL"
     if not folder.is_dir():
         pytest.skip(f"shared chest X-rays not found at {folder}")
+    from essa.data import normalize
     from essa.objectives import get
 
-    view = get(objective).preview_transform(cfg)
+    view = get(objective).preview_transform(cfg, normalize.IMAGENET)
     images = [view(Image.open(path)) for path in sorted(folder.iterdir())[:4]]
     batch = get(objective).collate(cfg, 8)(images, generator=torch.Generator().manual_seed(0))
     opt = module.configure_optimizers()

@@ -237,15 +237,20 @@ def test_the_lp_head_is_the_linear_probe_of_the_frozen_features_fitted_before_st
     assert recorded["C"] == probe.C and recorded["val_auc"] == pytest.approx(probe.selection[probe.C])
     # validated before step 0 (epoch -1), it is the tested checkpoint: no epoch of lr 0 improves on it
     rows = json.loads((run / "metrics.json").read_text())
-    assert rows[0]["epoch"] == -1 and rows[0]["step"] == 0 and rows[0]["auc"] == pytest.approx(recorded["val_auc"])
+    # within one pair of the AUC: two val images score within 1e-11 under the probe (a tie there), which the head's
+    # float32 scores (within 2e-5 of the probe's) may break
+    counts = np.bincount(val.labels.numpy())
+    one_pair = 1 / (counts[0] * counts[1])
+    assert rows[0]["epoch"] == -1 and rows[0]["step"] == 0
+    assert rows[0]["auc"] == pytest.approx(recorded["val_auc"], abs=one_pair * 1.001)
     assert rows[-1]["split"] == "test" and (rows[-1]["epoch"], rows[-1]["step"]) == (-1, 0)
 
     weight, bias = probe.as_linear()
     assert np.allclose(classifier.head.weight.detach().numpy(), weight, atol=1e-5)
     assert np.allclose(classifier.head.bias.detach().numpy(), bias, atol=1e-5)
-    with torch.no_grad():  # the probe's own probabilities on the val images
+    with torch.no_grad():  # the probe's own probabilities on the val images (float32 head: within 2e-5 here)
         scores = torch.softmax(classifier.head(val.values), 1)
-    assert np.allclose(scores.numpy(), probe.predict_scores(val.values), atol=1e-5)
+    assert np.allclose(scores.numpy(), probe.predict_scores(val.values), atol=5e-5)
     # breast ultrasound's train split is imbalanced (about 2.7 benign per malignant): auto weights the loss
     assert result["seeds"][0]["test"]["class_weights"] is True
 

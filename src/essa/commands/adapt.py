@@ -25,9 +25,9 @@ def add_parser(sub) -> None:
 
 
 ADAPT_FLAGS = {
-    "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "val": "data.val",
-    "tuner": "tuner.name", "objective": "objective", "epochs": "optim.epochs", "batch_size": "optim.batch_size",
-    "img_size": "ssl.global_size", "seed": "seed", "out": "out", **SCALE_FLAGS,
+    "backbone": "backbone.name", "weights": "backbone.weights", "normalize": "data.normalize", "data": "data.root",
+    "val": "data.val", "tuner": "tuner.name", "objective": "objective", "epochs": "optim.epochs",
+    "batch_size": "optim.batch_size", "img_size": "ssl.global_size", "seed": "seed", "out": "out", **SCALE_FLAGS,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import textwrap
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def add_common(p, config: str) -> None:
     p.add_argument("--config", help="YAML config file; flags and --set override it")
     p.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch14_dinov2.lvd142m")
     p.add_argument("--weights", help="local backbone weights (safetensors or PyTorch state dict)")
+    add_preprocessing_flags(p)
     p.add_argument("--data", help="images: a folder (finetune: also a .csv manifest or a MedMNIST .npz)")
     p.add_argument("--tuner", help="tuner name (essa tuners lists them), or several joined with +, e.g. apla+lora")
     p.add_argument("--tuner-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -92,6 +94,36 @@ def add_common(p, config: str) -> None:
                    help="any config key, repeatable, e.g. --set optim.lr=5e-4")
     add_print_config(p)
     add_keys(p, config)
+
+
+#: ``--normalize`` choices (essa.data.normalize.MODES, listed here so that the parser imports no torch).
+NORMALIZE_MODES = ("model", "imagenet", "dataset")
+
+
+def add_preprocessing_flags(p) -> None:
+    """``--key-map`` (backbone.key_map) and ``--normalize`` (data.normalize)."""
+    p.add_argument("--key-map", action="append", default=[], metavar="PREFIX=REPLACEMENT",
+                   help="rename the keys of a --weights file that are not timm's, repeatable: the key prefix PREFIX "
+                        "becomes REPLACEMENT (empty: removed; null: those tensors dropped), e.g. --key-map module.= "
+                        "(backbone.key_map)")
+    p.add_argument("--normalize", choices=NORMALIZE_MODES,
+                   help="mean/std images are normalised with: model (the backbone's own, an essa file's header or "
+                        "timm's pretrained config, e.g. CLIP's), imagenet, or dataset (computed from the training "
+                        "images)")
+
+
+def key_map(entries: list[str]) -> dict[str, str | None]:
+    """``["module.=", "a.=b."]`` -> ``{"module.": "", "a.": "b."}``; ``PREFIX=null`` drops the prefix's tensors."""
+    from essa.config import ConfigError
+
+    out: dict[str, str | None] = {}
+    for entry in entries:
+        prefix, sep, new = entry.partition("=")
+        if not sep or not prefix:
+            raise ConfigError(f"--key-map {entry!r}: expected PREFIX=REPLACEMENT, e.g. --key-map module.= (strips "
+                              "the prefix module.) or --key-map encoder.=null (drops those tensors)")
+        out[prefix] = None if new == "null" else new
+    return out
 
 
 def add_print_config(p) -> None:
@@ -121,6 +153,8 @@ def overrides(args, mapping: dict[str, str]) -> list[str]:
         out.append("backbone.pretrained=false")
         if args.backbone is None:
             out.append("backbone.name=null")  # the weights file's header names the architecture
+    if getattr(args, "key_map", None):
+        out.append(f"backbone.key_map={json.dumps(key_map(args.key_map))}")
     out += [f"tuner.options.{opt}" for opt in getattr(args, "tuner_opt", [])]
     return out + list(args.set)
 

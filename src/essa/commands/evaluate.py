@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from essa import config as config_mod
-from essa.commands.common import add_keys, config_help, overrides
+from essa.commands.common import add_keys, add_preprocessing_flags, config_help, overrides
 
 
 def _names(text: str) -> list[str]:
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="YAML config file; flags and --set override it")
     p.add_argument("--backbone", help="timm ViT name whose frozen features to evaluate (kNN, linear probe)")
     p.add_argument("--weights", help="local backbone weights to evaluate (e.g. backbone.safetensors of essa adapt)")
+    add_preprocessing_flags(p)
     p.add_argument("--checkpoint", help="a classifier: an essa finetune run directory (every seed), one seed_N "
                                         "directory, or a classifier.safetensors")
     p.add_argument("--data", help="labelled data (folder, .csv, MedMNIST .npz); default: the checkpoint run's data")
@@ -36,9 +37,9 @@ def add_parser(sub) -> None:
 
 
 EVALUATE_FLAGS = {
-    "backbone": "backbone.name", "weights": "backbone.weights", "checkpoint": "checkpoint", "data": "data.root",
-    "task": "task", "metric": "metric", "protocols": "protocols", "k": "knn.k", "temperature": "knn.temperature",
-    "img_size": "img_size", "batch_size": "batch_size", "out": "out",
+    "backbone": "backbone.name", "weights": "backbone.weights", "normalize": "data.normalize",
+    "checkpoint": "checkpoint", "data": "data.root", "task": "task", "metric": "metric", "protocols": "protocols",
+    "k": "knn.k", "temperature": "knn.temperature", "img_size": "img_size", "batch_size": "batch_size", "out": "out",
 }
 
 

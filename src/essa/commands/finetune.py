@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
 
 
 FINETUNE_FLAGS = {
-    "backbone": "backbone.name", "weights": "backbone.weights", "data": "data.root", "tuner": "tuner.name",
-    "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.lr", "img_size": "img_size",
-    "seeds": "seeds", "task": "task", "metric": "metric", "out": "out", **SCALE_FLAGS,
+    "backbone": "backbone.name", "weights": "backbone.weights", "normalize": "data.normalize", "data": "data.root",
+    "tuner": "tuner.name", "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.lr",
+    "img_size": "img_size", "seeds": "seeds", "task": "task", "metric": "metric", "out": "out", **SCALE_FLAGS,
 }
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
-from essa.commands.common import (SCALE_FLAGS, add_keys, add_print_config, add_scale_flags, config_help, int_list,
-                                  print_config)
+from essa.commands.common import (SCALE_FLAGS, add_keys, add_preprocessing_flags, add_print_config, add_scale_flags,
+                                  config_help, int_list, key_map, print_config)
 
 
 def add_parser(sub) -> None:
@@ -15,6 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--backbone", help="timm ViT name (overrides backbone.name)")
     p.add_argument("--weights", help="local backbone weights instead of the pretrained ones, e.g. "
                                      "../shared/models/vit_tiny_p4_32_cifar10.safetensors")
+    add_preprocessing_flags(p)
     p.add_argument("--data", help="data.root of every dataset that names none (a folder, .csv or .npz); it "
                                   "replaces the source, so the config's source options (data.options) are dropped")
     p.add_argument("--seeds", type=int_list, help="fine-tuning seeds, e.g. 0,1,2")
@@ -33,7 +35,7 @@ def add_parser(sub) -> None:
 
 #: The flags that set one study config key (what their help shows the default of; :func:`_overrides` sets them).
 RUN_FLAGS = {"backbone": "backbone.name", "weights": "backbone.weights", "seeds": "seeds", "out": "out",
-             **SCALE_FLAGS}
+             "normalize": "data.normalize", **SCALE_FLAGS}
 
 
 def _overrides(args) -> list[str]:
@@ -44,6 +46,10 @@ def _overrides(args) -> list[str]:
         out += [f"backbone.weights={args.weights}", "backbone.pretrained=false"]
         if not args.backbone:
             out.append("backbone.name=null")  # the weights file's header names the architecture
+    if args.key_map:
+        out.append(f"backbone.key_map={json.dumps(key_map(args.key_map))}")
+    if args.normalize:
+        out.append(f"data.normalize={args.normalize}")  # every dataset's, and so every cell's
     if args.data:
         out += [f"data.root={args.data}", "data.options={}"]
     if args.seeds:

@@ -36,16 +36,20 @@ API:
   int, a float multi-hot tensor (multi-label) or -1 (unlabelled); unreadable files skipped and listed in
   ``report``. ``DiskCache(folder, size)``: decoded, downsized images on disk. ``dataset.dataset_stats(source,
   records)`` -> (mean, std) of the pixels, to normalise with instead of ImageNet's.
-- ``transforms``: ``eval_transform(img_size, mean, std)``, ``train_transform(img_size, mean, std, scale, hflip)``,
-  ``IMAGENET_MEAN``, ``IMAGENET_STD`` (the default normalisation).
+- ``transforms``: ``eval_transform(img_size, mean, std, interpolation, preprocessing=)``,
+  ``train_transform(img_size, mean, std, scale, hflip, interpolation, preprocessing=)``, ``IMAGENET_MEAN``,
+  ``IMAGENET_STD`` (the defaults).
+- ``normalize``: a backbone's preprocessing (``Preprocessing``: mean, std, interpolation; ``of_model(model)``,
+  ``resolve(mode, own, source, records, img_size=...)`` for ``data.normalize: model|imagenet|dataset``, the
+  safetensors header fields ``header`` / ``from_header``).
 - ``dataset_card(path_or_config, *, scan=True, near=False, ...) -> dict`` and ``format_card(card)``: what
   ``essa data inspect PATH [--json]`` prints.
 - ``DataError`` (a ``ValueError``): bad input, with a message naming the file and what was expected.
 
-How pixels are normalised: ``images`` (modes, 16-bit, windowing), ``dicom``, ``nifti``, ``transforms``.
+How pixels are normalised: ``images`` (modes, 16-bit, windowing), ``dicom``, ``nifti``, ``transforms``, ``normalize``.
 """
 
-from essa.data import transforms
+from essa.data import normalize, transforms
 from essa.data.cache import DiskCache
 from essa.data.dataset import ImageDataset
 from essa.data.dispatch import open_source
@@ -59,5 +63,5 @@ from essa.data.splits import split, subsample
 __all__ = [
     "CombinedSource", "DataError", "Decode", "DiskCache", "DuplicateGroup", "DuplicateReport", "ImageDataset", "Record", "Source",
     "dataset_card", "find_duplicates", "format_card", "open_source", "split", "subsample",
-    "transforms",
+    "normalize", "transforms",
 ]

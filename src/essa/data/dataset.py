@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 from essa.data.cache import DiskCache
 from essa.data.records import DataError, Record
 from essa.data.source import Source
-from essa.data.transforms import eval_transform, tensor_steps
+from essa.data.transforms import eval_transform, interpolation_mode, tensor_steps
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -87,14 +87,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def dataset_stats(
     source: Source, records: list[Record] | None = None, img_size: int = 224, max_images: int = 1000,
-    seed: int = 0, workers: int = 0,
+    seed: int = 0, workers: int = 0, interpolation: str = "bilinear",
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Per-channel ``(mean, std)`` of pixel values in 0..1, over the eval view (resize + centre crop) of at most
-    ``max_images`` records (a seeded sample); unreadable records are skipped. Pass them to the transforms."""
+    """Per-channel ``(mean, std)`` (population) of pixel values in 0..1, over the eval view (resize the shorter side
+    to ``img_size`` with ``interpolation``, centre crop) of at most ``max_images`` records (a seeded sample);
+    unreadable records are skipped. ``data.normalize: dataset`` (:func:`essa.data.normalize.resolve`) uses them."""
     records = list(source.records if records is None else records)
     if len(records) > max_images:
         records = random.Random(seed).sample(records, max_images)
-    plain = v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size), *tensor_steps()])
+    plain = v2.Compose([v2.Resize(img_size, interpolation=interpolation_mode(interpolation), antialias=True),
+                        v2.CenterCrop(img_size), *tensor_steps()])
     loader = torch.utils.data.DataLoader(ImageDataset(source, records, plain), batch_size=64, num_workers=workers)
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)

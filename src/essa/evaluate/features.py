@@ -2,7 +2,8 @@
 
 One loop serves every evaluation (the SSA kNN monitor, kNN and linear probes, classifier test metrics):
 :func:`forward_images` runs a function of the model over the eval view (resize, centre crop, normalise) of each
-image. :func:`cached_cls_features` keeps features on disk, so that several protocols share one extraction.
+image, normalised with the model's preprocessing (:func:`essa.data.normalize.of_model`) unless told otherwise.
+:func:`cached_cls_features` keeps features on disk, so that several protocols share one extraction.
 """
 
 from __future__ import annotations
@@ -44,15 +45,20 @@ def forward_images(
     batch_size: int = 64,
     num_workers: int = 0,
     distributed: bool = False,
+    preprocessing: data.normalize.Preprocessing | None = None,
 ) -> Outputs:
     """``fn(model, x)`` for batches ``x`` (B, 3, img_size, img_size) of the eval view of ``records`` (default: all
     of ``source``), with ``model`` in eval mode on its own device; its training mode is restored afterwards.
+    ``preprocessing``: the mean, std and interpolation of the view (default: the model's own,
+    :func:`essa.data.normalize.of_model`).
 
     ``distributed``: when a torch.distributed process group runs, every process of it must call this; each computes
     an equal block of the images (the last block padded with the last image, so that every process runs the same
     batches: a sharded model gathers its weights batch by batch) and every process gets all outputs, in order.
     """
-    dataset = data.ImageDataset(source, records, transform=data.transforms.eval_transform(img_size))
+    preprocessing = preprocessing or data.normalize.of_model(model)
+    dataset = data.ImageDataset(source, records,
+                                transform=data.transforms.eval_transform(img_size, preprocessing=preprocessing))
     rank, world = 0, 1
     if distributed and dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -90,10 +96,11 @@ def _cls_token(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def cls_features(backbone: nn.Module, source: Source, records: list[Record] | None = None, *, img_size: int,
-                 batch_size: int = 64, num_workers: int = 0, distributed: bool = False) -> Outputs:
+                 batch_size: int = 64, num_workers: int = 0, distributed: bool = False,
+                 preprocessing: data.normalize.Preprocessing | None = None) -> Outputs:
     """CLS token features (N, D) of ``backbone.forward_features`` (a timm ViT, its head ignored)."""
     return forward_images(backbone, _cls_token, source, records, img_size=img_size, batch_size=batch_size,
-                          num_workers=num_workers, distributed=distributed)
+                          num_workers=num_workers, distributed=distributed, preprocessing=preprocessing)
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
@@ -106,34 +113,39 @@ def _scores(model: nn.Module, x: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def classifier_scores(model: nn.Module, source: Source, records: list[Record] | None = None, *, task: str,
-                      img_size: int, batch_size: int = 64, num_workers: int = 0,
-                      distributed: bool = False) -> Outputs:
+                      img_size: int, batch_size: int = 64, num_workers: int = 0, distributed: bool = False,
+                      preprocessing: data.normalize.Preprocessing | None = None) -> Outputs:
     """(N, C) class probabilities of a classifier (a timm ViT with its head)."""
     return forward_images(model, functools.partial(_scores, task=task), source, records, img_size=img_size,
-                          batch_size=batch_size, num_workers=num_workers, distributed=distributed)
+                          batch_size=batch_size, num_workers=num_workers, distributed=distributed,
+                          preprocessing=preprocessing)
 
 
 def cached_cls_features(backbone: nn.Module, source: Source, records: list[Record], path: str | Path,
                         identity: dict[str, Any], *, img_size: int, batch_size: int = 64,
-                        num_workers: int = 0) -> Outputs:
+                        num_workers: int = 0, preprocessing: data.normalize.Preprocessing | None = None) -> Outputs:
     """:func:`cls_features`, read from ``path`` (safetensors) when it holds the features of the same images by the
     same model, else computed and written there.
 
     ``identity``: JSON-serialisable description of the backbone (name, weights file and its size and time...);
-    with ``img_size`` and each record's stamp (path, file size and time, decoding) and label it makes the
-    fingerprint that a cached file must match.
+    with ``img_size``, the preprocessing (mean, std, interpolation; default the backbone's own) and each record's
+    stamp (path, file size and time, decoding) and label it makes the fingerprint that a cached file must match.
     """
     path = Path(path)
+    preprocessing = preprocessing or data.normalize.of_model(backbone)
     images = [(source.stamp(r), r.label) for r in records]
+    view = {k: v for k, v in preprocessing.to_dict().items() if k != "source"}
     fingerprint = hashlib.sha256(
-        json.dumps({"backbone": identity, "img_size": img_size, "images": images}, sort_keys=True, default=str).encode()
+        json.dumps({"backbone": identity, "img_size": img_size, "preprocessing": view, "images": images},
+                   sort_keys=True, default=str).encode()
     ).hexdigest()
     if path.is_file():
         tensors, meta = export.load_weights(path)
         if meta.get("essa_kind") == _FEATURES_KIND and meta.get("fingerprint") == fingerprint:
             by_path = {r.path: r for r in records}
             return Outputs(tensors["features"], tensors["labels"], [by_path[p] for p in json.loads(meta["paths"])])
-    out = cls_features(backbone, source, records, img_size=img_size, batch_size=batch_size, num_workers=num_workers)
+    out = cls_features(backbone, source, records, img_size=img_size, batch_size=batch_size, num_workers=num_workers,
+                       preprocessing=preprocessing)
     meta = {"essa_kind": _FEATURES_KIND, "fingerprint": fingerprint,
             "paths": json.dumps([r.path for r in out.records])}
     export.save_weights({"features": out.values, "labels": out.labels}, path, meta)

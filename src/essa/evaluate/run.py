@@ -15,9 +15,13 @@ Protocols (``protocols``; default: knn and linear for a backbone, classifier for
   run directory (every finished ``seed_N/``), one seed's directory, or a ``classifier.safetensors``.
 
 Features are the CLS token of ``forward_features`` in eval mode at ``img_size`` (default: the model's own input
-size), cached in ``OUT/features/{split}.safetensors`` so that kNN and the probe share one extraction.
+size), cached in ``OUT/features/{split}.safetensors`` so that kNN and the probe share one extraction. Images are
+normalised as ``data.normalize`` says: ``model`` (default) the mean and std of the model's own preprocessing (an
+essa file's header: what it was trained with; else timm's pretrained config of the name), ``imagenet``, or
+``dataset`` (the train split's statistics).
 
-Output in ``OUT``: ``config.yaml``; ``metrics.json`` / ``metrics.csv`` (one row per protocol, or per classifier:
+Output in ``OUT``: ``config.yaml``; ``preprocessing.json`` (per protocol or classifier: the mean, std and
+interpolation used); ``metrics.json`` / ``metrics.csv`` (one row per protocol, or per classifier:
 every test metric with its 95 % bootstrap interval); ``{name}_predictions.csv`` and ``{name}_confusion_matrix.png``;
 with several classifiers, ``summary.json`` / ``summary.csv`` (mean ± std over them).
 """
@@ -33,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from essa import backbones, config as config_mod, io
+from essa import backbones, config as config_mod, data, io
 from essa.config import BackboneConfig, ConfigError
 from essa.errors import InputError, NotFoundError
 from essa.evaluate import metrics
@@ -264,17 +268,29 @@ def _identity(cfg: BackboneConfig) -> dict[str, Any]:
     return identity
 
 
-def _feature_protocols(cfg: EvalConfig, task: Task, out: Path, wanted: list[str], device) -> dict[str, dict]:
-    """kNN and linear-probe test metrics of the backbone's CLS features."""
+def _preprocessing(cfg: EvalConfig, model, task: Task, out: Path, img_size: int) -> data.normalize.Preprocessing:
+    """What ``model``'s images are normalised with (``data.normalize``; ``dataset``: the train split's statistics,
+    cached in ``OUT/features``)."""
+    return data.normalize.resolve(cfg.data.normalize, data.normalize.of_model(model), task.source,
+                                  task.splits["train"], img_size=img_size, max_images=cfg.data.normalize_images,
+                                  cache=out / "features" / "dataset_stats.json")
+
+
+def _feature_protocols(cfg: EvalConfig, task: Task, out: Path, wanted: list[str], device,
+                       used: dict[str, data.normalize.Preprocessing]) -> dict[str, dict]:
+    """kNN and linear-probe test metrics of the backbone's CLS features (``used``: protocol -> preprocessing,
+    filled in)."""
     backbone = cfg.backbone.build(img_size=cfg.img_size, num_classes=0).to(device)
     img_size = cfg.img_size or backbone.patch_embed.img_size[0]
+    preprocessing = _preprocessing(cfg, backbone, task, out, img_size)
     splits = ["train", "test"] + (["val"] if "linear" in wanted else [])
     feats = {
         split: cached_cls_features(backbone, task.source, task.splits[split], out / "features" / f"{split}.safetensors",
                                    _identity(cfg.backbone), img_size=img_size, batch_size=cfg.batch_size,
-                                   num_workers=cfg.data.num_workers)
+                                   num_workers=cfg.data.num_workers, preprocessing=preprocessing)
         for split in splits
     }
+    used.update({protocol: preprocessing for protocol in ("knn", "linear") if protocol in wanted})
     train, test = feats["train"], feats["test"]
     rows = {}
     if "knn" in wanted:
@@ -317,16 +333,20 @@ def evaluate(config: EvalConfig | str | Path | None = None, *, overrides: list[s
     device = _device(cfg.device)
 
     rows: dict[str, dict] = {}
+    used: dict[str, data.normalize.Preprocessing] = {}
     if {"knn", "linear"} & set(wanted):
-        rows.update(_feature_protocols(cfg, task, out, wanted, device))
+        rows.update(_feature_protocols(cfg, task, out, wanted, device, used))
     classifiers = {}
     if "classifier" in wanted:
         for name, path in find_classifiers(cfg.checkpoint).items():
             model = load_classifier(path, task).to(device)
-            outputs = classifier_scores(model, task.source, task.splits["test"], task=task.task,
-                                        img_size=cfg.img_size or model.patch_embed.img_size[0],
-                                        batch_size=cfg.batch_size, num_workers=cfg.data.num_workers)
+            img_size = cfg.img_size or model.patch_embed.img_size[0]
+            used[name] = _preprocessing(cfg, model, task, out, img_size)
+            outputs = classifier_scores(model, task.source, task.splits["test"], task=task.task, img_size=img_size,
+                                        batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+                                        preprocessing=used[name])
             classifiers[name] = rows[name] = report_predictions(task, outputs, out, name, bootstrap=cfg.bootstrap)
+    io.write_json(out / "preprocessing.json", {name: pre.to_dict() for name, pre in used.items()})
 
     RunDir(out).write_metrics([{"name": name, **row} for name, row in rows.items()])
     names = list(metrics.metric_names(task.task))

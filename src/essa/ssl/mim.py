@@ -6,8 +6,9 @@ pixels, the one-crop view, the collate function that draws the masks, and the pi
 - ``ReconstructionTransform(size, scale)``: PIL image -> one normalised random resized crop (bicubic) with a
   horizontal flip (MAE and SimMIM's augmentation); ``CenterTransform(size)``: the deterministic view of the picture.
 - ``collate_masked(samples, mask_fn, generator)``: ``{"images": (B, 3, S, S), "masks": bool (B, H, W)}``.
-- ``save_reconstructions(path, images, masks, reconstructions, patch)``: a PNG of original, masked input and
-  reconstruction per row (matplotlib's Agg canvas, no pyplot).
+- ``save_reconstructions(path, images, masks, reconstructions, patch, mean=, std=)``: a PNG of original, masked
+  input and reconstruction per row (matplotlib's Agg canvas, no pyplot), un-normalised with the ``mean`` / ``std``
+  the images were normalised with.
 """
 
 from __future__ import annotations
@@ -90,14 +91,16 @@ def denormalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def save_reconstructions(path: str | Path, images: torch.Tensor, masks: torch.Tensor, reconstructions: torch.Tensor,
-                         patch: int, title: str = "") -> Path:
+                         patch: int, title: str = "", mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD) -> Path:
     """A PNG with one row per image: the original, the masked input (masked patches grey) and the reconstruction
     (``reconstructions``: the visible patches as given, the masked ones as predicted). ``images`` and
-    ``reconstructions``: normalised (B, 3, H, W); ``masks``: bool (B, H / patch, W / patch)."""
+    ``reconstructions``: (B, 3, H, W) normalised with ``mean`` / ``std``; ``masks``: bool (B, H / patch, W / patch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    images, reconstructions = denormalize(images.detach().float().cpu()), denormalize(reconstructions.detach().float().cpu())
+    images = denormalize(images.detach().float().cpu(), mean, std)
+    reconstructions = denormalize(reconstructions.detach().float().cpu(), mean, std)
     pixel_masks = masks.cpu().repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None]  # (B, 1, H, W)
     masked = torch.where(pixel_masks, torch.full_like(images, 0.5), images)
     n = len(images)

@@ -8,10 +8,8 @@ import torch
 from lightly.transforms.dino_transform import DINOViewTransform
 from PIL import Image
 
+from essa.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from essa.ssl.masking import block_masks
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MultiCropTransform:

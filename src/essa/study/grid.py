@@ -91,15 +91,18 @@ class Grid:
     def adapt_sections(self, dataset: DatasetSpec, spec: TunerSpec) -> dict:
         from essa.task import TaskDataConfig
 
-        # the whole train split: data.max_train limits the labelled images of fine-tuning only
-        splits = {k: v for k, v in dataset.data.items() if k not in ("root", "num_workers", "max_train")}
+        # the whole train split: data.max_train limits the labelled images of fine-tuning only; data.normalize and
+        # normalize_images are SSA's own data keys (its statistics: of the SSA images)
+        own_keys = ("normalize", "normalize_images")
+        splits = {k: v for k, v in dataset.data.items() if k not in ("root", "num_workers", "max_train", *own_keys)}
         single_label = dataset.task != "multilabel" and self.task_of(dataset).task != "multilabel"
         own = {
             "backbone": dataclasses.asdict(self.cfg.backbone), "tuner": {"name": spec.name, "options": spec.options},
             "objective": self.ssa_spec(spec).objective,
             "data": {"root": dataset.data.get("root"), "split": "train", "val_split": "val" if single_label else None,
                      "splits": splits, "max_images": self.cfg.ssa.max_images, "extra": list(self.cfg.ssa.extra_data),
-                     "num_workers": dataset.data.get("num_workers", TaskDataConfig.num_workers)},
+                     "num_workers": dataset.data.get("num_workers", TaskDataConfig.num_workers),
+                     **{k: dataset.data[k] for k in own_keys if k in dataset.data}},
             "ssl": {"global_size": self.cfg.img_size},
             "optim": {"epochs": self.ssa_epochs(dataset), "batch_size": self.cfg.batch_size},
             "seed": self.cfg.ssa_seed, "out": str(self.ssa_dir(dataset, spec)),

@@ -106,8 +106,11 @@ class ReconstructionModule(ObjectiveModule):
         finally:
             self.model.train(was_training)
         if write:
+            stats = {} if self.preprocessing is None else {"mean": self.preprocessing.mean,
+                                                           "std": self.preprocessing.std}
             save_reconstructions(Path(run_dir) / "reconstructions" / f"epoch_{epoch:03d}.png", images, masks,
-                                 reconstructions, self.model.patch_size, title=f"{self.objective_name}, epoch {epoch}")
+                                 reconstructions, self.model.patch_size, title=f"{self.objective_name}, epoch {epoch}",
+                                 **stats)
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -40,6 +40,9 @@ class ObjectiveModule(StageModule):
 
     #: The batch (the objective's collate output) whose reconstructions each epoch end draws; None: no picture.
     preview: dict[str, torch.Tensor] | None = None
+    #: The preprocessing the stage normalises images with (essa.data.normalize.Preprocessing; the picture
+    #: un-normalises with it); None: ImageNet's.
+    preprocessing = None
 
     def two_part_optimizer(self, backbone: list, head: list) -> torch.optim.AdamW:
         """AdamW over (name, parameter) pairs of the two parts, weight decay groups of each
@@ -114,16 +117,18 @@ class Objective:
     def unused_parameters(self, cfg) -> bool:
         return False
 
-    def transform(self, cfg, patch_size: int) -> Callable:
-        """PIL image -> what ``collate`` batches."""
+    def transform(self, cfg, patch_size: int, preprocessing) -> Callable:
+        """PIL image -> what ``collate`` batches, normalised with ``preprocessing``
+        (:class:`essa.data.normalize.Preprocessing`)."""
         raise NotImplementedError
 
     def collate(self, cfg, patch_size: int) -> Callable:
         """``collate(samples, generator=...)`` -> a batch (a picklable callable: loader workers get a copy)."""
         raise NotImplementedError
 
-    def preview_transform(self, cfg) -> Callable | None:
-        """A deterministic PIL image -> tensor view for the per-epoch picture; None: no picture."""
+    def preview_transform(self, cfg, preprocessing) -> Callable | None:
+        """A deterministic PIL image -> tensor view for the per-epoch picture (normalised with ``preprocessing``);
+        None: no picture."""
         return None
 
     def module(self, cfg, backbone: nn.Module, iters_per_epoch: int) -> ObjectiveModule:
