@@ -174,3 +174,15 @@ def test_essa_bench_measures_each_tuner_in_a_fresh_process_against_full(tmp_path
         assert image.size == (840, 540)
     assert main(["bench", "--tuner", "apla:64"]) == 2
     assert "options are key=value after the name" in capsys.readouterr().err
+
+
+def test_the_ssa_step_builds_the_head_widths_asked_for():
+    from essa.bench import ssa_step
+
+    kwargs = dict(global_size=32, local_size=16, n_local=2, batch_size=2, prototypes=256, steps=1)
+    default = ssa_step("vit_tiny_patch16_224", "apla", **kwargs)["head"]
+    assert (default["hidden"], default["bottleneck"], default["prototypes"], default["layers"]) == (2048, 256, 256, 3)
+    head = ssa_step("vit_tiny_patch16_224", "apla", head_hidden=64, head_bottleneck=32, **kwargs)["head"]
+    assert (head["hidden"], head["bottleneck"], head["prototypes"]) == (64, 32, 256)
+    # 192 -> 64 -> 64 -> 32 with biases, and 256 prototypes of width 32
+    assert head["params"] == (192 * 64 + 64) + (64 * 64 + 64) + (64 * 32 + 32) + 256 * 32
