@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
           "through its loader (not timed)", flush=True)
 
     rows: dict[tuple, dict] = {}
+    per_round: list[dict] = []
     for round_ in range(args.rounds):
         tools = ["essa", "LightlyTrain"] if round_ % 2 == 0 else ["LightlyTrain", "essa"]
         for tuner in tuners:
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{result['head_trainable']:,}, in the optimizer {result['optimizer_total']:,}, "
                           f"teacher trainable {result['teacher_trainable']}", flush=True)
                 keep(rows, (tool, tuner), result)
+                per_round.append({"round": round_ + 1, "tool": tool, "configuration": tuner,
+                                  **{k: result[k] for k in ("peak_mib", "images_per_s", "images_per_cpu_s", "step_s")}})
     load_end = os.getloadavg()
 
     ordered = [rows[(tool, tuner)] for tool in ("essa", "LightlyTrain") for tuner in tuners]
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
           "(masking ratios, schedules, centering; essa standardises the head's input)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": ordered, "load_start": load_start, "load_end": load_end,
+        args.json.write_text(json.dumps({"rows": ordered, "rounds": per_round, "load_start": load_start, "load_end": load_end,
                                          "arguments": {**shared, "images": len(images), "rounds": args.rounds,
                                                        "data": str(args.data)}}, indent=2))
         print(f"wrote {args.json}")
