@@ -207,3 +207,15 @@ def test_several_precisions_run_every_tuner_at_each_against_full_at_the_first(mo
     assert "| apla bf16-mixed | 1 | 100 | 3.000 | 3.000 | 1.00x | 3.00x / 3.00x |" in out
     assert "vit_small_patch14_dinov2 apla bf16-mixed: 5.01000 vs 5.00000 (0.20% apart)" in out
     assert main(["bench", "--precision", "fp8"]) == 2
+
+
+def test_the_ssa_step_builds_the_head_widths_asked_for():
+    from essa.bench import ssa_step
+
+    kwargs = dict(global_size=32, local_size=16, n_local=2, batch_size=2, prototypes=256, steps=1)
+    default = ssa_step("vit_tiny_patch16_224", "apla", **kwargs)["head"]
+    assert (default["hidden"], default["bottleneck"], default["prototypes"], default["layers"]) == (2048, 256, 256, 3)
+    head = ssa_step("vit_tiny_patch16_224", "apla", head_hidden=64, head_bottleneck=32, **kwargs)["head"]
+    assert (head["hidden"], head["bottleneck"], head["prototypes"]) == (64, 32, 256)
+    # 192 -> 64 -> 64 -> 32 with biases, and 256 prototypes of width 32
+    assert head["params"] == (192 * 64 + 64) + (64 * 64 + 64) + (64 * 32 + 32) + 256 * 32

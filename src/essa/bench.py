@@ -185,6 +185,8 @@ def ssa_step(
     objective_options: dict | None = None,
     ssl_options: dict | None = None,
     precision: str = "auto",
+    head_hidden: int = 2048,
+    head_bottleneck: int = 256,
 ) -> dict[str, Any]:
     """One SSA step of the full objective on random images, as ``essa adapt`` runs it. ``objective``: the config's
     ``objective`` (``mae`` and ``simmim``: ``batch_size`` images of ``global_size`` px with their masks drawn by the
@@ -202,6 +204,8 @@ def ssa_step(
     N blocks. The result's ``truncated_backward`` is what the step did with the frozen prefix (dinov2).
     ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 on CPU, as ``trainer.precision: auto``), ``bf16-mixed``
     (bf16 autocast on any device) or ``32-true``; the result's ``loss`` is the first step's, for comparing them.
+    ``head_hidden`` and ``head_bottleneck``: the DINO head's hidden and bottleneck widths (default: the
+    reference head's, 2048 and 256).
 
     Besides the peak and the timing, the result breaks the memory down (MiB): ``weights_mib`` (student, teacher
     and buffers; shared tensors once), ``grads_mib``, ``optimizer_mib`` (AdamW states), ``saved_mib`` (activations
@@ -220,9 +224,10 @@ def ssa_step(
     cfg = resolve_config(None, sections={
         "objective": objective, **({objective: objective_options} if objective_options else {}),
         "backbone": {"name": backbone, "pretrained": False}, "tuner": {"name": tuner, "options": options or {}},
-        # the reference head (its hidden and bottleneck widths), and a step of the tuner, not of the head warm-up
-        # or the prototype freeze
-        "data": {"root": "unused"}, "ssl": {"prototypes": prototypes, "head_hidden": 2048, "head_bottleneck": 256,
+        # the head's hidden and bottleneck widths (the reference's by default), and a step of the tuner, not of
+        # the head warm-up or the prototype freeze
+        "data": {"root": "unused"}, "ssl": {"prototypes": prototypes, "head_hidden": head_hidden,
+                                            "head_bottleneck": head_bottleneck,
                                             "head_warmup": 0, "freeze_prototypes": 0, "global_size": global_size,
                                             "local_size": local_size, "n_local": n_local, **(ssl_options or {})},
         "optim": {"recompute_frozen": recompute_frozen},
@@ -247,6 +252,7 @@ def ssa_step(
         if cfg.ssl.patch_drop:
             batch.update(draw_batch_kept(batch, patch, cfg.ssl.patch_drop, torch.Generator().manual_seed(1)))
         extra["truncated_backward"] = module.truncation.record()
+        extra["head"] = head_dims(module.student.head)
     else:
         module = objectives.get(objective).module(cfg, model, iters_per_epoch=100).to(dev)
         images = list(torch.randn(batch_size, 3, global_size, global_size))
@@ -292,6 +298,15 @@ def _autocast(device: torch.device, precision: str):
         raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
     bf16 = precision == "bf16-mixed" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def head_dims(head: torch.nn.Module) -> dict[str, int]:
+    """A DINO head's widths as built (:class:`essa.ssl.heads.DINOHead`): ``hidden`` (of the hidden MLP layers),
+    ``bottleneck``, ``prototypes``, ``layers`` (linear layers of the MLP) and ``params`` (all its parameters)."""
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    return {"hidden": linears[0].out_features if len(linears) > 1 else 0, "bottleneck": linears[-1].out_features,
+            "prototypes": head.prototypes.weight.shape[0], "layers": len(linears),
+            "params": sum(p.numel() for p in head.parameters())}
 
 
 def last_blocks(options: dict, depth: int) -> dict:
