@@ -17,7 +17,7 @@ import essa
 from essa.errors import EssaError, Interrupted
 
 # Modules that each contribute one subcommand, in the order of ``essa --help``.
-COMMANDS = ("tuners", "data", "adapt", "finetune", "evaluate", "run", "bench")
+COMMANDS = ("tuners", "data", "adapt", "finetune", "evaluate", "run", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
