@@ -177,8 +177,6 @@ class RunDir:
     @property
     def finished(self) -> bool:
         """Whether a run finished here: its resources.json is written once training is done, before the exports."""
-        from essa.train.stage import RESOURCES_FILE
-
         return (self.path / RESOURCES_FILE).is_file()
 
     def prune(self, keep: str) -> None:
@@ -274,6 +272,10 @@ def _second_name(path: Path, name: Path) -> None:
     except OSError:
         shutil.copyfile(path, tmp)
     os.replace(tmp, name)
+
+
+#: What a finished run records of its training (essa.train.stage.fit_stage writes it, before the exports).
+RESOURCES_FILE = "resources.json"
 
 
 class Checkpointing(Callback):

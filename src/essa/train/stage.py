@@ -30,15 +30,15 @@ from essa import config as config_mod, io, tuners
 from essa.train.interrupt import StopRequest
 from essa.train.loader import ResumableLoader
 from essa.train.resources import MemoryMeter, StepTiming
-from essa.train.run_dir import Checkpointing, EpochEnd, RunDir, check_trainable_state, drop_frozen, writing
+from essa.train.run_dir import (RESOURCES_FILE, Checkpointing, EpochEnd, RunDir, check_trainable_state, drop_frozen,
+                                writing)
 from essa.train.trainer import build_trainer, full_weights, module_full_weights, over_processes, shard
 
 #: What a finished run measured, in its run directory (``essa finetune``: each seed's): ``trainable_params`` (of
 #: :attr:`StageModule.tuned`), the stage's own entries, ``peak_memory_mib`` (peak training memory from before the
 #: model was built: of the last session when resumed; of process 0 in a distributed run), ``images_per_s``
 #: (training images per second of optimisation steps, of all processes together) and ``train_seconds`` (summed
-#: over sessions).
-RESOURCES_FILE = "resources.json"
+#: over sessions). ``RESOURCES_FILE`` (imported above) names it: essa.train.run_dir reads it to tell a finished run.
 
 
 class StageModule(StepTiming, L.LightningModule):
