@@ -332,7 +332,8 @@ def test_a_really_full_disk_is_one_line_leaves_no_partial_file_and_resumes_once_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoints/last.ckpt: no space left on the device" in err[0], err
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert left == ["config.yaml", "logs/version_0/hparams.yaml"], left  # no partial checkpoint, no lock
+    # no partial checkpoint, no lock; the preprocessing record (essa.data.normalize) is written before training
+    assert left == ["config.yaml", "logs/version_0/hparams.yaml", "preprocessing.json"], left
     mount("remount", "size=64m")
     assert main(["adapt", "--config", str(tmp_path / "given.yaml"), "--resume"]) == 0
     assert (out / "backbone.safetensors").is_file()

@@ -208,7 +208,7 @@ class RunDir:
                 f"{self.path} already holds a run (checkpoints/last.ckpt); pass --resume to continue it "
                 "or choose another --out"
             )
-        keep = cfg.trainer.keep_checkpoints
+        keep = getattr(getattr(cfg, "trainer", None), "keep_checkpoints", "last,best")
         if self.finished and keep not in ("last,best", "all"):  # pruned (prune): the export cannot be redone
             if not self.last.exists() and not resume:
                 raise RunExistsError(f"{self.path} already holds a finished run; choose another --out")
