@@ -442,18 +442,10 @@ def parse_tuner(text: str) -> tuple[str, str, dict[str, Any]]:
             raise ValueError(f"--tuner {text!r}: options are key=value after the name, e.g. apla:r=64")
         set_dotted(options, key, value if value.startswith("last:") else yaml.safe_load(value))
         i += 1
-    label = " ".join([name, *(f"{k}={v}" for k, v in _flat(options).items())])
+    from essa.tuners.combined import option_words
+
+    label = " ".join([name, *option_words(options)])
     return label, name, options
-
-
-def _flat(options: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def plot(rows: list[dict], path, speed: str = "images_per_cpu_s"):

@@ -53,17 +53,6 @@ def parameter_table(backbone: str | None, img_size: int | None = None, weights: 
     return rows
 
 
-def _flat(options: dict, prefix: str = "") -> list[str]:
-    """``{"apla": {"r": 64}}`` -> ``["apla.r=64"]``: a combination's options by part, as --tuner-opt takes them."""
-    out = []
-    for key, value in options.items():
-        if isinstance(value, dict):
-            out += _flat(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={value}")
-    return out
-
-
 def run(args) -> int:
     try:
         options = json.loads(args.options)
@@ -76,10 +65,12 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    from essa.tuners.combined import option_words
+
     width = max(12, *(len(row["tuner"]) for row in rows))
     print(f"{'tuner':<{width}} {'trainable':>12} {'% of backbone':>14}  options")
     for row in rows:
-        opts = ", ".join(_flat(row["options"]))
+        opts = ", ".join(option_words(row["options"]))
         print(f"{row['tuner']:<{width}} {row['trainable']:>12,} {row['percent']:>13.3f}%  {opts}")
     print(f"backbone {args.backbone or args.weights}: {rows[0]['backbone']:,} parameters")
     return 0

@@ -77,6 +77,18 @@ def build_combination(name: str, options: dict[str, Any]) -> "Combination":
 base.COMBINATIONS[:] = [build_combination]
 
 
+def option_words(options: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{"apla": {"r": 64}}`` -> ``["apla.r=64"]``: options as ``key=value`` words, a combination's by part, as
+    ``--tuner-opt`` takes them."""
+    out = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out += option_words(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out
+
+
 def label(name: str, options: dict[str, Any]) -> str:
     """A readable label: ``"apla r=64 + lora targets=['qkv']"`` (parts without options: their name)."""
     parts = [part.strip() for part in name.split(SEPARATOR)]
