@@ -461,3 +461,41 @@ def test_the_environment_block_names_versions_machine_and_load_and_old_results_r
     base = {"name": "s", "datasets": []}
     assert not any(getattr(b, "text", None) == "Environment" for b in header_blocks(base))
     assert any(getattr(b, "text", None) == "Environment" for b in header_blocks({**base, "environment": env}))
+
+
+def test_cells_tested_with_their_linear_probe_head_are_marked_and_named(tmp_path):
+    # The offline study's breast cells: fine-tuning lost the LP head's val AUC in its first epoch and never got it
+    # back, so every seed tested epoch -1 and the "fine-tuning" number is the linear probe's.
+    probe_only = seeds("auc", [0.8678, 0.8678, 0.8678], epoch=[-1, -1, -1])
+    mixed = seeds("auc", [0.80, 0.82, 0.79], epoch=[-1, 4, 5])
+    trained = seeds("auc", [0.85, 0.86, 0.84], epoch=[5, 5, 5])
+    cells = [cell("none", "apla", probe_only), cell("apla", "apla", mixed), cell("full", "apla", trained)]
+    results = {"name": "lp", "datasets": [{"name": "breast", "task": "binary", "primary_metric": "auc",
+                                           "cells": cells}]}
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    rows = table_rows(md, "SSA")[0]
+    assert [row[3] for row in rows] == ["LP (3/3)", "LP, 4, 5", "5 (3/3)"]  # the tested-epoch column
+    assert rows[0][4] == "**0.8678 ± 0.0000 (n=3)**"  # the metric column moved right, still bold
+    assert "epoch" not in metric_names_of(md)  # the epoch is no metric column
+    summary = table_rows(md, "task")[0]
+    assert summary[0][3] == "**0.8678 ± 0.0000 (n=3) †**"
+    assert summary[1][3] == "0.8033 ± 0.0153 (n=3)" and summary[2][3] == "0.8500 ± 0.0100 (n=3)"
+    assert "†: every seed was tested with its linear-probe head" in md
+    lines = verdict(results["datasets"][0])
+    assert lines[1] == ("Fine-tuning never beat its linear-probe start on the val split, so every seed was tested "
+                        "with the linear-probe head (these cells measure the probe, not fine-tuning): "
+                        "SSA none + fine-tuning apla.")
+
+    # results without epochs (older studies): no column, no mark, no line
+    for c in cells:
+        for seed in c["seeds"].values():
+            del seed["epoch"]
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    assert "tested epoch" not in md and "†" not in md
+    assert not any("linear-probe start" in line for line in verdict(results["datasets"][0]))
+
+
+def metric_names_of(markdown):
+    """The header cells of the per-dataset metrics table."""
+    header = next(line for line in markdown.splitlines() if line.startswith("| SSA |"))
+    return [c.strip() for c in header.split("|")[1:-1]]

@@ -93,8 +93,10 @@ def test_a_study_killed_midway_resumes_writes_its_report_and_a_rerun_skips_every
     for row, cell in zip(rows, results["datasets"][0]["cells"], strict=True):
         auc = cell["seeds"]["0"]["auc"]
         # a tiny random-weight ViT on 48 images may predict one class: the report then flags the cell
-        value, _, flag = row[3].strip("*").partition(" ⚠ one class")
+        value, _, flag = row[4].strip("*").partition(" ⚠ one class")
         assert 0.0 <= auc <= 1.0 and value == f"{auc:.4f} (n=1)"
+        epoch = cell["seeds"]["0"]["epoch"]  # the tested checkpoint's (-1: the linear-probe head)
+        assert row[3] == ("LP" if epoch == -1 else str(epoch)) + " (1/1)"
         assert bool(flag) == (report_mod.one_class_seeds(cell) > 0)
         assert cell["finetune_resources"]["peak_memory_mib"] > 0 and cell["finetune_resources"]["images_per_s"] > 0
         assert (cell["ssa_resources"] is None) == (cell["ssa"] == "none")

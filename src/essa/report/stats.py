@@ -12,7 +12,8 @@ from essa.names import DEFAULT_OBJECTIVE, NO_SSA
 
 #: Seed-dict keys that are not test metrics: resources and counts that a finetune run stores beside its metrics.
 _NOT_METRICS = frozenset({"peak_memory_mib", "images_per_s", "train_seconds", "trainable_params",
-                          "auc_skipped_labels", "predicted_share", "label_share", "class_weights"})
+                          "auc_skipped_labels", "predicted_share", "label_share", "class_weights",
+                          "epoch"})
 #: A seed whose most-predicted class takes at least this fraction of the test images (and more than the most
 #: frequent true class does) predicts (almost) one class: its cell is flagged and never bolded as best.
 ONE_CLASS_SHARE = 0.95
@@ -44,6 +45,13 @@ def one_class_seeds(cell: dict) -> int:
         if share is not None and share >= ONE_CLASS_SHARE and share > number(seed.get("label_share", 0.0)):
             count += 1
     return count
+
+
+def lp_head_only(cell: dict) -> bool:
+    """Whether the cell has finished seeds and every one was tested at epoch -1: with the linear-probe head of
+    ``head.init: lp``, because no epoch of fine-tuning beat it on the val split."""
+    epochs = [seed.get("epoch") for seed in (cell.get("seeds") or {}).values()]
+    return bool(epochs) and all(e is not None and e < 0 for e in epochs)
 
 
 def best(cells: Sequence[dict], metric: str, healthy: bool = False) -> tuple[dict, Summary] | None:

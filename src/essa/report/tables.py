@@ -19,8 +19,8 @@ from essa.report.formatting import (
     one_class_note,
     status_text,
 )
-from essa.report.stats import (best, cell_summary, finished, metric_names, number, objective, one_class_seeds,
-                               shows_objective)
+from essa.report.stats import (best, cell_summary, finished, lp_head_only, metric_names, number, objective,
+                               one_class_seeds, shows_objective)
 
 STATUSES = ("done", "partial", "pending", "failed")
 KINDS = {"ssa": "SSA runs", "probe": "probes", "finetune": "fine-tuning seeds"}
@@ -99,7 +99,8 @@ def summary_tables(results: dict) -> list[Table]:
             for finetune in finetunes:
                 cell = next((c for c in cells if str(c["ssa"]) == ssa and str(c["finetune"]) == finetune), None)
                 row.append(MISSING if cell is None else
-                           format_summary(cell_summary(cell, metric), with_n=True) + one_class_note(cell))
+                           format_summary(cell_summary(cell, metric), with_n=True) + one_class_note(cell)
+                           + (f" {LP_HEAD_MARK}" if lp_head_only(cell) else ""))
                 ssa_resources = ssa_resources or (cell or {}).get("ssa_resources") or {}
                 if top is not None and cell is top[0]:
                     bold.add((len(rows), len(row) - 1))
@@ -123,6 +124,9 @@ def summary_tables(results: dict) -> list[Table]:
         note += f" Objective: what SSA optimised ({MISSING}: no SSA)."
     if any(one_class_seeds(c) for d in results["datasets"] for c in d["cells"]):
         note += f" {ONE_CLASS_MARK}: {ONE_CLASS_RULE}; never bold."
+    if any(lp_head_only(c) for d in results["datasets"] for c in d["cells"]):
+        note += (f" {LP_HEAD_MARK}: every seed was tested with its linear-probe head (head.init: lp): no epoch of "
+                 "fine-tuning beat it on the val split, so the cell measures the linear probe, not fine-tuning.")
     return [Table(header, rows, frozenset(bold), note),
             Table(["task", "fine-tuning", "FT params", "FT peak MiB", "FT images/s"], resource_rows,
                   note="Fine-tuning resources: means over every SSA starting point and seed of the tuner.")]
@@ -134,23 +138,52 @@ def metrics_table(dataset: dict) -> Table:
     names = metric_names(dataset)
     objectives = _ObjectiveColumn(dataset["cells"])
     rows, primary_means = [], []
+    # results written before the study kept each seed's tested epoch have no such column
+    with_epochs = any("epoch" in seed for cell in dataset["cells"] for seed in (cell.get("seeds") or {}).values())
     for cell in dataset["cells"]:
         summaries = [cell_summary(cell, name) for name in names]
         n_primary = summaries[0].n
         metric_cells = [format_summary(s, with_n=(i == 0 or s.n != n_primary)) for i, s in enumerate(summaries)]
         metric_cells[0] += one_class_note(cell)
-        rows.append([str(cell["ssa"]), *objectives(cell), str(cell["finetune"]), status_text(cell), *metric_cells])
+        tested = [tested_epochs(cell)] if with_epochs else []
+        rows.append([str(cell["ssa"]), *objectives(cell), str(cell["finetune"]), status_text(cell), *tested,
+                     *metric_cells])
         healthy = finished(summaries[0]) and not one_class_seeds(cell)
         primary_means.append(summaries[0].mean if healthy else -math.inf)
     top = max(primary_means, default=-math.inf)
-    column = 3 + len(objectives.header)
+    column = 3 + len(objectives.header) + with_epochs
     bold = frozenset((i, column) for i, mean in enumerate(primary_means) if mean == top and top > -math.inf)
     note = (f"Test split; mean ± std (ddof=1) over finished seeds, n = seeds; the std only with two seeds or more. "
             f"Bold: best {primary} (primary metric, higher is better).")
+    if with_epochs:
+        note += (f" Tested epoch: the checkpoint each seed was tested with, the best on the val split (0: the first "
+                 f"epoch; {LP_EPOCH_TEXT}: the linear-probe head before fine-tuning's first step, kept because no "
+                 f"epoch of fine-tuning beat it on val).")
     if any(one_class_seeds(c) for c in dataset["cells"]):
         note += f" {ONE_CLASS_MARK}: {ONE_CLASS_RULE}; never bold."
-    return Table(["SSA", *objectives.header, "fine-tuning", "status", f"{primary} (primary)", *names[1:]], rows, bold,
-                 note)
+    header = ["SSA", *objectives.header, "fine-tuning", "status", *(["tested epoch"] if with_epochs else []),
+              f"{primary} (primary)", *names[1:]]
+    return Table(header, rows, bold, note)
+
+
+#: The summary's mark on a fine-tuning cell whose every seed was tested with the linear-probe head.
+LP_HEAD_MARK = "†"
+
+
+#: What the tested-epoch column shows for a seed tested with its linear-probe head (``head.init: lp``, epoch -1).
+LP_EPOCH_TEXT = "LP"
+
+
+def tested_epochs(cell: dict) -> str:
+    """The epochs the cell's finished seeds were tested at, in seed order: ``"LP (3/3)"`` when every seed shares
+    one, else ``"LP, 4, 5"``; ``LP`` for the linear-probe head (epoch -1)."""
+    epochs = [seed.get("epoch") for seed in (cell.get("seeds") or {}).values()]
+    texts = [MISSING if e is None else LP_EPOCH_TEXT if e < 0 else str(int(e)) for e in epochs]
+    if not texts:
+        return MISSING
+    if len(set(texts)) == 1:
+        return f"{texts[0]} ({len(texts)}/{len(texts)})"
+    return ", ".join(texts)
 
 
 def resources_table(dataset: dict) -> Table:

@@ -13,6 +13,7 @@ from essa.report.stats import (
     cell_summary,
     finished,
     is_baseline,
+    lp_head_only,
     objective,
     one_class_seeds,
     ssa_tuner,
@@ -21,7 +22,8 @@ from essa.report.stats import (
 
 def verdict(dataset: dict) -> list[str]:
     """Conclusions computed from one dataset's cells, one line each (also printed by the study to the terminal):
-    the best cell (of those not flagged for predicting one class); the flagged cells; per fine-tuning tuner, the
+    the best cell (of those not flagged for predicting one class); the flagged cells; the cells tested with their
+    linear-probe head on every seed (:func:`lp_head_only`); per fine-tuning tuner, the
     best SSA cell against the cell without SSA ("helped", "within noise", "hurt", or "single seed: no noise
     estimate"); and APLA-SSA against full-SSA cells of the same SSA objective (metric, SSA peak memory and
     throughput ratios) where both exist. A cell's SSA tuner is its recorded ``ssa_tuner`` name, whatever its label
@@ -39,6 +41,11 @@ def verdict(dataset: dict) -> list[str]:
                 + (" that does not predict one class." if flagged else "."), *flag_line]
     cell, summary = found
     lines = [f"Best cell: {cell_name(cell)}, {metric} {format_summary(summary, with_n=True)}.", *flag_line]
+    probe_only = [cell_name(c) for c in cells if lp_head_only(c)]
+    if probe_only:
+        lines.append(f"Fine-tuning never beat its linear-probe start on the val split, so every seed was tested "
+                     f"with the linear-probe head (these cells measure the probe, not fine-tuning): "
+                     f"{'; '.join(probe_only)}.")
     finetune_tuners = list(dict.fromkeys(str(c["finetune"]) for c in cells))
     lines += [_ssa_effect(cells, tuner, metric) for tuner in finetune_tuners]
     lines += [line for tuner in finetune_tuners for line in _apla_vs_full(cells, tuner, metric)]

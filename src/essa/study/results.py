@@ -40,7 +40,7 @@ class CellResult(TypedDict):
     finetune_tuner: TunerResult
     status: str  # done | partial | pending | failed
     error: str | None  # "seed 0: ValueError: ..." of every failed seed
-    seeds: dict[str, dict[str, float]]  # seed -> test metrics, predicted_share, label_share
+    seeds: dict[str, dict[str, float]]  # seed -> test metrics, predicted_share, label_share, the tested epoch
     ssa_resources: dict[str, Any] | None  # resources.json of the SSA run, and its weight_change; None without SSA
     finetune_resources: dict[str, float] | None  # trainable_params, peak_memory_mib, ... (mean over seeds)
 
@@ -240,7 +240,8 @@ def _cell_results(grid: Grid, dataset: DatasetSpec, ssa: SSASpec, spec: TunerSpe
         if rows and rows[-1].get("split") == "test":
             tests.append(rows[-1])
             # the test metrics, and the shares the report's one-class flag reads
-            keep = (*metric_names(grid.task_of(dataset).task), "predicted_share", "label_share")
+            # and the tested checkpoint's epoch (-1: the linear-probe head before fine-tuning's first step)
+            keep = (*metric_names(grid.task_of(dataset).task), "predicted_share", "label_share", "epoch")
             seeds[str(seed)] = {k: rows[-1][k] for k in keep if k in rows[-1]}
         error = state.get((out / f"seed_{seed}").as_posix(), {}).get("error")
         if error:
