@@ -8,11 +8,11 @@ The objective is ``objective`` (:mod:`essa.objectives`): ``dinov2`` (default; st
 
 The run directory gets ``config.yaml`` (resolved), ``preprocessing.json`` (:data:`PREPROCESSING_FILE`: the mean, std
 and interpolation of ``data.normalize``, which the exports' headers record too), ``metrics.csv``/``metrics.json``
-(one row per epoch: loss terms,
-feature rank, kNN), ``checkpoints/{last,best}.ckpt``, ``resources.json`` (:data:`RESOURCES_FILE`: trainable
-parameters, the DINO head or the decoder, the number of images, the exported epoch, peak training memory, training
-images/s and seconds), and the adapted backbone: ``backbone.safetensors`` (merged plain timm weights of the teacher
-(DINOv2) or the student (MAE, SimMIM), architecture in the header) and ``tuner.safetensors`` (the tuner state);
+(one row per epoch: loss terms, feature rank, kNN; with ``ssl.curriculum``, ``low_res``: the share of the epoch's
+steps at the low resolution), ``checkpoints/{last,best}.ckpt``, ``resources.json`` (:data:`RESOURCES_FILE`:
+trainable parameters, the DINO head or the decoder, the number of images, the exported epoch, peak training memory,
+training images/s and seconds), and the adapted backbone: ``backbone.safetensors`` (merged plain timm weights of the
+teacher (DINOv2) or the student (MAE, SimMIM), architecture in the header) and ``tuner.safetensors`` (the tuner state);
 MAE and SimMIM also write ``decoder.safetensors`` and ``reconstructions/epoch_NNN.png`` (a few fixed images:
 original, masked input, reconstruction) at each epoch end.
 
@@ -45,8 +45,9 @@ from essa.train.truncation import MODES as TRUNCATION_MODES
 
 
 #: What a finished run measured (essa.train.stage.RESOURCES_FILE): the backbone's trainable parameters, the DINO
-#: head's parameters and size, what the truncated backward did (dinov2: ``truncated_backward``), the number of SSA
-#: images, which epoch was exported and why, peak training memory (MiB), training images/s and seconds.
+#: head's parameters and size, what the truncated backward did (dinov2: ``truncated_backward``), with
+#: ``ssl.curriculum`` its switch step and each phase's crop sizes and images/s (``curriculum``), the number of SSA
+#: images, which epoch was exported and why, peak training memory (MiB), training images/s and seconds (both phases).
 RESOURCES_FILE = stage.RESOURCES_FILE
 #: Splits of a labelled task (``essa.task``) that ``data.split`` and ``data.val_split`` can name.
 SPLITS = ("train", "val", "test")
@@ -143,6 +144,15 @@ class SSLConfig:
     # reused for the student's (same gradients; essa.train.truncation; resources.json says what applied). off: never.
     # dinov2 only (mae and simmim have no teacher to share a prefix with).
     truncated_backward: str = "auto"
+    # Low resolution first (FastDINOv2, arXiv 2507.03779): a length, as head_warmup (a fraction of the run in [0, 1),
+    # steps or "N epochs"), during which the global crops are curriculum_size px and the local crops smaller by the
+    # same ratio (rounded to the patch size, at least one patch), the iBOT masks on their patch grid; then the full
+    # sizes. Decided by the optimisation step, so a resumed run gets the same crops; resources.json records the
+    # switch step and the sizes. 0: off (the run as without the key). dinov2 only.
+    curriculum: float | str = 0
+    # the low phase's global crop size (px), a multiple of the patch size below global_size; None: half of
+    # global_size, rounded to the patch size (112 for 224)
+    curriculum_size: int | None = None
 
     def validate(self) -> None:
         for key in ("prototypes", "head_hidden", "head_bottleneck"):
@@ -153,7 +163,7 @@ class SSLConfig:
             raise config_mod.ConfigError(f"ssl.head_input={self.head_input!r}; valid choices: {', '.join(HEAD_INPUTS)}")
         if self.head_lr is not None and self.head_lr <= 0:
             raise config_mod.ConfigError(f"ssl.head_lr={self.head_lr} must be positive")
-        for key in ("head_warmup", "teacher_temp_warmup", "freeze_prototypes"):
+        for key in ("head_warmup", "teacher_temp_warmup", "freeze_prototypes", "curriculum"):
             _check_length(f"ssl.{key}", getattr(self, key))
         if self.n_global < 1 or self.n_local < 0 or self.n_global + self.n_local < 2:
             raise config_mod.ConfigError(f"ssl.n_global={self.n_global} and ssl.n_local={self.n_local}: give at least "
@@ -165,9 +175,18 @@ class SSLConfig:
                                          "0 <= min <= max <= 1")
         if not 0 <= self.mask_probability <= 1:
             raise config_mod.ConfigError(f"ssl.mask_probability={self.mask_probability} must be in [0, 1]")
-        for key in ("global_size", "local_size"):
+        for key in ("global_size", "local_size", "curriculum_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise config_mod.ConfigError(f"ssl.{key}={getattr(self, key)} must be at least 1")
+        if self.curriculum_size is not None:
+            if not self.curriculum:
+                raise config_mod.ConfigError(f"ssl.curriculum_size={self.curriculum_size} is the size of the "
+                                             "low-resolution phase, which ssl.curriculum sets the length of: give "
+                                             "ssl.curriculum too (e.g. 0.75) or leave ssl.curriculum_size out")
+            if self.curriculum_size >= self.global_size:
+                raise config_mod.ConfigError(f"ssl.curriculum_size={self.curriculum_size} must be smaller than "
+                                             f"ssl.global_size={self.global_size} (the low-resolution phase's "
+                                             "global crops come before the full-size ones)")
         try:
             check_drop(self.patch_drop, "ssl.patch_drop")
         except ValueError as err:
@@ -293,6 +312,13 @@ class AdaptConfig:
                 + ("mae already runs its encoder on the visible patches alone (mae.mask_ratio sets how many)"
                    if self.objective == "mae" else "simmim predicts every masked patch, so its encoder needs them all")
                 + "; leave ssl.patch_drop at 0")
+        if self.ssl.curriculum and self.objective != "dinov2":
+            raise config_mod.ConfigError(
+                f"ssl.curriculum={self.ssl.curriculum!r} applies to objective=dinov2 only, not {self.objective}: "
+                "the low-resolution phase switches the multi-crop views, and "
+                + ("mae's masks are drawn on the patch grid of ssl.global_size"
+                   if self.objective == "mae" else "simmim's mask cells and masks are sized to ssl.global_size")
+                + "; leave ssl.curriculum at 0")
         tuners.base.build(self.tuner.name, self.tuner.options)  # a bad tuner fails before any work
 
 
@@ -308,7 +334,8 @@ def _check_length(key: str, value) -> None:
 def _seeded_collate(samples, *, seed: int, collate):
     """Batch ``(sample, key)`` pairs with the objective's ``collate``; its masks are drawn from a generator seeded by
     the batch's first key, so a resumed run draws the same masks."""
-    generator = torch.Generator().manual_seed(mix_seed(seed, *samples[0][1]))
+    # (epoch, index) of the key: the same masks whether the key also carries a phase (ssl.curriculum) or not
+    generator = torch.Generator().manual_seed(mix_seed(seed, *samples[0][1][:2]))
     return collate([sample for (sample, _label), _key in samples], generator=generator)
 
 
@@ -524,6 +551,8 @@ class _SSAStage(Stage):
     def module(self, backbone, loader, trainer, checkpointing):
         self.cfg = cfg = self.objective.sized(self.cfg, loader.sampler.size)
         module = self.objective.module(cfg, backbone, steps_per_epoch(loader, trainer))
+        if module.phase_starts:  # ssl.curriculum: each sample's views follow the step its batch trains
+            loader.sampler.key_phases(module.phase_starts, trainer.accumulate_grad_batches)
         for note in module.schedule_warnings:
             warnings.warn(note, stacklevel=4)  # the caller of adapt (adapt -> fit_stage -> here)
         prepare_backbones(cfg.trainer, *module.prepared_backbones)

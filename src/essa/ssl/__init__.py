@@ -18,13 +18,15 @@ the masked collate, the reconstruction picture) in :mod:`essa.ssl.mim`.
 - ``prefix.tokens_before(vit, images, k, kept=None)`` / ``prefix.tokens_after(vit, tokens, k)``: a timm ViT's
   ``forward_features`` split at block k (optionally of kept patches only).
 - ``views.MultiCropTransform(n_global=2, n_local=8, global_size=224, local_size=98, ...)``: PIL image -> list of
-  crops; ``views.collate(samples, patch_size=..., n_global=2)``: crop-major batches and masks.
+  crops; ``views.collate(samples, patch_size=..., n_global=2)``: crop-major batches and masks (on the patch grid of
+  the crops' size); ``views.low_resolution_sizes(global_size, local_size, patch_size)``: the crop sizes of a
+  low-resolution phase (FastDINOv2's curriculum).
 - ``heads.HeadInputNorm(dim)``: backbone tokens standardised per feature with running statistics (CLS and patch
   tokens apart) before the head.
 - ``schedules.cosine(start, end, total_iters, warmup_iters=0, warmup_start=0)``: (total_iters,) array;
   ``schedules.ssa_schedules(epochs, iters_per_epoch, lr, head_warmup=..., ...)``: ``SSASchedules`` of per-step
-  arrays (backbone and head lr, head warm-up); ``schedules.length_steps(value, total, iters_per_epoch)``: a length
-  given as a fraction of the run, steps or epochs, in steps.
+  arrays (backbone and head lr, head warm-up, the low-resolution steps); ``schedules.length_steps(value, total,
+  iters_per_epoch)``: a length given as a fraction of the run, steps or epochs, in steps.
 - ``collapse.head_stats(...)`` and ``collapse.CollapseWatch``: the teacher's entropy, its batch-mean entropy, the
   student's KL from uniform and the prototypes in use; a count of consecutive uniform or one-hot steps.
 """

@@ -71,7 +71,8 @@ class SSASchedules:
     ``teacher_momentum``: float64 (total_iters,). ``freeze_prototypes``: bool (total_iters,), True on steps whose
     prototype gradients are dropped (``DINOHead.cancel_last_layer_gradients``). ``head_warmup``: bool
     (total_iters,), True on the steps where only the head trains (the backbone and its tuner frozen).
-    ``warnings``: what could not finish inside the run (clamped).
+    ``low_res``: bool (total_iters,), True on the steps of the low-resolution phase of the curriculum (the crops
+    at their low sizes; all False without one). ``warnings``: what could not finish inside the run (clamped).
     """
 
     lr: np.ndarray
@@ -81,6 +82,7 @@ class SSASchedules:
     teacher_momentum: np.ndarray
     freeze_prototypes: np.ndarray
     head_warmup: np.ndarray
+    low_res: np.ndarray
     warnings: tuple[str, ...] = ()
 
     def __len__(self) -> int:
@@ -89,6 +91,11 @@ class SSASchedules:
     @property
     def head_warmup_steps(self) -> int:
         return int(self.head_warmup.sum())
+
+    @property
+    def switch_step(self) -> int:
+        """The first step at the full crop sizes (0 without a low-resolution phase)."""
+        return int(self.low_res.sum())
 
 
 def ssa_schedules(
@@ -105,10 +112,11 @@ def ssa_schedules(
     teacher_temp_warmup=0.1,
     teacher_momentum: tuple[float, float] = (0.994, 1.0),
     freeze_prototypes=1 / 300,
+    curriculum=0,
 ) -> SSASchedules:
     """The SSA recipe of method.md as arrays over ``epochs * iters_per_epoch`` steps. Every length (``warmup``,
-    ``head_warmup``, ``teacher_temp_warmup``, ``freeze_prototypes``) is a length (:func:`length_steps`): a fraction of the run,
-    steps, or epochs; the defaults are the reference's 10, 30 and 1 of 300 epochs as fractions.
+    ``head_warmup``, ``teacher_temp_warmup``, ``freeze_prototypes``, ``curriculum``) is a length
+    (:func:`length_steps`): a fraction of the run, steps, or epochs; the defaults are the reference's 10, 30 and 1 of 300 epochs as fractions.
 
     - Head warm-up: the first ``head_warmup`` steps train the head alone (``head_warmup`` True, backbone lr 0).
     - Backbone lr: 0 during the head warm-up, then a linear ramp from 0 over ``warmup`` steps, then a cosine from
@@ -118,9 +126,11 @@ def ssa_schedules(
     - Weight decay and teacher momentum: cosine from the first to the second value over the run.
     - Teacher temperature: linear from the first to the second value over ``teacher_temp_warmup``, then constant.
     - Prototypes frozen for the first ``freeze_prototypes`` steps.
+    - Low resolution first (FastDINOv2's curriculum): the first ``curriculum`` steps are ``low_res``.
 
     A length that cannot finish inside the run is clamped (the warm-ups end one step before the last; the head
-    warm-up and the backbone's ramp share the run) and named in ``warnings``.
+    warm-up and the backbone's ramp share the run; the low-resolution phase leaves the last step at the full size)
+    and named in ``warnings``.
     """
     if epochs < 1 or iters_per_epoch < 1:
         raise ValueError(
@@ -141,6 +151,7 @@ def ssa_schedules(
     ramp = steps(warmup, "optim.warmup", max(total - head - 1, 0))
     temp = steps(teacher_temp_warmup, "ssl.teacher_temp_warmup", total - 1)
     frozen = steps(freeze_prototypes, "ssl.freeze_prototypes", total)
+    low = steps(curriculum, "ssl.curriculum", max(total - 1, 0))
     head_ramp = min(ramp, total - 1)
 
     backbone_lr = np.zeros(total)
@@ -149,6 +160,8 @@ def ssa_schedules(
     freeze[:frozen] = True
     warm = np.zeros(total, dtype=bool)
     warm[:head] = True
+    low_res = np.zeros(total, dtype=bool)
+    low_res[:low] = True
     return SSASchedules(
         lr=backbone_lr,
         head_lr=cosine(lr if head_lr is None else head_lr, min_lr, total, warmup_iters=head_ramp, warmup_start=0.0),
@@ -157,6 +170,7 @@ def ssa_schedules(
         teacher_momentum=cosine(*teacher_momentum, total),
         freeze_prototypes=freeze,
         head_warmup=warm,
+        low_res=low_res,
         warnings=tuple(notes),
     )
 

@@ -12,6 +12,32 @@ from essa.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from essa.ssl.masking import block_masks
 
 
+def local_crop_size(global_size: int, patch_size: int, local_size: int | None = None) -> int:
+    """``local_size``, or 7/16 of ``global_size`` (98 for 224) rounded to the patch size (at least one patch)."""
+    if local_size is not None:
+        return local_size
+    return max(patch_size, round(global_size * 7 / 16 / patch_size) * patch_size)
+
+
+def low_resolution_sizes(global_size: int, local_size: int, patch_size: int,
+                         low_size: int | None = None) -> tuple[int, int]:
+    """(global, local) crop sizes of a low-resolution phase (FastDINOv2's curriculum) before ``global_size`` and
+    ``local_size``: ``low_size`` (default: half of ``global_size`` rounded to the patch size, at least one patch),
+    and ``local_size`` scaled by the same ratio, rounded to the patch size, at least one patch. ValueError when
+    ``low_size`` is not a multiple of the patch size or not smaller than ``global_size``."""
+    def to_patch(size: float) -> int:
+        return max(patch_size, round(size / patch_size) * patch_size)
+
+    low = to_patch(global_size / 2) if low_size is None else low_size
+    if low % patch_size:
+        raise ValueError(f"ssl.curriculum_size={low} is not a multiple of the backbone's patch size {patch_size}: "
+                         f"use {to_patch(low)}")
+    if low >= global_size:
+        raise ValueError(f"ssl.curriculum_size={low} is not smaller than ssl.global_size={global_size}"
+                         + (f" (one patch of {patch_size} px: there is no lower size)" if low_size is None else ""))
+    return low, to_patch(local_size * low / global_size)
+
+
 class MultiCropTransform:
     """PIL image -> ``n_global`` global crops, then ``n_local`` local crops, as normalised float tensors.
 

@@ -8,13 +8,21 @@ A run killed mid-epoch and resumed must see exactly the batches an uninterrupted
 - :class:`ResumableLoader` keeps its position in the epoch and saves it in Lightning checkpoints (Lightning
   stores the ``state_dict`` of loaders that have one); on resume the sampler skips the batches already trained.
 
+A run whose views change at given optimisation steps (``ssl.curriculum``: low-resolution crops first) keys its
+samples by phase too (:meth:`EpochSampler.key_phases`): the sampler knows which step each sample's batch trains, so
+the phase follows from the key as the augmentation does, and a resumed run gets the same views; the dataset hands
+it to a :class:`PhasedTransform`.
+
 :func:`training_loader` puts the three together for the training images of a stage (``essa adapt`` and
 ``essa finetune`` both build theirs with it).
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import random
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +32,7 @@ from essa.config import ConfigError
 from essa.data import ImageDataset
 from essa.train.interrupt import worker_init
 
-Key = tuple[int, int]  # (epoch, index)
+Key = tuple[int, ...]  # (epoch, index), or (epoch, index, phase) with EpochSampler.key_phases
 
 
 def mix_seed(*parts: int) -> int:
@@ -54,6 +62,8 @@ class EpochSampler(Sampler[Key]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank to skip)
+        self.phase_starts: tuple[int, ...] = ()  # key_phases'
+        self.accumulate = 1
 
     def shard(self, num_replicas: int, rank: int) -> None:
         """Sample the share of process ``rank`` of ``num_replicas`` from now on (set before the first epoch)."""
@@ -67,6 +77,27 @@ class EpochSampler(Sampler[Key]):
 
     def resume(self, epoch: int, samples: int) -> None:
         self.epoch, self._skip = epoch, (epoch, samples)
+
+    def key_phases(self, starts: Sequence[int], accumulate: int = 1) -> None:
+        """Key every sample ``(epoch, index, phase)`` from now on: ``phase`` counts the optimisation steps of
+        ``starts`` (ascending) that the step training the sample's batch has reached (0 before the first). A step
+        trains ``accumulate`` batches of this rank (Lightning's ``accumulate_grad_batches``; the last step of an
+        epoch closes what is left), so steps count as the Trainer's ``global_step`` does. Call after :meth:`shard`."""
+        starts = tuple(int(s) for s in starts)
+        if list(starts) != sorted(starts) or any(s < 0 for s in starts) or accumulate < 1:
+            raise ValueError(f"EpochSampler.key_phases: starts {starts} must be ascending steps >= 0 and accumulate "
+                             f"{accumulate} at least 1")
+        self.phase_starts, self.accumulate = starts, accumulate
+
+    def steps_per_epoch(self, samples: int | None = None) -> int:
+        """Optimisation steps in an epoch of ``samples`` of this rank (default: ``len(self)``)."""
+        samples = len(self) if samples is None else samples
+        batches = samples // self.batch_size if self.drop_last else math.ceil(samples / self.batch_size)
+        return math.ceil(batches / self.accumulate)
+
+    def phase(self, step: int) -> int:
+        """The phase of optimisation step ``step`` (see :meth:`key_phases`)."""
+        return bisect.bisect_right(self.phase_starts, step)
 
     def _indices(self) -> list[int]:
         if self.shuffle:
@@ -84,15 +115,36 @@ class EpochSampler(Sampler[Key]):
 
     def __iter__(self):
         indices = self._indices()
-        if self._skip is not None and self._skip[0] == self.epoch:
-            indices = indices[self._skip[1] :]
+        start = self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
         self._skip = None
-        return iter([(self.epoch, i) for i in indices])
+        if not self.phase_starts:
+            return iter([(self.epoch, i) for i in indices[start:]])
+        # a sample's step from its place in the whole epoch: the same whether the epoch is resumed or not
+        first = self.epoch * self.steps_per_epoch(len(indices))
+        return iter([(self.epoch, i, self.phase(first + p // self.batch_size // self.accumulate))
+                     for p, i in enumerate(indices[start:], start)])
+
+
+class PhasedTransform:
+    """One transform per phase of a run (``ssl.curriculum``: the low-resolution views, then the full-size ones):
+    ``transforms[phase]``, where :class:`SeededDataset` sets ``phase`` from the key of each item right before it
+    reads it, in the process that reads it (as it seeds the random generators there)."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+        self.phase: int | None = None
+
+    def __call__(self, image):
+        if self.phase is None:
+            raise RuntimeError("PhasedTransform: no phase was given: the loader's EpochSampler must key its samples "
+                               "by phase (EpochSampler.key_phases)")
+        return self.transforms[min(self.phase, len(self.transforms) - 1)](image)
 
 
 class SeededDataset(Dataset):
     """``(base[index], key)`` for keys ``(epoch, index)``, with torch / random / numpy seeded from
-    ``(seed, epoch, index)`` first, so that the random transforms inside ``base`` are reproducible."""
+    ``(seed, epoch, index)`` first, so that the random transforms inside ``base`` are reproducible. A key
+    ``(epoch, index, phase)`` also sets the phase of ``base.transform`` when that is a :class:`PhasedTransform`."""
 
     def __init__(self, base: Dataset, seed: int):
         self.base, self.seed = base, seed
@@ -101,11 +153,14 @@ class SeededDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: Key):
-        epoch, index = key
+        epoch, index, *phase = key
         seed = mix_seed(self.seed, epoch, index)
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
+        transform = getattr(self.base, "transform", None)
+        if phase and isinstance(transform, PhasedTransform):
+            transform.phase = phase[0]
         return self.base[index], key
 
 

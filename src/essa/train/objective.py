@@ -84,6 +84,12 @@ class ObjectiveModule(StageModule):
     def schedule_warnings(self) -> tuple[str, ...]:
         return ()
 
+    @property
+    def phase_starts(self) -> tuple[int, ...]:
+        """The optimisation steps at which the objective's views move to their next phase (the loader's samples are
+        keyed by phase: :meth:`essa.train.loader.EpochSampler.key_phases`); () when they have one phase."""
+        return ()
+
     def exported_backbone(self) -> nn.Module:
         """A copy of the backbone to export, whose trainable parameters (``requires_grad``) are the tuner state."""
         return copy.deepcopy(self.tuned)

@@ -85,13 +85,15 @@ class StepTiming:
             self._step_start = time.perf_counter()
         self._step_images += images
 
-    def end_step(self, into: dict | None = None) -> None:
-        """``into``: the counts to add the step to (default ``self.timing``), e.g. a warm-up's own."""
+    def end_step(self, into: dict | tuple[dict, ...] | None = None) -> None:
+        """``into``: the counts to add the step to (default ``self.timing``), e.g. a warm-up's own, or a tuple of
+        counts that each get it (the whole run's and a phase's)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        timing = self.timing if into is None else into
-        timing["seconds"] += time.perf_counter() - self._step_start
-        timing["images"] += self._step_images
+        seconds = time.perf_counter() - self._step_start
+        for timing in into if isinstance(into, tuple) else (self.timing if into is None else into,):
+            timing["seconds"] += seconds
+            timing["images"] += self._step_images
         self._step_images = 0
 
     @property

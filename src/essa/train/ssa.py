@@ -11,7 +11,10 @@ objective, the prototype freeze after the backward pass and the teacher's moment
 Less work per step: PatchDropout thins the student's views that only their CLS token is scored on (``ssl.patch_drop``,
 :mod:`essa.ssl.patch_dropout`; what the student sees changes), and a frozen prefix of blocks runs without autograd
 and, on the unmasked global crops, once for teacher and student (``ssl.truncated_backward``,
-:mod:`essa.train.truncation`; the same losses and gradients).
+:mod:`essa.train.truncation`; the same losses and gradients). Low resolution first (``ssl.curriculum``, FastDINOv2):
+the loader's crops are smaller before the switch step (``schedules.low_res``); the step runs on whatever size its
+batch has (position embeddings resampled to the patch grid, as for the local crops; the iBOT masks and kept
+patches are drawn on it), and the module records the phases' sizes and throughput.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from essa.ssl.heads import HeadInputNorm
 from essa.ssl.collapse import CollapseWatch, head_stats
 from essa.ssl.prefix import tokens_after, tokens_before, unsplittable
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
+from essa.ssl.views import local_crop_size, low_resolution_sizes
 from essa.train.memory import recompute_frozen
 from essa.train.resources import release_free_heap
 from essa.train.optim import default_lr
 from essa.train.objective import ObjectiveModule
-from essa.train.trainer import module_full_weights
+from essa.train.trainer import attached_trainer, module_full_weights, over_processes
 from essa.train import truncation
 
 
@@ -99,8 +103,9 @@ class SSAModule(ObjectiveModule):
             min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup, head_warmup=ssl.head_warmup,
             weight_decay=tuple(cfg.optim.weight_decay), teacher_temp=tuple(ssl.teacher_temp),
             teacher_temp_warmup=ssl.teacher_temp_warmup, teacher_momentum=tuple(ssl.momentum),
-            freeze_prototypes=ssl.freeze_prototypes,
+            freeze_prototypes=ssl.freeze_prototypes, curriculum=ssl.curriculum,
         )
+        self.curriculum = self._curriculum(backbone.patch_embed.patch_size[0])
         # the collapse watch starts once the head has had its warm-up and its prototypes are free
         self._watch_from = max(self.schedules.head_warmup_steps, int(self.schedules.freeze_prototypes.sum()))
         self._ema = ema_pairs(self.student, self.teacher)
@@ -108,6 +113,21 @@ class SSAModule(ObjectiveModule):
         self._collapse = CollapseWatch(ssl.prototypes, cfg.monitor.collapse_patience, cfg.monitor.collapse_tolerance)
         # timing: the tuner's optimisation steps (no data loading, no kNN)
         self.warmup_timing = {"images": 0, "seconds": 0.0}  # the head warm-up's steps
+        self.low_res_timing = {"images": 0, "seconds": 0.0}  # the tuner's steps at the low resolution (also in timing)
+
+    def _curriculum(self, patch: int) -> dict | None:
+        """What ``ssl.curriculum`` does (resources.json): the switch step and each phase's crop sizes; None: off."""
+        ssl = self.cfg.ssl
+        if not ssl.curriculum:
+            return None
+        full = (ssl.global_size, local_crop_size(ssl.global_size, patch, ssl.local_size))
+        try:
+            low = low_resolution_sizes(*full, patch, ssl.curriculum_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return {"switch_step": self.schedules.switch_step,
+                "low": {"global_size": low[0], "local_size": low[1]},
+                "full": {"global_size": full[0], "local_size": full[1]}}
 
     @property
     def network(self) -> nn.Module:
@@ -130,6 +150,10 @@ class SSAModule(ObjectiveModule):
     def schedule_warnings(self) -> tuple[str, ...]:
         return self.schedules.warnings
 
+    @property
+    def phase_starts(self) -> tuple[int, ...]:
+        return (self.schedules.switch_step,) if self.curriculum else ()
+
     def exported_backbone(self) -> nn.Module:
         """The teacher's backbone, whose tuner state is what trains in the student."""
         teacher = copy.deepcopy(self.teacher.backbone)
@@ -142,17 +166,36 @@ class SSAModule(ObjectiveModule):
         return {"head_params": sum(p.numel() for p in self.student.head.parameters()),
                 "head": {"prototypes": ssl.prototypes, "hidden": ssl.head_hidden, "bottleneck": ssl.head_bottleneck,
                          "warmup_steps": self.schedules.head_warmup_steps},
-                "truncated_backward": self.truncation.record()}
+                "truncated_backward": self.truncation.record(),
+                **({"curriculum": self._curriculum_record()} if self.curriculum else {})}
+
+    def _curriculum_record(self) -> dict:
+        """:attr:`curriculum` with each phase's tuner steps' images/s (of all processes, as ``images_per_s``)."""
+        low, whole = self.low_res_timing, self.timing
+        full = {k: whole[k] - low[k] for k in whole}
+
+        def rate(t):
+            return t["images"] / t["seconds"] if t["seconds"] else float("nan")
+
+        trainer = attached_trainer(self)
+        rates = {"low": rate(low), "full": rate(full)}
+        if trainer is not None:
+            rates = over_processes(trainer, rates, op="sum")
+        return {"switch_step": self.curriculum["switch_step"],
+                **{phase: {**self.curriculum[phase], "images_per_s": rates[phase]} for phase in ("low", "full")}}
 
     # ----- what a checkpoint holds besides the student's trainable tensors and the teacher's copies ------------
     def checkpoint_state(self) -> dict:
         return {**super().checkpoint_state(), "low_rank_steps": self._low_rank_steps,
-                "collapsed_steps": self._collapse.steps, "warmup_timing": self.warmup_timing}
+                "collapsed_steps": self._collapse.steps, "warmup_timing": self.warmup_timing,
+                **({"low_res_timing": self.low_res_timing} if self.curriculum else {})}
 
     def load_checkpoint_state(self, state: dict) -> None:
         super().load_checkpoint_state(state)
         self._low_rank_steps, self._collapse.steps = state["low_rank_steps"], state["collapsed_steps"]
         self.warmup_timing = state["warmup_timing"]
+        if self.curriculum:
+            self.low_res_timing = state["low_res_timing"]
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -178,8 +221,10 @@ class SSAModule(ObjectiveModule):
         with module_full_weights(self, writeback=True):
             ema_update(*self._ema, float(self.schedules.teacher_momentum[self._it]))
 
-    def step_timing(self) -> dict:
-        return self.warmup_timing if self.schedules.head_warmup[self._it] else self.timing
+    def step_timing(self) -> dict | tuple[dict, ...]:
+        if self.schedules.head_warmup[self._it]:
+            return self.warmup_timing
+        return (self.timing, self.low_res_timing) if self.schedules.low_res[self._it] else self.timing
 
     # ----- the objective ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -234,6 +279,8 @@ class SSAModule(ObjectiveModule):
         )
         self._check_health(terms, t_cls, stats)
         self.add_to_epoch(stats)
+        if self.curriculum:  # the share of the epoch's steps at the low resolution (metrics: low_res)
+            self.add_to_epoch({"low_res": float(self.schedules.low_res[it])})
         self.add_to_epoch({key: float(value.detach()) for key, value in terms.items()})
         self.count_step()
         self.log("loss", terms["total"].detach(), prog_bar=True)

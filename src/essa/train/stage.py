@@ -120,8 +120,9 @@ class StageModule(StepTiming, L.LightningModule):
     def after_optimizer_step(self) -> None:
         """What the module updates right after the optimizer step (the SSA teacher)."""
 
-    def step_timing(self) -> dict:
-        """The counts this step's images and seconds add to (``timing``; SSA's head warm-up has its own)."""
+    def step_timing(self) -> dict | tuple[dict, ...]:
+        """The counts this step's images and seconds add to (``timing``; SSA's head warm-up has its own), or a
+        tuple of counts that each get them."""
         return self.timing
 
     def on_train_batch_start(self, batch, batch_idx):
