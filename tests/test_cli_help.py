@@ -118,3 +118,18 @@ def test_key_docs_of_nested_and_inherited_fields():
 def test_a_required_key_is_listed_as_such():
     keys = {key: default for key, default, _ in config_mod.key_docs(StudyConfig)}
     assert keys["ssa.epochs"] == config_mod.REQUIRED and keys["img_size"] == 112
+
+
+def test_keys_into_a_pipe_closed_early_stops_quietly(tmp_path):
+    # `essa adapt --keys | head -1`: head exits after one line; essa stops with the shell's SIGPIPE status and
+    # without a BrokenPipeError traceback on stderr
+    import subprocess
+    import sys
+
+    err = tmp_path / "stderr.txt"
+    proc = subprocess.run(f"{sys.executable} -m essa adapt --keys 2>{err} | head -1; echo \"${{PIPESTATUS[0]}}\"",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    first, status = proc.stdout.splitlines()
+    assert first.startswith("backbone.name:")
+    assert status == "141"
+    assert err.read_text() == ""

@@ -33,7 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit code when the reader of stdout went away (``essa adapt --keys | head``): 128 + SIGPIPE, as the shell's.
+BROKEN_PIPE_EXIT = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # also after --keys or --help exit: what is still buffered meets the closed pipe here
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # stdout's reader closed the pipe: stop without a traceback, and point stdout at /dev/null so that the
+        # interpreter's flush at exit does not raise again (the recipe of Python's signal module documentation)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:  # read where each Trainer is built, in this process and in a study's cell processes
         os.environ["ESSA_VERBOSE"] = "1"
