@@ -44,26 +44,6 @@ def head_size(ssl, n_images: int):
     )
 
 
-def local_size(cfg, patch: int) -> int:
-    """``ssl.local_size``, or 7/16 of ``ssl.global_size`` (98 for 224) rounded to the patch size."""
-    from essa.ssl.views import local_crop_size
-
-    return local_crop_size(cfg.ssl.global_size, patch, cfg.ssl.local_size)
-
-
-def curriculum_sizes(cfg, patch: int) -> tuple[int, int] | None:
-    """(global, local) crop sizes of the low-resolution phase (``ssl.curriculum``, ``ssl.curriculum_size``), or
-    None without one; ConfigError for a size the patch size does not divide or that is not smaller."""
-    from essa.ssl.views import low_resolution_sizes
-
-    if not cfg.ssl.curriculum:
-        return None
-    try:
-        return low_resolution_sizes(cfg.ssl.global_size, local_size(cfg, patch), patch, cfg.ssl.curriculum_size)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 class DINOv2(Objective):
     name, has_teacher = "dinov2", True
 
@@ -75,7 +55,9 @@ class DINOv2(Objective):
         return bool(cfg.ssl.head_warmup)  # the head warm-up's steps leave the tuner without gradients
 
     def check(self, cfg, patch_size):
-        curriculum_sizes(cfg, patch_size)
+        from essa.train.ssa import crop_sizes
+
+        crop_sizes(cfg, patch_size)  # a bad ssl.curriculum_size fails before any work
 
     def transform(self, cfg, patch_size, preprocessing):
         from essa.ssl import MultiCropTransform
@@ -89,15 +71,16 @@ class DINOv2(Objective):
                 std=preprocessing.std,
             )
 
-        full = views(ssl.global_size, local_size(cfg, patch_size))
-        low = curriculum_sizes(cfg, patch_size)
+        from essa.train.ssa import crop_sizes
+
+        full, low = crop_sizes(cfg, patch_size)
         if low is None:
-            return full
+            return views(*full)
         from essa.train.loader import PhasedTransform
 
         # phase 0 before the switch step, 1 from it on: the stage keys the loader's samples by phase
         # (essa.train.loader.EpochSampler.key_phases, from the module's phase_starts)
-        return PhasedTransform([views(*low), full])
+        return PhasedTransform([views(*low), views(*full)])
 
     def collate(self, cfg, patch_size):
         from essa.ssl import collate

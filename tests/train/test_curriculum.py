@@ -4,8 +4,6 @@ each phase's patch grid, the step runs on either size (ViT and Eva), the lengths
 lengths do, bad values are refused by name, an empty low phase changes nothing, and a run killed before the switch
 resumes to the uninterrupted run's export, bit for bit."""
 
-import warnings
-
 import lightning as L
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from essa.train.loader import mix_seed
 from essa.train.ssa import SSAModule
 from tests.train.test_adapt import TINY, XRAYS, _cfg, folders  # noqa: F401  (folders: the fixture)
 from tests.train.test_reliability import _killed, _same_weights, _strip
+from tests.train.test_ssa_speed import _step
 
 PATCH = 8
 
@@ -171,16 +170,6 @@ def _batch(module, size, local, n_images=3):
     samples = [[torch.randn(3, size, size, generator=g) for _ in range(2)] +
                [torch.randn(3, local, local, generator=g) for _ in range(2)] for _ in range(n_images)]
     return DINOv2().collate(module.cfg, PATCH)(samples, generator=torch.Generator().manual_seed(mix_seed(0, 0, 0)))
-
-
-def _step(module, batch):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log outside a Trainer
-        loss = module.training_step(batch, 0)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.requires_grad}
-    module.student.zero_grad(set_to_none=True)
-    return loss.detach(), grads
 
 
 EVA = {"name": "vit_small_patch16_dinov3", "pretrained": False,

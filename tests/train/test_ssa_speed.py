@@ -60,6 +60,7 @@ def _step(module, batch):
         loss = module.training_step(batch, 0)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.requires_grad}
+    module.student.zero_grad(set_to_none=True)  # a second step of the same module starts from no gradients
     return loss.detach(), grads
 
 

@@ -67,6 +67,20 @@ def effective_rank(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
+def crop_sizes(cfg, patch: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(global, local) crop sizes of the run (``ssl.local_size``, or 7/16 of ``ssl.global_size`` rounded to the
+    patch size), and those of the low-resolution phase of ``ssl.curriculum`` (None without one); ConfigError for an
+    ``ssl.curriculum_size`` the patch size does not divide or that is not smaller than ``ssl.global_size``."""
+    ssl = cfg.ssl
+    full = (ssl.global_size, local_crop_size(ssl.global_size, patch, ssl.local_size))
+    if not ssl.curriculum:
+        return full, None
+    try:
+        return full, low_resolution_sizes(*full, patch, ssl.curriculum_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 class SSAModule(ObjectiveModule):
     """One SSA run. ``cfg`` is an :class:`essa.adaptation.AdaptConfig` whose head size is resolved
     (:func:`essa.adaptation.head_size`); ``iters_per_epoch`` sizes the schedules.
@@ -117,14 +131,9 @@ class SSAModule(ObjectiveModule):
 
     def _curriculum(self, patch: int) -> dict | None:
         """What ``ssl.curriculum`` does (resources.json): the switch step and each phase's crop sizes; None: off."""
-        ssl = self.cfg.ssl
-        if not ssl.curriculum:
+        full, low = crop_sizes(self.cfg, patch)
+        if low is None:
             return None
-        full = (ssl.global_size, local_crop_size(ssl.global_size, patch, ssl.local_size))
-        try:
-            low = low_resolution_sizes(*full, patch, ssl.curriculum_size)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
         return {"switch_step": self.schedules.switch_step,
                 "low": {"global_size": low[0], "local_size": low[1]},
                 "full": {"global_size": full[0], "local_size": full[1]}}
