@@ -20,8 +20,9 @@ Two departures from the reference recipe, both defaults because they measured be
   trains. The probe is recorded in ``seed_N/head_init.json`` and validated before step 0 (a history row with
   ``epoch: -1, step: 0``): it is the first candidate for the best checkpoint, so fine-tuning that never beats its
   own linear probe on the val split is tested as that probe (the test row then says ``epoch: -1``). A resumed run
-  takes its head from the checkpoint and does not fit it again. ``head.init: random``: timm's fresh head, as in
-  the reference.
+  takes its head from the checkpoint and does not fit it again. ``head.calibrate`` (default on): the probe's logits
+  are then scaled to the fine-tuning loss on augmented train views (:func:`fit_logit_scale`), which changes none of
+  its predictions. ``head.init: random``: timm's fresh head, as in the reference.
 - ``head.class_weights: auto``: the loss is weighted by inverse class frequency (multilabel: BCE ``pos_weight``,
   negatives / positives) when the train split's largest class count exceeds :data:`AUTO_CLASS_RATIO` (1.5) times
   its smallest (multilabel: a label's positives against its negatives); ``true`` / ``false`` force it.
@@ -107,11 +108,13 @@ class HeadConfig:
     init: str = "lp"  # lp: the linear probe of the frozen features before step 0 (LP-FT); random: a fresh head
     class_weights: bool | str = "auto"  # true: weight the loss by inverse class frequency in the train split;
     #                                     auto: true when the largest / smallest class count exceeds 1.5
+    calibrate: bool = True  # init lp: rescale the probe head's logits to the training loss on augmented train views
 
 
 @dataclass
 class AugmentConfig:
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # area range of the random-resized crop
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # area range of the random-resized crop (the
+    #                                                                  reference's ImageNet 0.08-1 cuts lesions out)
     hflip: float = 0.5
 
 
@@ -146,6 +149,13 @@ class FinetuneConfig:
         check_task_key(self.task)
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise ConfigError("optim.epochs and optim.batch_size must be at least 1")
+        peak = peak_lr(self)
+        if peak < self.optim.min_lr:
+            raise ConfigError(f"optim.lr={peak:g} is below optim.min_lr={self.optim.min_lr:g}: the cosine would "
+                              "rise from the one to the other; lower optim.min_lr too")
+        scale = self.augment.scale
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"augment.scale={scale} must be two area fractions 0 < low <= high <= 1")
         if not 0 < self.optim.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay={self.optim.layer_decay} must be in (0, 1] (1: no decay)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -197,11 +207,24 @@ def build_loader(cfg: FinetuneConfig, task: Task, seed: int, preprocessing=None)
                            num_workers=cfg.data.num_workers, what=f"the train split of {cfg.data.root}")
 
 
-def lr_schedule(optim: OptimConfig, tuner: str, total_steps: int) -> np.ndarray:
+#: The peak lr of fine-tuning from the linear-probe head (``head.init: lp``) with every tuner: the probe's head is
+#: already fitted, and at the reference's 1e-3 the first epochs pull the features (and the val metric) away from it.
+LP_FT_LR = 1e-4
+
+
+def peak_lr(cfg: FinetuneConfig) -> float:
+    """``optim.lr`` if given; else :data:`LP_FT_LR` with ``head.init: lp``, and with ``head.init: random`` the
+    reference's (:func:`essa.train.optim.default_lr`: 1e-4 for the full tuner, 1e-3 for the others)."""
+    if cfg.optim.lr is None and cfg.head.init == "lp":
+        return LP_FT_LR
+    return default_lr(cfg.tuner.name, cfg.optim.lr)
+
+
+def lr_schedule(cfg: FinetuneConfig, total_steps: int) -> np.ndarray:
     """(total_steps,) lr: linear warm-up from 0 over ``optim.warmup_steps`` (at most MAX_WARMUP_FRACTION of the run),
-    then a cosine from the tuner's lr to ``optim.min_lr``."""
-    warmup = min(optim.warmup_steps, math.floor(MAX_WARMUP_FRACTION * total_steps))
-    return cosine(default_lr(tuner, optim.lr), optim.min_lr, total_steps, warmup_iters=warmup)
+    then a cosine from :func:`peak_lr` to ``optim.min_lr``."""
+    warmup = min(cfg.optim.warmup_steps, math.floor(MAX_WARMUP_FRACTION * total_steps))
+    return cosine(peak_lr(cfg), cfg.optim.min_lr, total_steps, warmup_iters=warmup)
 
 
 def class_ratio(labels: list, num_classes: int, multilabel: bool) -> float:
@@ -234,14 +257,24 @@ def _head_inputs(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def fit_probe_head(model, cfg: FinetuneConfig, task: Task, seed: int, device: torch.device | str = "cpu",
-                   preprocessing=None) -> dict:
+                   preprocessing=None, loss_weights: torch.Tensor | None = None) -> dict:
     """LP-FT's first stage (``head.init: lp``): essa's linear probe (:func:`essa.evaluate.linear_probe.
     fit_linear_probe`: standardised features, C chosen on the val split by the primary metric) fitted on what the
     head reads from the model as it starts training (eval view of the train and val images), folded into the head
-    (:meth:`~essa.evaluate.linear_probe.LinearProbe.as_linear`). Draws nothing from torch's random generator, so
-    that training starts from the same random state as with ``head.init: random``.
+    (:meth:`~essa.evaluate.linear_probe.LinearProbe.as_linear`).
+
+    ``head.calibrate``: then the head's weight and bias are multiplied by the one scale that minimises the
+    fine-tuning loss (``loss_weights`` as in training) on one view of each train image under the training
+    augmentation (:func:`fit_logit_scale`). The probe was fitted on the eval view: on random crops it can be far more
+    confident than it is right (a loss above that of predicting the class shares), and its first gradients then
+    pull the features apart. A common scale of the logits changes no prediction: the probe's val metrics
+    (``epoch: -1``) stay as they are.
+
+    Draws nothing from torch's random generator, so that training starts from the same random state as with
+    ``head.init: random`` (the calibration's views are seeded with ``seed`` inside a forked generator).
     ``preprocessing``: the eval view's (default: the model's own).
-    Returns {"init", "C", "selected_on", "val_<metric>"}: what ``seed_N/head_init.json`` records."""
+    Returns {"init", "C", "selected_on", "val_<metric>"} and with ``head.calibrate`` {"logit_scale",
+    "train_view_loss", "train_view_loss_calibrated"}: what ``seed_N/head_init.json`` records."""
     kwargs = dict(img_size=cfg.img_size, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
                   preprocessing=preprocessing)
     home = next(model.parameters()).device
@@ -251,18 +284,67 @@ def fit_probe_head(model, cfg: FinetuneConfig, task: Task, seed: int, device: to
             train = forward_images(model, _head_inputs, task.source, task.splits["train"], **kwargs)
             val = (forward_images(model, _head_inputs, task.source, task.splits["val"], **kwargs)
                    if task.splits.get("val") else None)
+            views = None
+            if cfg.head.calibrate:
+                torch.manual_seed(seed)
+                augment = data.transforms.train_transform(cfg.img_size, scale=tuple(cfg.augment.scale),
+                                                          hflip=cfg.augment.hflip,
+                                                          preprocessing=preprocessing or data.normalize.of_model(model))
+                views = forward_images(model, _head_inputs, task.source, task.splits["train"], transform=augment,
+                                       **kwargs)
         finally:
             model.to(home)
     probe = fit_linear_probe(train.values, train.labels, None if val is None else val.values,
                              None if val is None else val.labels, task=task.task, seed=seed, metric=task.primary,
                              num_classes=None if task.task == "multilabel" else task.num_classes)
-    weight, bias = probe.as_linear()
+    weight, bias = (torch.as_tensor(a, dtype=torch.float64) for a in probe.as_linear())
+    record = {"init": "lp", "C": probe.C, "selected_on": probe.selected_on,
+              f"val_{probe.metric}": probe.selection.get(probe.C)}
+    if views is not None:
+        logits = views.values.double() @ weight.T + bias
+        scale, before, after = fit_logit_scale(task.task, logits, views.labels, loss_weights)
+        weight, bias = weight * scale, bias * scale
+        record.update(logit_scale=scale, train_view_loss=before, train_view_loss_calibrated=after)
     head = model.get_classifier()
     with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
-        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
-    return {"init": "lp", "C": probe.C, "selected_on": probe.selected_on,
-            f"val_{probe.metric}": probe.selection.get(probe.C)}
+        head.weight.copy_(weight.to(head.weight.dtype))
+        head.bias.copy_(bias.to(head.bias.dtype))
+    return record
+
+
+#: The range :func:`fit_logit_scale` searches: from nearly uniform predictions to 10 times sharper ones.
+LOGIT_SCALES = (1e-3, 10.0)
+
+
+def fit_logit_scale(task: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+                    iterations: int = 60) -> tuple[float, float, float]:
+    """The scale s in :data:`LOGIT_SCALES` minimising the fine-tuning loss
+    (:func:`essa.train.classify.classification_loss`) of ``s * logits`` (temperature scaling, Guo et al., ICML
+    2017; the loss is convex in s, so a golden-section search finds it); returns (s, loss at s = 1, loss at s)."""
+    from essa.train.classify import classification_loss
+
+    logits = logits.float()
+    targets = labels.float() if task == "multilabel" else labels.long()
+    weights = None if weights is None else weights.float()
+
+    def loss(s: float) -> float:
+        return float(classification_loss(task, s * logits, targets, weights))
+
+    low, high = (math.log(v) for v in LOGIT_SCALES)  # searched in log s: the loss is unimodal there too
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = loss(math.exp(a)), loss(math.exp(b))
+    for _ in range(iterations):
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = loss(math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = loss(math.exp(b))
+    scale = math.exp((low + high) / 2)
+    return scale, loss(1.0), loss(scale)
 
 
 def prediction_shares(task: Task, outputs) -> dict[str, float]:
@@ -328,21 +410,24 @@ class _SeedStage(Stage):
 
     def module(self, model, loader, trainer, checkpointing) -> ClassifierModule:
         cfg, seed, task, run = self.cfg, self.seed, self.task, self.run
-        head_init = None
-        # a resumed run's head is in its checkpoint
-        if cfg.head.init == "lp" and not (self.resume and run.last.exists()):
-            head_init = fit_probe_head(model, cfg, task, seed, device=trainer.strategy.root_device,
-                                       preprocessing=self.preprocessing)
-            if trainer.is_global_zero:
-                (run.path / HEAD_INIT_FILE).write_text(json.dumps(head_init, indent=2))
-                print(f"seed {seed}: head initialised by the linear probe (C={head_init['C']:.3g}, "
-                      f"val {task.primary} {head_init[f'val_{task.primary}']})")
         self.loss_weights = None
         train_labels = [r.label for r in task.splits["train"]]
         if uses_class_weights(cfg.head.class_weights, train_labels, task.num_classes, task.task == "multilabel"):
             self.loss_weights = class_weights(train_labels, task.num_classes, multilabel=task.task == "multilabel")
+        head_init = None
+        # a resumed run's head is in its checkpoint
+        if cfg.head.init == "lp" and not (self.resume and run.last.exists()):
+            head_init = fit_probe_head(model, cfg, task, seed, device=trainer.strategy.root_device,
+                                       preprocessing=self.preprocessing, loss_weights=self.loss_weights)
+            if trainer.is_global_zero:
+                (run.path / HEAD_INIT_FILE).write_text(json.dumps(head_init, indent=2))
+                calibrated = (f", logits x{head_init['logit_scale']:.3g}: loss on augmented train views "
+                              f"{head_init['train_view_loss']:.3f} -> {head_init['train_view_loss_calibrated']:.3f}"
+                              if "logit_scale" in head_init else "")
+                print(f"seed {seed}: head initialised by the linear probe (C={head_init['C']:.3g}, "
+                      f"val {task.primary} {head_init[f'val_{task.primary}']}{calibrated})")
         total_steps = cfg.optim.epochs * steps_per_epoch(loader, trainer)
-        module = ClassifierModule(model, task.task, lr_schedule(cfg.optim, cfg.tuner.name, total_steps),
+        module = ClassifierModule(model, task.task, lr_schedule(cfg, total_steps),
                                   cfg.optim.weight_decay, self.loss_weights, cfg.optim.layer_decay)
         if head_init is not None:  # the linear-probe head before step 0 is the first candidate for the best checkpoint
             start = {"epoch": -1, "step": 0, **_val_metrics(module, cfg, task, self.preprocessing)}

@@ -175,6 +175,11 @@ def test_bad_configs_are_explained(tmp_path):
         resolve_config(sections=_sections(tmp_path, tuner={"name": "aplaa"}))
     with pytest.raises(ValueError, match="fewer than one batch"):
         finetune(resolve_config(sections=_sections(tmp_path, optim={"batch_size": 1024})))
+    with pytest.raises(ValueError, match=r"optim.lr=1e-09 is below optim.min_lr=1e-06: the cosine would rise"):
+        resolve_config(sections=_sections(tmp_path, optim={"lr": 1e-9}))
+    for scale in ([0.0, 1.0], [0.8, 0.5], [0.5], [0.5, 1.2]):
+        with pytest.raises(ValueError, match=r"augment.scale=.* must be two area fractions 0 < low <= high <= 1"):
+            resolve_config(sections=_sections(tmp_path, augment={"scale": scale}))
 
 
 @pytest.mark.slow
@@ -245,14 +250,41 @@ def test_the_lp_head_is_the_linear_probe_of_the_frozen_features_fitted_before_st
     assert rows[0]["auc"] == pytest.approx(recorded["val_auc"], abs=one_pair * 1.001)
     assert rows[-1]["split"] == "test" and (rows[-1]["epoch"], rows[-1]["step"]) == (-1, 0)
 
+    # head.calibrate (default): the probe's logits times one scale, fitted to the training loss on augmented views
+    scale = recorded["logit_scale"]
+    assert resolve_config(sections=sections).head.calibrate is True
+    assert 1e-3 <= scale <= 10 and recorded["train_view_loss_calibrated"] <= recorded["train_view_loss"]
     weight, bias = probe.as_linear()
-    assert np.allclose(classifier.head.weight.detach().numpy(), weight, atol=1e-5)
-    assert np.allclose(classifier.head.bias.detach().numpy(), bias, atol=1e-5)
-    with torch.no_grad():  # the probe's own probabilities on the val images (float32 head: within 2e-5 here)
-        scores = torch.softmax(classifier.head(val.values), 1)
+    assert np.allclose(classifier.head.weight.detach().numpy(), scale * weight, atol=1e-5)
+    assert np.allclose(classifier.head.bias.detach().numpy(), scale * bias, atol=1e-5)
+    with torch.no_grad():  # the probe's own probabilities on the val images, sharpened or softened by the scale
+        scores = torch.softmax(classifier.head(val.values) / scale, 1)
     assert np.allclose(scores.numpy(), probe.predict_scores(val.values), atol=5e-5)
     # breast ultrasound's train split is imbalanced (about 2.7 benign per malignant): auto weights the loss
     assert result["seeds"][0]["test"]["class_weights"] is True
+
+
+def test_the_calibrated_head_is_the_probe_times_its_scale_and_leaves_the_random_state_alone(tmp_path):
+    from essa.finetuning import build_classifier, fit_probe_head
+    from essa.task import load_task
+
+    heads, states = {}, {}
+    for calibrate in (False, True):
+        cfg = resolve_config(sections=_sections(tmp_path, data=SMALL["data"], head={"calibrate": calibrate}))
+        task = load_task(cfg.data)
+        torch.manual_seed(0)
+        model = build_classifier(cfg, task.num_classes)
+        before = torch.get_rng_state()
+        record = fit_probe_head(model, cfg, task, seed=0, loss_weights=torch.tensor([0.7, 1.8]))
+        states[calibrate] = torch.equal(before, torch.get_rng_state())
+        heads[calibrate] = (model.head.weight.detach().clone(), model.head.bias.detach().clone(), record)
+    assert states == {False: True, True: True}  # training starts from the same random state either way
+    assert "logit_scale" not in heads[False][2]
+    scale = heads[True][2]["logit_scale"]
+    assert scale != pytest.approx(1.0)
+    assert torch.allclose(heads[True][0], scale * heads[False][0], atol=1e-6)
+    assert torch.allclose(heads[True][1], scale * heads[False][1], atol=1e-6)
+    assert heads[True][2]["C"] == heads[False][2]["C"]
 
 
 class _Crash(Exception):

@@ -46,11 +46,13 @@ def forward_images(
     num_workers: int = 0,
     distributed: bool = False,
     preprocessing: data.normalize.Preprocessing | None = None,
+    transform: Callable | None = None,
 ) -> Outputs:
     """``fn(model, x)`` for batches ``x`` (B, 3, img_size, img_size) of the eval view of ``records`` (default: all
     of ``source``), with ``model`` in eval mode on its own device; its training mode is restored afterwards.
     ``preprocessing``: the mean, std and interpolation of the view (default: the model's own,
-    :func:`essa.data.normalize.of_model`).
+    :func:`essa.data.normalize.of_model`). ``transform``: another view instead of the eval view (e.g. the training
+    augmentation; it then draws from torch's global random generator, in the order of ``records``).
 
     ``distributed``: when a torch.distributed process group runs, every process of it must call this; each computes
     an equal block of the images (the last block padded with the last image, so that every process runs the same
@@ -58,7 +60,8 @@ def forward_images(
     """
     preprocessing = preprocessing or data.normalize.of_model(model)
     dataset = data.ImageDataset(source, records,
-                                transform=data.transforms.eval_transform(img_size, preprocessing=preprocessing))
+                                transform=transform or data.transforms.eval_transform(img_size,
+                                                                                      preprocessing=preprocessing))
     rank, world = 0, 1
     if distributed and dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()

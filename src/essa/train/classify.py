@@ -46,6 +46,16 @@ def layer_decay_groups(model: nn.Module, decay: float) -> list[dict]:
     return groups
 
 
+def classification_loss(task: str, logits: torch.Tensor, targets: torch.Tensor,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The fine-tuning loss: mean cross-entropy of (B, C) logits against (B,) class indices (``weights``: per
+    class), or for ``task="multilabel"`` binary cross-entropy against (B, L) 0/1 targets (``weights``: per-label
+    ``pos_weight``)."""
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=weights)
+    return F.cross_entropy(logits.float(), targets, weight=weights)
+
+
 def class_weights(labels: list, num_classes: int, multilabel: bool) -> torch.Tensor:
     """Loss weights from the training labels: (C,) ``N / (C * n_c)`` per class (inverse frequency, mean 1 over
     the images), or for multilabel (L,) ``negatives / positives`` per label (BCE ``pos_weight``)."""
@@ -102,9 +112,7 @@ class ClassifierModule(StageModule):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss of (B, C) logits against (B,) class indices or (B, L) 0/1 multilabel targets."""
-        if self.task == "multilabel":
-            return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=self.class_weights)
-        return F.cross_entropy(logits.float(), targets, weight=self.class_weights)
+        return classification_loss(self.task, logits, targets, self.class_weights)
 
     def training_step(self, batch, batch_idx):
         (x, y), _keys = batch
