@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from essa import tuners
-from essa.finetuning import MAX_WARMUP_FRACTION, OptimConfig, lr_schedule
+from essa.config import TunerConfig
+from essa.finetuning import (
+    LP_FT_LR, MAX_WARMUP_FRACTION, FinetuneConfig, HeadConfig, OptimConfig, lr_schedule, peak_lr,
+)
 from essa.train.classify import ClassifierModule, class_weights
 
 
@@ -26,12 +29,23 @@ def test_weighted_cross_entropy_equals_the_formula():
     assert torch.isclose(module.loss(logits, y), (nll * torch.tensor([1.0, 3.0])).sum() / 4.0)
 
 
+def _cfg(tuner: str = "apla", init: str = "lp", **optim):
+    return FinetuneConfig(tuner=TunerConfig(name=tuner), head=HeadConfig(init=init), optim=OptimConfig(**optim))
+
+
 def test_lr_warms_up_then_follows_a_cosine_and_short_runs_clamp_the_warm_up():
-    lr = lr_schedule(OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=500), "apla", 10_000)
+    lr = lr_schedule(_cfg(lr=1e-3, min_lr=0.0, warmup_steps=500), 10_000)
     assert lr[0] == 0 and np.isclose(lr[250], 5e-4) and lr[500] == pytest.approx(1e-3) and lr[-1] == 0
     assert np.all(np.diff(lr[500:]) <= 0)
-    short = lr_schedule(OptimConfig(warmup_steps=500), "full", 50)  # full: default lr 1e-4
+    short = lr_schedule(_cfg("full", init="random", warmup_steps=500), 50)  # full: the reference's 1e-4
     assert np.argmax(short) == int(MAX_WARMUP_FRACTION * 50) and short.max() == pytest.approx(1e-4)
+
+
+def test_the_default_lr_is_lp_fts_from_the_probe_head_and_the_references_from_a_random_head():
+    assert LP_FT_LR == 1e-4
+    assert peak_lr(_cfg("apla")) == peak_lr(_cfg("full")) == peak_lr(_cfg("lora")) == LP_FT_LR
+    assert peak_lr(_cfg("apla", init="random")) == 1e-3 and peak_lr(_cfg("full", init="random")) == 1e-4
+    assert peak_lr(_cfg("apla", lr=3e-4)) == peak_lr(_cfg("apla", init="random", lr=3e-4)) == 3e-4
 
 
 def _module(model, num_classes):
