@@ -47,10 +47,16 @@ def one_class_seeds(cell: dict) -> int:
     return count
 
 
+def seed_epochs(cell: dict) -> list[int | None]:
+    """The epoch each finished seed of the cell was tested at, in seed order (-1: the linear-probe head of
+    ``head.init: lp``; None: not recorded)."""
+    return [seed.get("epoch") for seed in (cell.get("seeds") or {}).values()]
+
+
 def lp_head_only(cell: dict) -> bool:
     """Whether the cell has finished seeds and every one was tested at epoch -1: with the linear-probe head of
     ``head.init: lp``, because no epoch of fine-tuning beat it on the val split."""
-    epochs = [seed.get("epoch") for seed in (cell.get("seeds") or {}).values()]
+    epochs = seed_epochs(cell)
     return bool(epochs) and all(e is not None and e < 0 for e in epochs)
 
 

@@ -20,10 +20,14 @@ from essa.report.formatting import (
     status_text,
 )
 from essa.report.stats import (best, cell_summary, finished, lp_head_only, metric_names, number, objective,
-                               one_class_seeds, shows_objective)
+                               one_class_seeds, seed_epochs, shows_objective)
 
 STATUSES = ("done", "partial", "pending", "failed")
 KINDS = {"ssa": "SSA runs", "probe": "probes", "finetune": "fine-tuning seeds"}
+#: The summary's mark on a fine-tuning cell whose every seed was tested with the linear-probe head.
+LP_HEAD_MARK = "†"
+#: What the tested-epoch column shows for a seed tested with its linear-probe head (``head.init: lp``, epoch -1).
+LP_EPOCH_TEXT = "LP"
 
 
 def runs_line(runs: dict) -> str:
@@ -166,19 +170,10 @@ def metrics_table(dataset: dict) -> Table:
     return Table(header, rows, bold, note)
 
 
-#: The summary's mark on a fine-tuning cell whose every seed was tested with the linear-probe head.
-LP_HEAD_MARK = "†"
-
-
-#: What the tested-epoch column shows for a seed tested with its linear-probe head (``head.init: lp``, epoch -1).
-LP_EPOCH_TEXT = "LP"
-
-
 def tested_epochs(cell: dict) -> str:
     """The epochs the cell's finished seeds were tested at, in seed order: ``"LP (3/3)"`` when every seed shares
     one, else ``"LP, 4, 5"``; ``LP`` for the linear-probe head (epoch -1)."""
-    epochs = [seed.get("epoch") for seed in (cell.get("seeds") or {}).values()]
-    texts = [MISSING if e is None else LP_EPOCH_TEXT if e < 0 else str(int(e)) for e in epochs]
+    texts = [MISSING if e is None else LP_EPOCH_TEXT if e < 0 else str(int(e)) for e in seed_epochs(cell)]
     if not texts:
         return MISSING
     if len(set(texts)) == 1:
