@@ -83,15 +83,6 @@ def test_the_tables_compare_each_row_with_full_of_its_own_objective():
     assert live == ["1.00x", "0.50x", "1.00x", "0.25x"]
 
 
-def test_last_blocks_is_the_models_last_n_block_indices():
-    from essa.bench import last_blocks
-
-    assert last_blocks({"blocks": "last:4", "r": 8}, 12) == {"blocks": [8, 9, 10, 11], "r": 8}
-    assert last_blocks({"blocks": [1, 2]}, 12) == {"blocks": [1, 2]} and last_blocks({}, 12) == {}
-    with pytest.raises(ValueError, match=r"N must be in 1\.\.12"):
-        last_blocks({"blocks": "last:13"}, 12)
-
-
 def test_an_ssa_step_of_apla_on_the_last_blocks_is_measured_with_its_truncation():
     from essa.bench import ssa_step
 

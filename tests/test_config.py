@@ -125,3 +125,45 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsy
     assert printed["optim"]["epochs"] == 2 and printed["optim"]["lr"] == 5e-4 and printed["objective"] == "dinov2"
     assert printed["trainer"]["logger"] == "csv" and printed["data"]["root"] == str(tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+@dataclass
+class WithPresets:
+    PRESETS = {"small": {"inner": {"lr": 0.5, "sizes": [3]}, "options": {"name": "a", "k": 1}}}
+    preset: str | None = None
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    options: dict = field(default_factory=dict)
+
+
+def test_a_preset_fills_the_keys_the_config_leaves_out(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: small\ninner: {sizes: [7]}\n")
+    cfg = load(WithPresets, path)
+    assert (cfg.inner.lr, cfg.inner.sizes, cfg.options) == (0.5, [7], {"name": "a", "k": 1})
+    assert load(WithPresets, path, overrides=["inner.lr=0.1"]).inner.lr == 0.1
+    # a section that names another name replaces the preset's whole; the same name merges
+    assert resolve(WithPresets, None, {"preset": "small", "options": {"name": "b"}}).options == {"name": "b"}
+    assert resolve(WithPresets, None, {"preset": "small", "options": {"j": 2}}).options == {"name": "a", "k": 1,
+                                                                                            "j": 2}
+    assert resolve(WithPresets).inner.lr is None  # no preset: the defaults
+    # an instance holds its values; naming another preset applies that one under them
+    built = WithPresets(preset="small")
+    assert resolve(WithPresets, built).inner.lr is None
+    with pytest.raises(ConfigError, match="preset='big' is not a preset; valid choices: small"):
+        resolve(WithPresets, None, {"preset": "big"})
+
+
+def test_adapt_preset_on_the_command_line_under_flags_and_set(tmp_path, capsys):
+    import yaml
+
+    from essa.commands import main
+
+    base = ["adapt", "--data", str(tmp_path), "--preset", "fast", "--print-config"]
+    assert main(base) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["preset"] == "fast" and printed["tuner"] == {"name": "apla", "options": {"blocks": "last:4"}}
+    assert printed["ssl"]["patch_drop"] == 0.5 and printed["ssl"]["truncated_backward"] == "auto"
+    assert main([*base, "--tuner", "lora", "--set", "ssl.patch_drop=0"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["tuner"] == {"name": "lora", "options": {}} and printed["ssl"]["patch_drop"] == 0

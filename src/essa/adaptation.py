@@ -284,8 +284,21 @@ class MonitorConfig:
     checkpoint_every_n_steps: int = 50
 
 
+#: Named presets (``preset: fast``, ``essa adapt --preset fast``): config keys that a run's own keys override
+#: (:func:`essa.config.with_preset`). fast: APLA on the last 4 blocks, their frozen prefix run without autograd and
+#: shared with the teacher (``ssl.truncated_backward: auto``), PatchDropout of half the patch tokens of the views
+#: only the CLS token is scored on; README "A fast preset" has what it measured, in speed and in quality.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"tuner": {"name": "apla", "options": {"blocks": "last:4"}},
+             "ssl": {"patch_drop": 0.5, "truncated_backward": "auto"}},
+}
+
+
 @dataclass
 class AdaptConfig:
+    PRESETS = PRESETS  # not a field: the presets the ``preset`` key names
+    # a named preset (PRESETS: fast) under this config: every key given here wins, the preset fills the others
+    preset: str | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)
     # the SSA objective (essa.objectives): dinov2 (the ssl section), mae (the mae section) or simmim (simmim)
@@ -311,7 +324,8 @@ class AdaptConfig:
                 f"ssl.patch_drop={self.ssl.patch_drop} applies to objective=dinov2 only, not {self.objective}: "
                 + ("mae already runs its encoder on the visible patches alone (mae.mask_ratio sets how many)"
                    if self.objective == "mae" else "simmim predicts every masked patch, so its encoder needs them all")
-                + "; leave ssl.patch_drop at 0")
+                + (f"; preset {self.preset} sets it: give ssl.patch_drop=0 with it (--set ssl.patch_drop=0)"
+                   if self.preset else "; leave ssl.patch_drop at 0"))
         if self.ssl.curriculum and self.objective != "dinov2":
             raise config_mod.ConfigError(
                 f"ssl.curriculum={self.ssl.curriculum!r} applies to objective=dinov2 only, not {self.objective}: "

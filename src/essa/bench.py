@@ -201,7 +201,7 @@ def ssa_step(
     (``ssl.head_warmup`` and ``ssl.freeze_prototypes`` 0): every trainable parameter gets its gradient.
     ``ssl_options``: more ``ssl`` keys (``patch_drop``, whose kept patches are drawn into the batch as the
     objective's collate draws them; ``truncated_backward``); a tuner option ``blocks: "last:N"`` is the model's last
-    N blocks. The result's ``truncated_backward`` is what the step did with the frozen prefix (dinov2).
+    N blocks (as in any config). The result's ``truncated_backward`` is what the step did with the frozen prefix (dinov2).
     ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 on CPU, as ``trainer.precision: auto``), ``bf16-mixed``
     (bf16 autocast on any device) or ``32-true``; the result's ``loss`` is the first step's, for comparing them.
     ``head_hidden`` and ``head_bottleneck``: the DINO head's hidden and bottleneck widths (default: the
@@ -236,7 +236,7 @@ def ssa_step(
     })
     meter = MemoryMeter(dev)
     model = cfg.backbone.build(img_size=global_size, dynamic_img_size=True)
-    tuners.apply(model, tuner, **last_blocks(options or {}, len(model.blocks)))
+    tuners.apply(model, tuner, **(options or {}))
     patch = model.patch_embed.patch_size[0]
     extra = {}
     if objective == "dinov2":
@@ -307,18 +307,6 @@ def head_dims(head: torch.nn.Module) -> dict[str, int]:
     return {"hidden": linears[0].out_features if len(linears) > 1 else 0, "bottleneck": linears[-1].out_features,
             "prototypes": head.prototypes.weight.shape[0], "layers": len(linears),
             "params": sum(p.numel() for p in head.parameters())}
-
-
-def last_blocks(options: dict, depth: int) -> dict:
-    """Tuner ``options`` with ``blocks: "last:N"`` (a benchmark's shorthand, any depth) as the last N block indices
-    of a model ``depth`` blocks deep."""
-    blocks = options.get("blocks")
-    if not (isinstance(blocks, str) and blocks.startswith("last:")):
-        return options
-    n = int(blocks.partition(":")[2])
-    if not 1 <= n <= depth:
-        raise ValueError(f"blocks={blocks!r}: N must be in 1..{depth} (the model's depth)")
-    return {**options, "blocks": list(range(depth - n, depth))}
 
 
 def run_in_fresh_process(target: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:

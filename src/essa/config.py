@@ -11,6 +11,7 @@ The sections the commands share live here: ``backbone`` (:class:`BackboneConfig`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -393,7 +394,36 @@ def resolve(cls: type[T], config: T | str | Path | None = None, sections: dict[s
             data[key] = value
     for text in overrides or []:
         set_dotted(data, *parse_override(text))
-    return from_dict(cls, data)
+    if isinstance(config, cls) and data.get("preset") == getattr(config, "preset", None):
+        return from_dict(cls, data)  # an instance holds its values: its preset was applied when it was built
+    return from_dict(cls, with_preset(cls, data))
+
+
+def with_preset(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over the preset its ``preset`` key names (of ``cls.PRESETS``, a mapping of name to config keys):
+    every key ``data`` gives wins, the preset fills the others. A section naming another ``name`` than the preset's
+    (``tuner: {name: lora}`` under a preset's APLA) replaces the preset's section whole. As it is without a preset."""
+    name = data.get("preset")
+    presets = getattr(cls, "PRESETS", None)
+    if name is None or presets is None:
+        return data
+    if name not in presets:
+        raise ConfigError(f"preset={name!r} is not a preset; valid choices: {', '.join(presets)}")
+    return overlay(presets[name], data)
+
+
+def overlay(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over ``base``: nested mappings merge, other values replace; a mapping whose ``name`` differs from
+    ``base``'s replaces it whole (another tuner does not inherit the options of the one below)."""
+    merged = {key: copy.deepcopy(value) for key, value in base.items()}
+    for key, value in data.items():
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, dict) and value.get("name", below.get("name")) == below.get(
+                "name"):
+            merged[key] = overlay(below, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def dump(obj, path: str | Path) -> Path:

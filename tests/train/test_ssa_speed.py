@@ -289,3 +289,39 @@ def test_a_patch_drop_run_killed_after_a_checkpoint_resumes_to_the_same_export(f
     assert _strip(resumed["metrics"]) == _strip(reference["metrics"])
     _same_weights(reference["backbone"], resumed["backbone"])
     _same_weights(reference["tuner"], resumed["tuner"])
+
+
+# ----- the fast preset: APLA on the last 4 blocks, the truncated backward and PatchDropout together --------------
+
+def test_the_fast_preset_trains_the_last_four_projections_over_a_frozen_prefix_at_fewer_flops():
+    deep = {**BASE, "backbone": {**BASE["backbone"], "model_args": {"patch_size": 8, "depth": 6}}}
+    standard, fast = (resolve_config(None, sections={**deep, **extra}) for extra in ({}, {"preset": "fast"}))
+    assert (fast.tuner.name, fast.tuner.options, fast.ssl.patch_drop) == ("apla", {"blocks": "last:4"}, 0.5)
+    assert fast.ssl.prototypes == 256 and fast.optim == standard.optim  # the run's own keys are kept
+    modules = []
+    for cfg in (standard, fast):
+        torch.manual_seed(0)
+        backbone = tuners.apply(cfg.backbone.build(img_size=32, dynamic_img_size=True), cfg.tuner.name,
+                                **cfg.tuner.options)
+        modules.append(SSAModule(cfg, backbone, iters_per_epoch=4))
+        modules[-1]._it = 0
+    plain, quick = modules
+    assert set(tuners.trainable_parameters(quick.student.backbone)) == {
+        f"blocks.{i}.attn.proj.{p}" for i in range(2, 6) for p in ("weight", "bias")}
+    assert quick.truncation.frozen_blocks == 2 and not quick.truncation.shared_prefix  # patch_drop: not shared
+    assert _flops(quick, _batch(quick)) < 0.8 * _flops(plain, _batch(plain))
+
+
+def test_a_preset_fills_only_what_the_run_leaves_out():
+    fast = resolve_config(None, sections={**BASE, "preset": "fast", "tuner": {"options": {"r": 8}},
+                                          "ssl": {**BASE["ssl"], "patch_drop": 0.25}})
+    assert fast.tuner.options == {"blocks": "last:4", "r": 8} and fast.ssl.patch_drop == 0.25
+    other = resolve_config(None, sections={**BASE, "preset": "fast", "tuner": {"name": "lora"}})
+    assert other.tuner.options == {} and other.ssl.patch_drop == 0.5  # another tuner: none of APLA's options
+    with pytest.raises(ConfigError, match="preset='slow' is not a preset; valid choices: fast"):
+        resolve_config(None, sections={**BASE, "preset": "slow"})
+
+
+def test_the_fast_preset_under_a_reconstruction_objective_says_which_key_to_turn_off():
+    with pytest.raises(ConfigError, match=r"preset fast sets it: give ssl.patch_drop=0 with it"):
+        resolve_config(None, sections={**BASE, "preset": "fast", "objective": "mae"})

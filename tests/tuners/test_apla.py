@@ -34,6 +34,13 @@ def test_row_subset_parameters_and_blocks_option(make_vit):
     assert type(model.blocks[1].attn).__name__ == "Attention" and model.blocks[1].attn.fused_attn
 
 
+def test_blocks_last_n_is_the_models_last_n_blocks_whatever_its_depth(make_vit):
+    by_name = tuners.apply(make_vit(), "apla", blocks="last:2")
+    by_index = tuners.apply(make_vit(), "apla", blocks=[2, 3])
+    assert set(tuners.trainable_parameters(by_name)) == set(tuners.trainable_parameters(by_index)) == {
+        f"blocks.{i}.attn.proj.{p}" for i in (2, 3) for p in ("weight", "bias")}
+
+
 def test_rows_are_seeded_sorted_distinct_and_differ_per_block(make_vit):
     a = _rows(tuners.apply(make_vit(), "apla", r=32, seed=7))
     b = _rows(tuners.apply(make_vit(), "apla", r=32, seed=7))
@@ -158,7 +165,10 @@ def test_mixed_precision_computes_in_bf16_and_keeps_fp32_gradients():
         ({"r": 193}, "r=193 exceeds the projection width d=192; valid: 1..192"),
         ({"r": 0}, "r=0 must be a positive integer"),
         ({"r": -4}, "r=-4 must be a positive integer"),
-        ({"blocks": [0, 4]}, r"blocks=\[0, 4\] .* valid: 0..3"),
+        ({"blocks": [0, 4]}, r"blocks=\[0, 4\] .* valid indices: 0..3"),
+        ({"blocks": "last:5"}, r"blocks='last:5': .* 'last:N' with N in 1..4 \(the model's depth\)"),
+        ({"blocks": "last:0"}, r"N in 1..4"),
+        ({"blocks": "first:2"}, r"blocks='first:2': give a list of block indices or 'last:N'"),
         ({"rows": 3}, "has no option 'rows'; valid options: r, blocks, seed"),
     ],
 )

@@ -21,12 +21,14 @@ def add_parser(sub) -> None:
                    help="SSA objective (dinov2: student + EMA teacher, DINO + iBOT + KoLeo; mae: masked "
                         "autoencoder, the encoder on visible patches only; simmim: mask tokens, linear decoder)")
     p.add_argument("--val", help="labelled image folder (one folder per class) for the kNN monitor")
+    p.add_argument("--preset", help="a named preset under the config (fast: APLA on the last 4 blocks, truncated "
+                                    "backward, PatchDropout 0.5); flags, --set and the config file override it")
     p.set_defaults(func=run_adapt)
 
 
 ADAPT_FLAGS = {
     "backbone": "backbone.name", "weights": "backbone.weights", "normalize": "data.normalize", "data": "data.root",
-    "val": "data.val", "tuner": "tuner.name", "objective": "objective", "epochs": "optim.epochs",
+    "val": "data.val", "preset": "preset", "tuner": "tuner.name", "objective": "objective", "epochs": "optim.epochs",
     "batch_size": "optim.batch_size", "img_size": "ssl.global_size", "seed": "seed", "out": "out", **SCALE_FLAGS,
 }
 

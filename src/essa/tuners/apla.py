@@ -102,10 +102,11 @@ class APLAProjection(nn.Module):
 
 @register("apla")
 class APLA(Tuner):
-    """Options: ``r`` rows per block (None: the whole projection), ``blocks`` (None: all), ``seed``."""
+    """Options: ``r`` rows per block (None: the whole projection), ``blocks`` (indices, ``"last:N"``; None: all),
+    ``seed``."""
 
     r: int | None = None
-    blocks: list[int] | None = None
+    blocks: list[int] | str | None = None
     seed: int = 0
 
     def __post_init__(self):

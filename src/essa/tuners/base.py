@@ -85,15 +85,27 @@ def build(name: str, options: dict[str, Any]) -> Tuner:
     return cls(**options)
 
 
-def select_blocks(model: VisionTransformer, blocks: list[int] | None, tuner: str) -> list[int]:
-    """Validate a block-index option (None: every block)."""
+#: ``blocks: "last:N"``: a block-index option naming a model's last N blocks, whatever its depth.
+LAST_BLOCKS = "last:"
+
+
+def select_blocks(model: VisionTransformer, blocks: list[int] | str | None, tuner: str) -> list[int]:
+    """Validate a block-index option: a list of indices, ``"last:N"`` (the model's last N blocks) or None (every
+    block)."""
     depth = len(model.blocks)
     if blocks is None:
         return list(range(depth))
+    if isinstance(blocks, str):
+        count = blocks[len(LAST_BLOCKS):] if blocks.startswith(LAST_BLOCKS) else ""
+        if not (count.isdigit() and 1 <= int(count) <= depth):
+            raise TunerError(f"{tuner}: blocks={blocks!r}: give a list of block indices or 'last:N' with N in "
+                             f"1..{depth} (the model's depth)")
+        return list(range(depth - int(count), depth))
     bad = [b for b in blocks if not isinstance(b, int) or not 0 <= b < depth]
     if bad or not blocks:
         raise TunerError(
-            f"{tuner}: blocks={blocks!r} is not a non-empty list of block indices; valid: 0..{depth - 1}"
+            f"{tuner}: blocks={blocks!r} is not a non-empty list of block indices or 'last:N'; valid indices: "
+            f"0..{depth - 1}"
         )
     return sorted(set(blocks))
 

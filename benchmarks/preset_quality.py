@@ -1,0 +1,136 @@
+"""A preset's SSA against a finished study's, task by task: the study's own SSA run of one tuner, redone with the
+preset's keys, then the study's own linear and kNN probes of its export.
+
+    cd <the study's repository root> && python benchmarks/preset_quality.py --study runs/offline_study \
+        --preset fast --tuner apla --out runs/preset_quality
+
+For each task of the study whose ``ssa/<tuner>`` run is done, the run's ``config.yaml`` with the preset's keys
+over it (``essa.adaptation.PRESETS``: they win, everything else is the study's: data, steps, head, schedules,
+seed) runs ``essa adapt`` into ``<out>/<task>/ssa``; each of the study's probes of that tuner's export
+(``probe/ssa_<tuner>__<budget>``) runs again on the new export into ``<out>/<task>/probe__<budget>``, with the
+study's probe config (same labels, splits, bootstrap). Both resume: SSA from its last checkpoint, a probe that has
+its metrics is not run again.
+
+Prints, per task and label budget, the primary metric of the linear probe (test split) with its bootstrap
+interval for the study's run and the preset's, whether the preset's lies at or above the low end of the study's
+interval, the kNN probe beside it, how far each SSA moved the backbone (weight change) and each DINO loss at the
+end against ln(prototypes). ``--json`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _probe_rows(path: Path) -> dict[str, dict]:
+    return {row["name"]: row for row in json.loads((path / "metrics.json").read_text())}
+
+
+def _final_dino(ssa_dir: Path) -> tuple[float | None, int | None]:
+    """The last epoch's DINO loss and the head's prototypes, from the SSA run's metrics and resources."""
+    history = json.loads((ssa_dir / "metrics.json").read_text())
+    resources = json.loads((ssa_dir / "resources.json").read_text())
+    last = history[-1] if history else {}
+    return last.get("dino"), resources.get("head", {}).get("prototypes")
+
+
+def run_task(task_dir: Path, out: Path, preset: str, tuner: str, weight_change) -> list[dict]:
+    from essa import config as config_mod
+    from essa.adaptation import PRESETS, adapt
+    from essa.evaluate.run import evaluate
+    from essa.task import TaskDataConfig, load_task
+
+    ssa_dir = task_dir / "ssa" / tuner
+    out_ssa = out / "ssa"
+    sections = config_mod.overlay(_yaml(ssa_dir / "config.yaml"), PRESETS[preset])
+    sections.update(preset=preset, out=str(out_ssa))
+    if not (out_ssa / "resources.json").exists():
+        adapt(resume=(out_ssa / "config.yaml").exists(), **sections)
+    rows = []
+    for probe_dir in sorted((task_dir / "probe").glob(f"ssa_{tuner}__*")):
+        budget = probe_dir.name.split("__", 1)[1]
+        out_probe = out / f"probe__{budget}"
+        probe = _yaml(probe_dir / "config.yaml")
+        if not (out_probe / "metrics.json").exists():
+            probe["backbone"] = {**probe["backbone"], "weights": str(out_ssa / "backbone.safetensors")}
+            probe["out"] = str(out_probe)
+            evaluate(**probe)
+        study, ours = _probe_rows(probe_dir), _probe_rows(out_probe)
+        metric = load_task(config_mod.from_dict(TaskDataConfig, probe["data"], "data"), probe["task"],
+                           probe["metric"]).primary
+        row = {"task": task_dir.name, "budget": budget, "metric": metric}
+        for side, probes, run_dir in (("study", study, ssa_dir), ("preset", ours, out_ssa)):
+            linear = probes["linear"]
+            loss, prototypes = _final_dino(run_dir)
+            row[side] = {"linear": linear[metric], "ci": [linear[f"{metric}_ci_low"], linear[f"{metric}_ci_high"]],
+                         "knn": probes.get("knn", {}).get(metric), "weight_change": weight_change(
+                             run_dir / "backbone.safetensors"),
+                         "dino_loss_over_ln_k": loss / math.log(prototypes) if loss and prototypes else None,
+                         "train_seconds": json.loads((run_dir / "resources.json").read_text()).get("train_seconds")}
+        row["within"] = row["preset"]["linear"] >= row["study"]["ci"][0]
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| task | labels | metric | study LP [95 % CI] | preset LP | at or above the CI's low end | "
+             "kNN study / preset | weight change study / preset | DINO loss / ln K study / preset |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        s, p = r["study"], r["preset"]
+        lines.append(f"| {r['task']} | {r['budget']} | {r['metric']} | {s['linear']:.3f} [{s['ci'][0]:.3f}, "
+                     f"{s['ci'][1]:.3f}] | {p['linear']:.3f} | {'yes' if r['within'] else 'no'} | "
+                     f"{num(s['knn'])} / {num(p['knn'])} | {pct(s['weight_change'])} / {pct(p['weight_change'])} | "
+                     f"{num(s['dino_loss_over_ln_k'])} / {num(p['dino_loss_over_ln_k'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", required=True, help="a study's run directory (its out)")
+    parser.add_argument("--preset", default="fast", help="a preset of essa.adaptation.PRESETS")
+    parser.add_argument("--tuner", default="apla", help="the study's SSA run to redo (its directory under ssa/)")
+    parser.add_argument("--out", default="runs/preset_quality")
+    parser.add_argument("--tasks", help="comma-separated task directories of the study (default: all with the run)")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+
+    from essa.config import BackboneConfig, from_dict
+    from essa.study import WeightChanges
+
+    from essa.adaptation import PRESETS
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset {args.preset!r}: valid choices: {', '.join(PRESETS)}")
+    study = Path(args.study)
+    config = _yaml(study / "config.yaml")
+    weight_change = WeightChanges(from_dict(BackboneConfig, config["backbone"]), config["img_size"])
+    wanted = args.tasks.split(",") if args.tasks else None
+    tasks = [d for d in sorted(study.iterdir()) if (d / "ssa" / args.tuner / "resources.json").exists()
+             and (wanted is None or d.name in wanted)]
+    if not tasks:
+        parser.error(f"{study} has no finished ssa/{args.tuner} run" + (f" among {wanted}" if wanted else ""))
+    rows = []
+    for task_dir in tasks:
+        rows += run_task(task_dir, Path(args.out) / args.preset / task_dir.name, args.preset, args.tuner,
+                         weight_change)
+        print(table(rows), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
