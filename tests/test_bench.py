@@ -112,6 +112,22 @@ def test_a_config_of_the_grid_can_carry_its_own_step_keywords(monkeypatch):
     assert [c.get("ssl_options") for c in calls] == [None, {"x": 1}] and all(c["global_size"] == 32 for c in calls)
 
 
+def test_a_preset_row_steps_with_the_presets_tuner_and_ssl_keys(monkeypatch):
+    from essa import adaptation, bench
+
+    assert bench.preset_config("fast") == ("preset fast", "apla", {"blocks": "last:4"},
+                                           {"ssl_options": {"patch_drop": 0.5, "truncated_backward": "auto"}})
+    monkeypatch.setitem(adaptation.PRESETS, "lean", {"tuner": {"name": "bitfit"},
+                                                     "optim": {"recompute_frozen": False}})
+    assert bench.preset_config("lean") == ("preset lean", "bitfit", {}, {"ssl_options": {},
+                                                                         "recompute_frozen": False})
+    monkeypatch.setitem(adaptation.PRESETS, "odd", {"optim": {"lr": 1.0}, "seed": 3})
+    with pytest.raises(ValueError, match=r"preset 'odd' sets seed, optim.lr, which essa bench's step does not take"):
+        bench.preset_config("odd")
+    with pytest.raises(ValueError, match="--preset 'slow' is not a preset; valid choices: fast"):
+        bench.preset_config("slow")
+
+
 def test_steps_are_timed_one_by_one_and_the_median_step_counts():
     """One slow step (other load, a one-off allocation) moves a mean but not the median the benchmarks report."""
     import time
@@ -153,13 +169,17 @@ def test_essa_bench_measures_each_tuner_in_a_fresh_process_against_full(tmp_path
     rows_file, png = tmp_path / "rows.json", tmp_path / "plot.png"
     assert main(["bench", "--models", "vit_tiny_patch16_224", "--tuner", "apla:r=8", "--img-size", "32",
                  "--local-size", "16", "--n-local", "2", "--prototypes", "256", "--batch-size", "2", "--steps", "1",
-                 "--json", str(rows_file), "--plot", str(png)]) == 0
+                 "--preset", "fast", "--json", str(rows_file), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     rows = json.loads(rows_file.read_text())
-    assert [r["label"] for r in rows] == ["full", "apla r=8"]  # full added as the reference
-    full, apla = rows
+    assert [r["label"] for r in rows] == ["full", "apla r=8", "preset fast"]  # full added as the reference
+    full, apla, fast = rows
     assert full["peak_mib_ratio"] == 1.0 and apla["trainable"] == 12 * (8 * 192 + 8) < full["trainable"]
     assert 0 < apla["gflop"] < full["gflop"]
+    # the preset: the whole W_O of the last 4 of 12 blocks, 8 frozen blocks before them (patch_drop: not shared)
+    assert fast["trainable"] == 4 * (192 * 192 + 192)
+    assert fast["truncated_backward"]["frozen_blocks"] == 8 and not fast["truncated_backward"]["shared_prefix"]
+    assert 0 < fast["gflop"] < apla["gflop"]
     assert "| vit_tiny_patch16_224 | apla r=8 |" in out and "counted FLOPs per step" in out
     with Image.open(png) as image:
         assert image.size == (840, 540)

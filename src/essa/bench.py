@@ -201,7 +201,8 @@ def ssa_step(
     (``ssl.head_warmup`` and ``ssl.freeze_prototypes`` 0): every trainable parameter gets its gradient.
     ``ssl_options``: more ``ssl`` keys (``patch_drop``, whose kept patches are drawn into the batch as the
     objective's collate draws them; ``truncated_backward``); a tuner option ``blocks: "last:N"`` is the model's last
-    N blocks (as in any config). The result's ``truncated_backward`` is what the step did with the frozen prefix (dinov2).
+    N blocks (as in any config). The result's ``truncated_backward`` is what the step did with the frozen prefix
+    (dinov2).
     ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 on CPU, as ``trainer.precision: auto``), ``bf16-mixed``
     (bf16 autocast on any device) or ``32-true``; the result's ``loss`` is the first step's, for comparing them.
     ``head_hidden`` and ``head_bottleneck``: the DINO head's hidden and bottleneck widths (default: the
@@ -408,6 +409,25 @@ def ratio_table(rows: list[dict], reference: str, keys=("peak_mib", "images_per_
         for key in keys:
             row[f"{key}_ratio"] = row[key] / ref[key]
     return rows
+
+
+def preset_config(name: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """A row of :func:`measure_grid` for the SSA preset ``name`` (``essa.adaptation.PRESETS``): ("preset fast",
+    its tuner, its tuner options, its ``ssl`` keys as ``ssl_options`` and its ``optim.recompute_frozen``)."""
+    from essa.adaptation import PRESETS
+
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r} is not a preset; valid choices: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    unknown = sorted(set(preset) - {"tuner", "ssl", "optim"}) + sorted(
+        f"optim.{key}" for key in set(preset.get("optim", {})) - {"recompute_frozen"})
+    if unknown:  # a preset key the step cannot set would be measured as if it were not there
+        raise ValueError(f"preset {name!r} sets {', '.join(unknown)}, which essa bench's step does not take")
+    tuner = preset.get("tuner", {"name": "apla"})
+    step = {"ssl_options": dict(preset.get("ssl", {}))}
+    if "recompute_frozen" in preset.get("optim", {}):
+        step["recompute_frozen"] = preset["optim"]["recompute_frozen"]
+    return f"preset {name}", tuner["name"], dict(tuner.get("options", {})), step
 
 
 def parse_tuner(text: str) -> tuple[str, str, dict[str, Any]]:

@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
     p.add_argument("--patch-drop", type=float, default=None,
                    help="dinov2: also measure each tuner with ssl.patch_drop=P (PatchDropout)")
+    p.add_argument("--preset", action="append", metavar="NAME",
+                   help="--stage ssa: also measure an SSA preset of essa adapt (its tuner and ssl keys), "
+                        "repeatable, e.g. --preset fast")
     p.add_argument("--no-recompute", action="store_true", help="keep the activations of frozen stretches "
                                                                  "(optim.recompute_frozen=false)")
     p.add_argument("--steps", type=int, default=3, help="timed steps; the median counts (default 3)")
@@ -60,6 +63,13 @@ def run_bench(args) -> int:
             raise InputError("--patch-drop applies to --stage ssa (the dinov2 objective)")
         configs += [(f"{label} patch_drop={args.patch_drop:g}", tuner, options,
                      {"ssl_options": {"patch_drop": args.patch_drop}}) for label, tuner, options in list(configs)]
+    if args.preset:
+        if args.stage != "ssa":
+            raise InputError("--preset applies to --stage ssa (a preset of essa adapt)")
+        try:
+            configs += [bench.preset_config(name) for name in args.preset]
+        except ValueError as err:
+            raise InputError(str(err)) from None
     precisions = [p for p in args.precision.split(",") if p]
     if bad := [p for p in precisions if p not in bench.PRECISIONS]:
         raise InputError(f"--precision {bad[0]!r}; valid: {', '.join(bench.PRECISIONS)}")
