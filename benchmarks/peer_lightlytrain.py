@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed steps (their median is reported)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    ap.add_argument("--essa-preset", action="append", default=[], metavar="NAME",
+                    help="also an essa-only row per round: the SSA preset NAME of essa adapt (e.g. fast; "
+                         "LightlyTrain has none), repeatable")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
 
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"LightlyTrain's virtualenv {args.venv} is missing: run with --setup first", file=sys.stderr)
         return 2
     tuners = args.tuners.split(",")
+    from essa.bench import preset_config  # after --setup: essa is only needed to measure
     if not set(tuners) <= {"full", "apla"} or "full" not in tuners:
         ap.error("--tuners: full and apla (full is the reference of the ratios)")
     if args.batch_size > args.images:
@@ -202,9 +206,19 @@ def main(argv: list[str] | None = None) -> int:
                 keep(rows, (tool, tuner), result)
                 per_round.append({"round": round_ + 1, "tool": tool, "configuration": tuner,
                                   **{k: result[k] for k in ("peak_mib", "images_per_s", "images_per_cpu_s", "step_s")}})
+        for name in args.essa_preset:
+            label, tuner, options, step = preset_config(name)
+            result = run_essa({**shared, "tuner": tuner, "options": options, **step}, args.timeout)
+            result["head_params"] = result["head"]["params"]
+            print(f"  round {round_ + 1}: essa {label}: {result['images_per_s']:.3f} img/s, "
+                  f"{result['images_per_cpu_s']:.3f} img/CPU-s, {result['peak_mib']:.0f} MiB", flush=True)
+            keep(rows, ("essa", label), result)
+            per_round.append({"round": round_ + 1, "tool": "essa", "configuration": label,
+                              **{k: result[k] for k in ("peak_mib", "images_per_s", "images_per_cpu_s", "step_s")}})
     load_end = os.getloadavg()
 
     ordered = [rows[(tool, tuner)] for tool in ("essa", "LightlyTrain") for tuner in tuners]
+    ordered[len(tuners):len(tuners)] = [rows[("essa", f"preset {name}")] for name in args.essa_preset]
     print()
     print(table(ordered))
     print()
