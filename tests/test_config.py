@@ -128,12 +128,9 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsy
 
 
 @dataclass
-class WithPresets:
+class WithPresets(Outer):
     PRESETS = {"small": {"inner": {"lr": 0.5, "sizes": [3]}, "options": {"name": "a", "k": 1}}}
     preset: str | None = None
-    name: str = "x"
-    inner: Inner = field(default_factory=Inner)
-    options: dict = field(default_factory=dict)
 
 
 def test_a_preset_fills_the_keys_the_config_leaves_out(tmp_path):

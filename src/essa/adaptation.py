@@ -285,9 +285,10 @@ class MonitorConfig:
 
 
 #: Named presets (``preset: fast``, ``essa adapt --preset fast``): config keys that a run's own keys override
-#: (:func:`essa.config.with_preset`). fast: APLA on the last 4 blocks, their frozen prefix run without autograd and
-#: shared with the teacher (``ssl.truncated_backward: auto``), PatchDropout of half the patch tokens of the views
-#: only the CLS token is scored on; README "A fast preset" has what it measured, in speed and in quality.
+#: (:func:`essa.config.with_preset`). fast: APLA on the last 4 blocks, the frozen blocks before them run without
+#: autograd (``ssl.truncated_backward: auto``; under PatchDropout the prefix is not shared with the teacher),
+#: PatchDropout of half the patch tokens of the views only the CLS token is scored on. README: "The fast preset"
+#: (essa adapt), and under Performance and Results what it measured, in speed and in quality.
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"tuner": {"name": "apla", "options": {"blocks": "last:4"}},
              "ssl": {"patch_drop": 0.5, "truncated_backward": "auto"}},

@@ -143,8 +143,8 @@ def test_a_mask_patch_size_the_patch_does_not_divide_is_refused_before_training(
 def test_a_dinov2_config_gains_only_the_new_keys():
     saved = config_mod.to_dict(AdaptConfig())
     assert saved["objective"] == "dinov2"
-    assert list(saved) == ["backbone", "tuner", "objective", "data", "ssl", "mae", "simmim", "optim", "monitor",
-                           "seed", "out", "trainer"]
+    assert list(saved) == ["preset", "backbone", "tuner", "objective", "data", "ssl", "mae", "simmim", "optim",
+                           "monitor", "seed", "out", "trainer"]
 
 
 def test_the_command_line_flag_sets_the_objective():
