@@ -6,10 +6,10 @@ preset's keys, then the study's own linear and kNN probes of its export.
 
 For each task of the study whose ``ssa/<tuner>`` run is done, the run's ``config.yaml`` with the preset's keys
 over it (``essa.adaptation.PRESETS``: they win, everything else is the study's: data, steps, head, schedules,
-seed) runs ``essa adapt`` into ``<out>/<task>/ssa``; each of the study's probes of that tuner's export
-(``probe/ssa_<tuner>__<budget>``) runs again on the new export into ``<out>/<task>/probe__<budget>``, with the
-study's probe config (same labels, splits, bootstrap). Both resume: SSA from its last checkpoint, a probe that has
-its metrics is not run again.
+seed) runs ``essa adapt`` into ``<out>/<task>/ssa``; each of the study's probes (``probe/pretrained__<budget>``:
+its labels, splits and bootstrap) runs on the new export into ``<out>/<task>/probe__<budget>``, and on the study's
+export where the study has not probed it yet (``<out>/<task>/study_probe__<budget>``). All resume: SSA from its
+last checkpoint, a probe that has its metrics is not run again.
 
 Prints, per task and label budget, the primary metric of the linear probe (test split) with its bootstrap
 interval for the study's run and the preset's, whether the preset's lies at or above the low end of the study's
@@ -54,16 +54,24 @@ def run_task(task_dir: Path, out: Path, preset: str, tuner: str, weight_change) 
     sections.update(preset=preset, out=str(out_ssa))
     if not (out_ssa / "resources.json").exists():
         adapt(resume=(out_ssa / "config.yaml").exists(), **sections)
+
+    def probe_of(export: Path, probe: dict, into: Path) -> dict[str, dict]:
+        """The probe config ``probe`` run on ``export`` into ``into`` (once), and its rows."""
+        if not (into / "metrics.json").exists():
+            evaluate(**{**probe, "backbone": {**probe["backbone"], "weights": str(export)}, "out": str(into)})
+        return _probe_rows(into)
+
     rows = []
-    for probe_dir in sorted((task_dir / "probe").glob(f"ssa_{tuner}__*")):
-        budget = probe_dir.name.split("__", 1)[1]
-        out_probe = out / f"probe__{budget}"
-        probe = _yaml(probe_dir / "config.yaml")
-        if not (out_probe / "metrics.json").exists():
-            probe["backbone"] = {**probe["backbone"], "weights": str(out_ssa / "backbone.safetensors")}
-            probe["out"] = str(out_probe)
-            evaluate(**probe)
-        study, ours = _probe_rows(probe_dir), _probe_rows(out_probe)
+    # the label budgets: every probe of the foundation model; the study's probe of its SSA run, where the study has
+    # not run it yet, is run here with the same config (into <out>/study_probe__<budget>)
+    for foundation_dir in sorted((task_dir / "probe").glob("pretrained__*")):
+        budget = foundation_dir.name.split("__", 1)[1]
+        probe_dir = task_dir / "probe" / f"ssa_{tuner}__{budget}"
+        probe = _yaml(foundation_dir / "config.yaml")
+        probe.pop("out", None)
+        study = (_probe_rows(probe_dir) if (probe_dir / "metrics.json").exists()
+                 else probe_of(ssa_dir / "backbone.safetensors", probe, out / f"study_probe__{budget}"))
+        ours = probe_of(out_ssa / "backbone.safetensors", probe, out / f"probe__{budget}")
         metric = load_task(config_mod.from_dict(TaskDataConfig, probe["data"], "data"), probe["task"],
                            probe["metric"]).primary
         row = {"task": task_dir.name, "budget": budget, "metric": metric}
