@@ -161,6 +161,9 @@ def test_progress_counts_every_cell_and_estimates_from_the_measured_ones(tmp_pat
         state.setdefault(cell.id, {"status": "done", "seconds": 1.0})
     assert study.progress(state, None) == "[study] 10/11 done, 1 failed"
     assert study.results(state)["runs"]["by_kind"]["probe"] == {"done": 1, "failed": 1, "total": 2}
+    # none of these cells has its outputs on disk: recorded done, they are to run again (moved away to be redone)
+    assert study.on_disk(state) == {cells[1].id: state[cells[1].id]}
+    assert study.progress(study.on_disk(state), None) == "[study] 0/11 done, 1 failed, 10 left (no estimate yet)"
 
 
 def test_data_normalize_reaches_every_kind_of_cell(tmp_path):

@@ -71,7 +71,7 @@ class Study(Grid):
         self._session = (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average())
         self.out.mkdir(parents=True, exist_ok=True)
         config_mod.dump(self.cfg, self.out / "config.yaml")
-        state = io.read_json(self.out / CELLS_FILE) or {}
+        state = self.on_disk(io.read_json(self.out / CELLS_FILE) or {})
         failed: set[str] = set()
         for cell in self.cells:
             if cell.done():
@@ -107,6 +107,12 @@ class Study(Grid):
         failures = {c.id: state[c.id].get("error", "failed") for c in self.cells
                     if state.get(c.id, {}).get("status") == "failed"}
         return {"results": results, **paths, "failed": failures}
+
+    def on_disk(self, state: dict) -> dict:
+        """``cells.json``'s ``state`` as the run directory stands: a cell recorded done whose outputs are gone
+        (moved or deleted, to be redone) is to run again, so it is neither counted done nor timed."""
+        gone = {c.id for c in self.cells if state.get(c.id, {}).get("status") == "done" and not c.done()}
+        return {cell_id: entry for cell_id, entry in state.items() if cell_id not in gone}
 
     def progress(self, state: dict, running: Cell | None) -> str:
         """``[study] 3/14 done, running: ..., 10 left, about 12 min left``; the estimate is the mean duration of
