@@ -180,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[tuple, dict] = {}
     per_round: list[dict] = []
+    presets = [preset_config(name) for name in args.essa_preset]  # (label, tuner, options, step keywords)
+
+    def record(round_: int, tool: str, configuration: str, result: dict, start: float) -> None:
+        print(f"  round {round_ + 1}: {tool} {configuration}: {result['images_per_s']:.3f} img/s, "
+              f"{result['images_per_cpu_s']:.3f} img/CPU-s, {result['peak_mib']:.0f} MiB "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        keep(rows, (tool, configuration), result)
+        per_round.append({"round": round_ + 1, "tool": tool, "configuration": configuration,
+                          **{k: result[k] for k in ("peak_mib", "images_per_s", "images_per_cpu_s", "step_s")}})
+
     for round_ in range(args.rounds):
         tools = ["essa", "LightlyTrain"] if round_ % 2 == 0 else ["LightlyTrain", "essa"]
         for tuner in tuners:
@@ -193,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                               args.timeout)
                     result["trainable"] = result["backbone_trainable"]
                     result["head_params"] = result["head_trainable"]
-                print(f"  round {round_ + 1}: {tool} {tuner}: {result['images_per_s']:.3f} img/s, "
-                      f"{result['images_per_cpu_s']:.3f} img/CPU-s, {result['peak_mib']:.0f} MiB "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+                record(round_, tool, tuner, result, start)
                 if tool == "LightlyTrain":
                     trained, changed = result["trainable_names"], result["changed_names"]
                     print(f"    LightlyTrain {result['lightly_train']}: trainable {names(trained)}, changed by the "
@@ -203,22 +211,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"{result['backbone_trainable']:,} of {result['backbone_total']:,}, head "
                           f"{result['head_trainable']:,}, in the optimizer {result['optimizer_total']:,}, "
                           f"teacher trainable {result['teacher_trainable']}", flush=True)
-                keep(rows, (tool, tuner), result)
-                per_round.append({"round": round_ + 1, "tool": tool, "configuration": tuner,
-                                  **{k: result[k] for k in ("peak_mib", "images_per_s", "images_per_cpu_s", "step_s")}})
-        for name in args.essa_preset:
-            label, tuner, options, step = preset_config(name)
+        for label, tuner, options, step in presets:
+            start = time.perf_counter()
             result = run_essa({**shared, "tuner": tuner, "options": options, **step}, args.timeout)
             result["head_params"] = result["head"]["params"]
-            print(f"  round {round_ + 1}: essa {label}: {result['images_per_s']:.3f} img/s, "
-                  f"{result['images_per_cpu_s']:.3f} img/CPU-s, {result['peak_mib']:.0f} MiB", flush=True)
-            keep(rows, ("essa", label), result)
-            per_round.append({"round": round_ + 1, "tool": "essa", "configuration": label,
-                              **{k: result[k] for k in ("peak_mib", "images_per_s", "images_per_cpu_s", "step_s")}})
+            record(round_, "essa", label, result, start)
     load_end = os.getloadavg()
 
     ordered = [rows[(tool, tuner)] for tool in ("essa", "LightlyTrain") for tuner in tuners]
-    ordered[len(tuners):len(tuners)] = [rows[("essa", f"preset {name}")] for name in args.essa_preset]
+    ordered[len(tuners):len(tuners)] = [rows[("essa", label)] for label, *_ in presets]
     print()
     print(table(ordered))
     print()

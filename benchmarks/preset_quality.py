@@ -34,12 +34,15 @@ def _probe_rows(path: Path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads((path / "metrics.json").read_text())}
 
 
-def _final_dino(ssa_dir: Path) -> tuple[float | None, int | None]:
-    """The last epoch's DINO loss and the head's prototypes, from the SSA run's metrics and resources."""
+def _ssa_summary(ssa_dir: Path, weight_change) -> dict:
+    """An SSA run's weight change, last DINO loss over ln(prototypes) and training seconds (its metrics and
+    resources)."""
     history = json.loads((ssa_dir / "metrics.json").read_text())
     resources = json.loads((ssa_dir / "resources.json").read_text())
-    last = history[-1] if history else {}
-    return last.get("dino"), resources.get("head", {}).get("prototypes")
+    loss, prototypes = (history[-1] if history else {}).get("dino"), resources.get("head", {}).get("prototypes")
+    return {"weight_change": weight_change(ssa_dir / "backbone.safetensors"),
+            "dino_loss_over_ln_k": loss / math.log(prototypes) if loss and prototypes else None,
+            "train_seconds": resources.get("train_seconds")}
 
 
 def run_task(task_dir: Path, out: Path, preset: str, tuner: str, weight_change) -> list[dict]:
@@ -61,6 +64,7 @@ def run_task(task_dir: Path, out: Path, preset: str, tuner: str, weight_change) 
             evaluate(**{**probe, "backbone": {**probe["backbone"], "weights": str(export)}, "out": str(into)})
         return _probe_rows(into)
 
+    summaries = {"study": _ssa_summary(ssa_dir, weight_change), "preset": _ssa_summary(out_ssa, weight_change)}
     rows = []
     # the label budgets: every probe of the foundation model; the study's probe of its SSA run, where the study has
     # not run it yet, is run here with the same config (into <out>/study_probe__<budget>)
@@ -75,14 +79,10 @@ def run_task(task_dir: Path, out: Path, preset: str, tuner: str, weight_change) 
         metric = load_task(config_mod.from_dict(TaskDataConfig, probe["data"], "data"), probe["task"],
                            probe["metric"]).primary
         row = {"task": task_dir.name, "budget": budget, "metric": metric}
-        for side, probes, run_dir in (("study", study, ssa_dir), ("preset", ours, out_ssa)):
+        for side, probes in (("study", study), ("preset", ours)):
             linear = probes["linear"]
-            loss, prototypes = _final_dino(run_dir)
             row[side] = {"linear": linear[metric], "ci": [linear[f"{metric}_ci_low"], linear[f"{metric}_ci_high"]],
-                         "knn": probes.get("knn", {}).get(metric), "weight_change": weight_change(
-                             run_dir / "backbone.safetensors"),
-                         "dino_loss_over_ln_k": loss / math.log(prototypes) if loss and prototypes else None,
-                         "train_seconds": json.loads((run_dir / "resources.json").read_text()).get("train_seconds")}
+                         "knn": probes.get("knn", {}).get(metric), **summaries[side]}
         row["within"] = row["preset"]["linear"] >= row["study"]["ci"][0]
         rows.append(row)
     return rows
@@ -114,10 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
+    from essa.adaptation import PRESETS
     from essa.config import BackboneConfig, from_dict
     from essa.study import WeightChanges
-
-    from essa.adaptation import PRESETS
 
     if args.preset not in PRESETS:
         parser.error(f"--preset {args.preset!r}: valid choices: {', '.join(PRESETS)}")

@@ -412,15 +412,16 @@ def with_preset(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return overlay(presets[name], data)
 
 
-def overlay(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` over ``base``: nested mappings merge, other values replace; a mapping whose ``name`` differs from
-    ``base``'s replaces it whole (another tuner does not inherit the options of the one below)."""
+def overlay(base: dict[str, Any], data: dict[str, Any], *, by_name: bool = True) -> dict[str, Any]:
+    """``data`` over ``base`` (copies; neither is changed): nested mappings merge, other values replace. With
+    ``by_name``, a mapping whose ``name`` differs from ``base``'s replaces it whole (another tuner does not inherit
+    the options of the one below)."""
     merged = {key: copy.deepcopy(value) for key, value in base.items()}
     for key, value in data.items():
         below = merged.get(key)
-        if isinstance(value, dict) and isinstance(below, dict) and value.get("name", below.get("name")) == below.get(
-                "name"):
-            merged[key] = overlay(below, value)
+        if isinstance(value, dict) and isinstance(below, dict) and (
+                not by_name or value.get("name", below.get("name")) == below.get("name")):
+            merged[key] = overlay(below, value, by_name=by_name)
         else:
             merged[key] = copy.deepcopy(value)
     return merged

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,10 +239,4 @@ def _tuner_spec(entry) -> TunerSpec:
 
 def deep_merge(base: dict, extra: dict) -> dict:
     """``base`` updated by ``extra``, section by section (nested mappings merge, other values replace)."""
-    merged = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+    return config_mod.overlay(base, extra, by_name=False)
