@@ -14,6 +14,7 @@ from PIL import Image
 
 from essa import report as report_mod, study as study_mod
 from essa.commands import main, run as run_command
+from essa.errors import InputError, NotFoundError
 from tests.conftest import REPO, SHARED
 
 BREAST = SHARED / "data" / "medmnist" / "breastmnist.npz"
@@ -113,6 +114,7 @@ def test_a_study_killed_midway_resumes_writes_its_report_and_a_rerun_skips_every
     assert main(["run", "--config", str(config)]) == 0
     assert "running:" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    _record_round_trip(tmp_path, config, capsys)
 
     from essa.report import browser
 
@@ -123,6 +125,108 @@ def test_a_study_killed_midway_resumes_writes_its_report_and_a_rerun_skips_every
         assert "report.html at 800 px" not in printed.err  # every image loads, nothing is wider than the page
         with Image.open(tmp_path / "run" / "report.png") as image:
             assert image.width == browser.PAGE_WIDTH
+
+
+def _record_round_trip(tmp_path, config, capsys):
+    """A finished study's record (--save-record: no checkpoints, exports or locks) copied back into an empty study
+    directory is the whole study to essa run: nothing runs and the results are the same. With one fine-tuning
+    seed's record gone, that seed runs again, and so does the SSA run whose export it starts from (its record moved
+    aside), which gives the same export and the same test metrics."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    export = out / "breast/ssa/apla_r16/backbone.safetensors"
+    weights = load_file(export)
+    assert main(["run", "--config", str(config), "--save-record", str(tmp_path / "record")]) == 0
+    assert capsys.readouterr().out == f"record of {out}: {tmp_path / 'record'}\n"
+    saved = {p.relative_to(tmp_path / "record").as_posix() for p in (tmp_path / "record").rglob("*") if p.is_file()}
+    assert not [p for p in saved if p.endswith((".safetensors", ".ckpt", ".lock")) or "checkpoints/" in p]
+    assert {"cells.json", "results.json", "report.md", "breast/ssa/apla_r16/weight_change.json",
+            "breast/finetune/apla_r16__apla/seed_0/metrics.json", "breast/probe/pretrained/metrics.json"} <= saved
+    assert json.loads((tmp_path / "record" / "breast/ssa/apla_r16/weight_change.json").read_text()) == {
+        "weight_change": None, "export": "backbone.safetensors"}  # a random-weight foundation: nothing to compare
+
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "record", out)
+    assert main(["run", "--config", str(config), "--list"]) == 0
+    assert capsys.readouterr().out.count("done  ") == 7
+    assert main(["run", "--config", str(config)]) == 0
+    assert "running:" not in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    assert again["datasets"] == results["datasets"] and again["runs"] == results["runs"]
+
+    (out / "breast/finetune/apla_r16__apla/seed_0/metrics.json").unlink()
+    assert main(["run", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "running: ssa" in printed and "running: finetune" in printed and "running: probe" not in printed
+    assert "breast/ssa/apla_r16: its export is not here and cells still to run need it" in printed
+    assert (out / "breast/ssa/apla_r16.record/resources.json").is_file()
+    # the same export: SSA ran here with this process's threads, first with one (float sums in another order)
+    redone_weights = load_file(export)
+    assert redone_weights.keys() == weights.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(redone_weights[name], tensor, rtol=1e-4, atol=1e-5)
+    redone = json.loads((out / "results.json").read_text())["datasets"][0]
+    # the redone fine-tuning seed from the redone export: the same test metrics
+    first = results["datasets"][0]["cells"][3]["seeds"]["0"]
+    assert redone["cells"][3]["seeds"]["0"] == pytest.approx(first, abs=2e-3)
+
+
+def test_a_record_keeps_the_weight_change_and_an_ssa_run_counts_done_once_every_cell_after_it_is(tmp_path):
+    """save_record writes each export's weight change beside it (here: the shared ViT scaled by 1.01, so exactly
+    0.01) and leaves the export out; without its export an SSA run's record is enough only once every cell that
+    starts from it is recorded too."""
+    from safetensors.torch import load_file, save_file
+
+    weights = SHARED / "models" / "vit_tiny_p4_32_cifar10.safetensors"
+    if not weights.is_file():
+        pytest.skip(f"shared model not found at {weights}")
+    study = study_mod.Study(_write(tmp_path, backbone={"weights": str(weights), "pretrained": False}, probes=["knn"],
+                                   finetune={"epochs": 1, "tuners": ["apla"]}))
+    ssa = next(c for c in study.cells if c.kind == "ssa")
+    after = [c for c in study.cells if c.needs is ssa]
+    assert [c.kind for c in after] == ["probe", "finetune"]
+    ssa.path.mkdir(parents=True)
+    (ssa.path / "resources.json").write_text("{}")
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, ssa.path / "backbone.safetensors")
+    assert ssa.done() and study.finished(ssa)
+
+    study.save_record(tmp_path / "record")
+    recorded = json.loads((tmp_path / "record" / "breast/ssa/apla_r16/weight_change.json").read_text())
+    assert recorded["weight_change"] == pytest.approx(0.01, rel=1e-5)
+    assert not (tmp_path / "record" / "breast/ssa/apla_r16/backbone.safetensors").exists()
+
+    (ssa.path / "backbone.safetensors").unlink()
+    (ssa.path / "weight_change.json").unlink()
+    assert study_mod.WeightChanges(study.cfg.backbone, 32)(ssa.path / "backbone.safetensors") is None  # no record
+    (ssa.path / "weight_change.json").write_text(json.dumps(recorded))
+    assert study_mod.WeightChanges(study.cfg.backbone, 32)(ssa.path / "backbone.safetensors") == pytest.approx(0.01)
+    assert ssa.finished() and not study.finished(ssa)  # a probe and a fine-tuning seed still need the export
+    after[0].path.mkdir(parents=True)
+    (after[0].path / "metrics.json").write_text("[]")
+    assert after[0].finished() and not study.finished(ssa)
+    seed = after[1].path
+    seed.mkdir(parents=True)
+    (seed / "metrics.json").write_text(json.dumps([{"split": "val", "auc": 0.6}]))
+    assert not after[1].finished()  # no test row: the seed did not finish
+    (seed / "metrics.json").write_text(json.dumps([{"split": "val", "auc": 0.6}, {"split": "test", "auc": 0.5}]))
+    assert after[1].finished() and not after[1].done()  # its record, without its classifier
+    assert study.finished(ssa)
+    assert study.on_disk({c.id: {"status": "done"} for c in study.cells}) == {
+        c.id: {"status": "done"} for c in [ssa, *after]}  # the foundation model's cells were never run
+
+
+def test_save_record_refuses_a_place_inside_the_study_and_a_study_not_run(tmp_path):
+    study = study_mod.Study(_write(tmp_path))
+    with pytest.raises(NotFoundError, match="holds no study to save the record of"):
+        study.save_record(tmp_path / "record")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(InputError, match="the record goes outside the study's directory"):
+        study.save_record(tmp_path / "run" / "record")
 
 
 def test_cells_and_their_configs(tmp_path):

@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any study config key, repeatable, e.g. --set img_size=64 --set ssa.epochs=2")
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done, then exit")
+    p.add_argument("--save-record", metavar="DIR",
+                   help="copy the study's record (every file of its directory but checkpoints, exports and locks: "
+                        "what its results and report read) to DIR, e.g. to keep a long study in git, then exit; "
+                        "copied back into the study's directory, essa run continues from it")
     p.add_argument("--screenshot", action="store_true",
                    help="also save the report as it looks in a browser, 800 px wide: OUT/report.png (needs a "
                         "headless Chromium, e.g. apt-get install chromium), and say what does not fit")
@@ -69,7 +73,10 @@ def run_command(args) -> int:
         return print_config(study.cfg)
     if args.list:
         for cell in study.cells:
-            print(f"{'done' if cell.done() else 'todo'}  {cell.kind:8s} {cell.id}")
+            print(f"{'done' if study.finished(cell) else 'todo'}  {cell.kind:8s} {cell.id}")
+        return 0
+    if args.save_record:
+        print(f"record of {study.out}: {study.save_record(args.save_record)}")
         return 0
     result = study.run()
     for dataset in result["results"]["datasets"]:

@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from essa import config as config_mod
+from essa.io import read_json
 from essa.names import DEFAULT_OBJECTIVE, NO_SSA, slug
 from essa.study.config import (ALL_LABELS, DatasetSpec, SSASpec, StageConfig, StudyConfig, TunerSpec,
                                budget_dir_suffix, deep_merge)
+
+#: Beside an SSA export: how far SSA moved the backbone (:class:`essa.study.results.WeightChanges` writes it), so
+#: that a study's record keeps it without the export.
+WEIGHT_CHANGE_FILE = "weight_change.json"
 
 
 @dataclass
@@ -26,6 +31,13 @@ class Cell:
     done: Callable[[], bool]
     needs: Cell | None = None  # the SSA cell whose export this cell starts from
     args: tuple = ()  # what the Grid's ``*_sections`` method of its kind takes to give the cell's config
+    #: whether the files the study's results read are there: ``done`` but for checkpoints and exports, which a
+    #: study's record leaves out (:meth:`essa.study.Study.save_record`); None: as ``done``
+    recorded: Callable[[], bool] | None = None
+
+    def finished(self) -> bool:
+        """Its outputs are complete, or its record is (checkpoints and exports left out)."""
+        return self.done() or (self.recorded is not None and self.recorded())
 
     @property
     def id(self) -> str:
@@ -187,7 +199,12 @@ class Grid:
 
             return (path / RESOURCES_FILE).is_file() and (path / "backbone.safetensors").is_file()
 
-        cell = Cell("ssa", dataset, path, run, done, args=(dataset, ssa))
+        def recorded():  # the weight change is recorded beside the export when the results first read it
+            from essa.adaptation import RESOURCES_FILE
+
+            return (path / RESOURCES_FILE).is_file() and (path / WEIGHT_CHANGE_FILE).is_file()
+
+        cell = Cell("ssa", dataset, path, run, done, args=(dataset, ssa), recorded=recorded)
         self.cells.append(cell)
         return cell
 
@@ -218,4 +235,9 @@ class Grid:
 
             return test_row(RunDir(out / f"seed_{seed}")) is not None
 
-        return Cell("finetune", dataset, out / f"seed_{seed}", run, done, needs, args=(dataset, ssa, spec, budget))
+        def recorded():  # its test row, without the classifier it was computed with
+            rows = read_json(out / f"seed_{seed}" / "metrics.json")
+            return bool(rows) and rows[-1].get("split") == "test"
+
+        return Cell("finetune", dataset, out / f"seed_{seed}", run, done, needs, args=(dataset, ssa, spec, budget),
+                    recorded=recorded)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Callable, NotRequired, TypedDict
 
 from essa.config import BackboneConfig
-from essa.io import read_json
+from essa.io import read_json, write_json
 from essa.names import NO_SSA
 from essa.study.config import DatasetSpec, SSASpec, TunerSpec, budget_label, budget_suffix
-from essa.study.grid import Grid, probe_backbone
+from essa.study.grid import WEIGHT_CHANGE_FILE, Grid, probe_backbone
 
 
 class TunerResult(TypedDict):
@@ -270,19 +270,25 @@ class WeightChanges:
 
     def __call__(self, export: Path) -> float | None:
         """The relative change of ``export``; None without an export, or when the foundation model has random
-        weights (there is no fixed starting point to compare with)."""
-        if not export.exists() or not (self.foundation.weights or self.foundation.pretrained):
-            return None
+        weights (there is no fixed starting point to compare with). Recorded beside the export
+        (``weight_change.json``) and read from there once the export is gone (a study's record keeps no exports)."""
+        record = export.with_name(WEIGHT_CHANGE_FILE)
+        if not export.exists():
+            return (read_json(record) or {}).get("weight_change")
         key = (export.as_posix(), export.stat().st_mtime_ns)
         if key not in self._known:
-            from safetensors.torch import load_file
-
-            # built per export, not kept: the study process would otherwise hold a copy of the weights throughout
-            foundation = self.foundation.build(img_size=self.img_size).state_dict()
-            adapted = load_file(export)
-            names = [k for k, v in foundation.items()
-                     if not k.startswith("head") and k in adapted and adapted[k].shape == v.shape]
-            change = sum(float((adapted[k].float() - foundation[k].float()).square().sum()) for k in names)
-            norm = sum(float(foundation[k].float().square().sum()) for k in names)
-            self._known[key] = (change / norm) ** 0.5 if norm else None
+            self._known[key] = self._change(export) if self.foundation.weights or self.foundation.pretrained else None
+            write_json(record, {"weight_change": self._known[key], "export": export.name})
         return self._known[key]
+
+    def _change(self, export: Path) -> float | None:
+        from safetensors.torch import load_file
+
+        # built per export, not kept: the study process would otherwise hold a copy of the weights throughout
+        foundation = self.foundation.build(img_size=self.img_size).state_dict()
+        adapted = load_file(export)
+        names = [k for k, v in foundation.items()
+                 if not k.startswith("head") and k in adapted and adapted[k].shape == v.shape]
+        change = sum(float((adapted[k].float() - foundation[k].float()).square().sum()) for k in names)
+        norm = sum(float(foundation[k].float().square().sum()) for k in names)
+        return (change / norm) ** 0.5 if norm else None

@@ -5,6 +5,7 @@ rewritten after every cell."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from essa import config as config_mod, io
-from essa.errors import Interrupted
+from essa.errors import InputError, Interrupted, NotFoundError
 from essa.study.config import StudyConfig
 from essa.study.grid import Cell, Grid
 from essa.study.results import Results, WeightChanges, environment, load_average, study_results
@@ -74,7 +75,7 @@ class Study(Grid):
         state = self.on_disk(io.read_json(self.out / CELLS_FILE) or {})
         failed: set[str] = set()
         for cell in self.cells:
-            if cell.done():
+            if self.finished(cell):
                 if state.get(cell.id, {}).get("status") != "done":
                     state[cell.id] = {"status": "done", "seconds": None}  # finished outside this record
                 continue
@@ -82,6 +83,12 @@ class Study(Grid):
                 failed.add(cell.id)
                 state[cell.id] = {"status": "failed", "seconds": None, "error": f"{cell.needs.id} failed"}
                 continue
+            if cell.finished():  # a record without its export, which cells still to run need: SSA runs again
+                aside = cell.path.with_name(cell.path.name + ".record")
+                shutil.rmtree(aside, ignore_errors=True)
+                cell.path.rename(aside)
+                log(f"[study] {cell.id}: its export is not here and cells still to run need it; it runs again "
+                    f"(the same seed and config give the same export), its record moved to {aside}")
             log(self.progress(state, cell))
             start = time.perf_counter()
             try:
@@ -108,11 +115,36 @@ class Study(Grid):
                     if state.get(c.id, {}).get("status") == "failed"}
         return {"results": results, **paths, "failed": failures}
 
+    def finished(self, cell: Cell) -> bool:
+        """Whether ``cell`` need not run: its outputs are complete, or its record is (checkpoints and exports left
+        out: :meth:`save_record`) and no cell still to run needs what the record leaves out (an SSA export)."""
+        if cell.done():
+            return True
+        return cell.finished() and all(other.finished() for other in self.cells if other.needs is cell)
+
     def on_disk(self, state: dict) -> dict:
-        """``cells.json``'s ``state`` as the run directory stands: a cell recorded done whose outputs are gone
-        (moved or deleted, to be redone) is to run again, so it is neither counted done nor timed."""
-        gone = {c.id for c in self.cells if state.get(c.id, {}).get("status") == "done" and not c.done()}
+        """``cells.json``'s ``state`` as the run directory stands: a cell recorded done whose outputs and record
+        are gone (moved or deleted, to be redone) is to run again, so it is neither counted done nor timed."""
+        gone = {c.id for c in self.cells if state.get(c.id, {}).get("status") == "done" and not c.finished()}
         return {cell_id: entry for cell_id, entry in state.items() if cell_id not in gone}
+
+    def save_record(self, dest: str | Path) -> Path:
+        """Copy the study's record to ``dest``: every file of its directory but checkpoints, exports
+        (``*.safetensors``) and locks, which is what its results and report read (a few MB where the whole
+        directory holds GB). Kept in git, it carries a long study across machines: copy it back to the study's
+        ``out`` and ``essa run`` skips every recorded cell, redoing an SSA run only where cells still to run need
+        its export. Returns ``dest``."""
+        dest = Path(dest)
+        if not self.out.is_dir():
+            raise NotFoundError(f"{self.out} holds no study to save the record of (run it first)")
+        if dest.resolve() == self.out.resolve() or self.out.resolve() in dest.resolve().parents:
+            raise InputError(f"--save-record {dest}: the record goes outside the study's directory {self.out}")
+        for cell in self.cells:  # the weight change of each export, which the record keeps in its place
+            if cell.kind == "ssa" and cell.done():
+                self.weight_change(cell.path / "backbone.safetensors")
+        shutil.copytree(self.out, dest, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("checkpoints", "*.ckpt", "*.safetensors", ".lock"))
+        return dest
 
     def progress(self, state: dict, running: Cell | None) -> str:
         """``[study] 3/14 done, running: ..., 10 left, about 12 min left``; the estimate is the mean duration of
