@@ -35,6 +35,12 @@ def test_an_ssa_step_of_the_tuner_is_measured():
                       prototypes=256, steps=1)
     # the tuner trains in the measured step: its gradients exist (a head warm-up step would have none)
     assert 0 < result["trainable"] < result["total"] and result["peak_mib"] > 0 and result["grads_mib"] > 0
+    # as essa adapt: the frozen stretches recompute in as few blocks as fit the memory budget; this one fits
+    assert result["recompute_frozen"]["blocks"] == [] and result["recompute_frozen"]["fits"]
+    tight = ssa_step("vit_tiny_patch16_224", "apla", global_size=32, local_size=16, n_local=2, batch_size=2,
+                     prototypes=256, steps=1, memory_budget=1)
+    assert tight["recompute_frozen"]["blocks"] == list(range(12)) and tight["saved_mib"] < result["saved_mib"]
+    assert tight["loss"] == pytest.approx(result["loss"], rel=1e-6)  # the same step
 
 
 def test_an_ssa_step_of_each_reconstruction_objective_is_measured():
@@ -169,7 +175,7 @@ def test_essa_bench_measures_each_tuner_in_a_fresh_process_against_full(tmp_path
     rows_file, png = tmp_path / "rows.json", tmp_path / "plot.png"
     assert main(["bench", "--models", "vit_tiny_patch16_224", "--tuner", "apla:r=8", "--img-size", "32",
                  "--local-size", "16", "--n-local", "2", "--prototypes", "256", "--batch-size", "2", "--steps", "1",
-                 "--preset", "fast", "--json", str(rows_file), "--plot", str(png)]) == 0
+                 "--preset", "fast", "--recompute", "all", "--json", str(rows_file), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     rows = json.loads(rows_file.read_text())
     assert [r["label"] for r in rows] == ["full", "apla r=8", "preset fast"]  # full added as the reference
@@ -180,6 +186,7 @@ def test_essa_bench_measures_each_tuner_in_a_fresh_process_against_full(tmp_path
     assert fast["trainable"] == 4 * (192 * 192 + 192)
     assert fast["truncated_backward"]["frozen_blocks"] == 8 and not fast["truncated_backward"]["shared_prefix"]
     assert 0 < fast["gflop"] < apla["gflop"]
+    assert apla["recompute_frozen"] == {"blocks": "all"} == fast["recompute_frozen"]  # --recompute all
     assert "| vit_tiny_patch16_224 | apla r=8 |" in out and "counted FLOPs per step" in out
     with Image.open(png) as image:
         assert image.size == (840, 540)

@@ -205,11 +205,15 @@ class OptimConfig(StageOptimConfig):
     grad_clip: float = 1.0
     # Recompute the student's frozen block stretches in the backward pass instead of keeping their activations
     # (essa.train.memory.recompute_frozen): same numbers, less memory; costs one extra fc1 per block (and qkv and
-    # attention where only attn.proj trains, as APLA), about 10 % of an APLA step.
-    recompute_frozen: bool = True
+    # attention where only attn.proj trains, as APLA), about 10 % of an APLA step. auto: in as few blocks as make
+    # the step fit trainer.memory_budget (none when memory is plentiful: the fastest step; MAE and SimMIM: every
+    # block); true: every block (the least memory); false: none
+    recompute_frozen: bool | str = "auto"
 
     def validate(self) -> None:
         _check_length("optim.warmup", self.warmup)
+        if self.recompute_frozen not in (True, False, "auto"):
+            raise config_mod.ConfigError(f"optim.recompute_frozen={self.recompute_frozen!r}; valid: auto, true, false")
 
 
 def _check_scale(key: str, scale) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from essa.train.memory import SavedActivations  # noqa: F401  (essa.bench.SavedActivations, as before)
 from essa.train.resources import MemoryMeter
 
 _RESULT_PREFIX = "ESSA_BENCH_RESULT "
@@ -31,33 +32,6 @@ def _mib(tensors) -> float:
     """MiB of the distinct storages behind ``tensors`` (a tensor shared by two modules counts once)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
     return sum(storages.values()) / 2**20
-
-
-class SavedActivations:
-    """Context manager: MiB of the tensors autograd keeps for the backward pass while it is active (distinct
-    storages, parameters excluded; a checkpointed region counts only what it keeps: its inputs)."""
-
-    def __init__(self, parameters):
-        self._params = {p.untyped_storage().data_ptr() for p in parameters}
-        self._storages: dict[int, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self._params:
-            self._storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    @property
-    def mib(self) -> float:
-        return sum(self._storages.values()) / 2**20
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
 
 
 def live_peak_mib(step: Callable[[], None]) -> float:
@@ -179,7 +153,8 @@ def ssa_step(
     warmup: int = 1,
     steps: int = 2,
     device: str = "cpu",
-    recompute_frozen: bool = True,
+    recompute_frozen: bool | str = "auto",
+    memory_budget: str | float = "auto",
     loss_chunk: int | None | str = "default",
     objective: str = "dinov2",
     objective_options: dict | None = None,
@@ -196,7 +171,8 @@ def ssa_step(
     (:meth:`essa.train.stage.StageModule.standalone_step` of :class:`essa.train.ssa.SSAModule`: the schedules'
     learning rates and weight decay, the student on 2 masked global + ``n_local`` local crops, the teacher on the
     global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, the teacher's momentum update), set up as
-    ``essa adapt`` sets it up (``optim.recompute_frozen``; the loss's ``chunk_size`` unless ``loss_chunk`` is an
+    ``essa adapt`` sets it up (``optim.recompute_frozen``, by default ``auto`` for ``memory_budget``
+    (``trainer.memory_budget``), the plan in the result's ``recompute_frozen``; the loss's ``chunk_size`` unless ``loss_chunk`` is an
     int, or None for no chunking). The step is one of the tuner after the head warm-up and the prototype freeze
     (``ssl.head_warmup`` and ``ssl.freeze_prototypes`` 0): every trainable parameter gets its gradient.
     ``ssl_options``: more ``ssl`` keys (``patch_drop``, whose kept patches are drawn into the batch as the
@@ -231,7 +207,7 @@ def ssa_step(
                                             "head_bottleneck": head_bottleneck,
                                             "head_warmup": 0, "freeze_prototypes": 0, "global_size": global_size,
                                             "local_size": local_size, "n_local": n_local, **(ssl_options or {})},
-        "optim": {"recompute_frozen": recompute_frozen},
+        "optim": {"recompute_frozen": recompute_frozen}, "trainer": {"memory_budget": memory_budget},
         # random images and weights: the collapse watch runs, as in a run after the warm-ups, but never stops a step
         "monitor": {"collapse_patience": sys.maxsize},
     })
@@ -253,6 +229,7 @@ def ssa_step(
         if cfg.ssl.patch_drop:
             batch.update(draw_batch_kept(batch, patch, cfg.ssl.patch_drop, torch.Generator().manual_seed(1)))
         extra["truncated_backward"] = module.truncation.record()
+        extra["recompute_frozen"] = module.stage_resources()["recompute_frozen"]
         extra["head"] = head_dims(module.student.head)
     else:
         module = objectives.get(objective).module(cfg, model, iters_per_epoch=100).to(dev)

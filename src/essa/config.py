@@ -136,6 +136,25 @@ _LOGGER_NEEDS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard")
                  "mlflow": (("mlflow",), "mlflow")}
 
 
+_UNITS = {"k": 2**-10, "m": 1, "g": 2**10, "t": 2**20}
+
+
+def memory_mib(value) -> float | None:
+    """``trainer.memory_budget`` in MiB: None for ``auto``; ``6GiB``, ``6G``, ``6 GB`` (binary units: 1 GB = 1024
+    MiB here), ``800MiB``, or a positive number of MiB."""
+    import re
+
+    if value == "auto":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT])(?:i?[bB])?\s*", value) if isinstance(value, str) else None
+    if match is None or float(match[1]) <= 0:
+        raise ConfigError(f"trainer.memory_budget={value!r}; valid: auto, a size such as 6GiB or 800MiB, or a "
+                          "positive number of MiB")
+    return float(match[1]) * _UNITS[match[2].lower()]
+
+
 def check_logger(name: str) -> None:
     """Refuse a logger whose package is not installed, naming the extra that installs it."""
     import importlib.util
@@ -173,8 +192,13 @@ class TrainerConfig:
     # epoch_NNN.ckpt at every epoch end); none (the exports are the run's result). A finished run pruned to less
     # than last,best cannot be resumed (its export could not be redone)
     keep_checkpoints: str = "last,best"
+    # the memory an SSA step may use, which decides how many blocks recompute their frozen stretches under
+    # optim.recompute_frozen: auto (essa.train.memory.plan_recompute): auto (90 % of the GPU's free memory, half of
+    # a CPU machine's available memory), or a size: 6GiB, 800MiB, or a number of MiB
+    memory_budget: Any = "auto"
 
     def validate(self) -> None:
+        memory_mib(self.memory_budget)
         devices = self.devices
         valid_list = isinstance(devices, list) and devices and all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)

@@ -16,7 +16,8 @@ from essa.adaptation import resolve_config
 from essa.bench import SavedActivations
 from essa.ssl import block_masks, forward_masked
 from essa.ssl.teacher import make_teacher
-from essa.train.memory import recompute_frozen
+from essa.config import ConfigError, memory_mib
+from essa.train.memory import block_costs, plan_recompute, recompute_frozen
 from essa.train.resources import malloc_trim
 from essa.train.ssa import SSAModule
 from tests.conftest import tiny_vit
@@ -208,6 +209,104 @@ def test_ssa_step_equals_the_reference_objective(tuner, options):
         # Both centers moved as lightly moves them from the whole teacher logits.
         assert torch.allclose(module.loss.dino.center, dino_center, atol=1e-6)
         assert torch.allclose(module.loss.ibot.center.value, ibot_center, atol=1e-6)
+
+
+# ----- a memory budget: which blocks recompute (optim.recompute_frozen: auto, trainer.memory_budget) -----------
+
+def test_block_costs_are_what_the_blocks_keep_in_a_forward_of_the_batch():
+    """Measured on one image per kind of view and scaled by the images, per block, with and without the
+    recomputation: within 2 % of what the blocks keep on the whole batch (the block inputs that neighbouring blocks
+    share are counted once per block)."""
+    model = _tuned("apla", {})
+    costs = block_costs(model, [(3, 17), (4, 5)])
+    assert sorted(costs) == [0, 1, 2, 3]
+    x_global = torch.randn(3, 17, 192, requires_grad=True)
+    x_local = torch.randn(4, 5, 192, requires_grad=True)
+
+    def kept(recompute):
+        with SavedActivations(model.parameters()) as saved:
+            for x in (x_global, x_local):
+                for block in model.blocks:
+                    x = block(x)
+        return saved.mib
+
+    plain = kept(False)
+    recompute_frozen(model)
+    wrapped = kept(True)
+    assert wrapped < 0.6 * plain  # APLA: the MLP's hidden and the queries, keys and values are not kept
+    assert sum(k for k, _ in costs.values()) == pytest.approx(plain, rel=0.02)
+    assert sum(r for _, r in costs.values()) == pytest.approx(wrapped, rel=0.02)
+    frozen = _tuned("apla", {"blocks": "last:1"})  # three frozen blocks: other stretches, another kind of block
+    other = block_costs(frozen, [(3, 17)])
+    assert other[0] == other[1] == other[2] != other[3]
+
+
+def test_plan_recompute_takes_the_fewest_blocks_that_fit_the_budget():
+    costs = {0: (10.0, 2.0), 1: (10.0, 2.0), 2: (10.0, 2.0)}
+    assert plan_recompute(costs, 5.0, 35.0).blocks == []  # everything kept: 5 + 30 fits
+    plan = plan_recompute(costs, 5.0, 34.0)
+    assert (plan.blocks, plan.kept_mib, plan.all_kept_mib, plan.fits) == ([0], 22.0, 30.0, True)
+    assert plan_recompute(costs, 5.0, 20.0).blocks == [0, 1]  # 5 + 14
+    plan = plan_recompute(costs, 5.0, 10.0)
+    assert (plan.blocks, plan.kept_mib, plan.fits) == ([0, 1, 2], 6.0, False)  # 5 + 6 > 10: all, and it says so
+    # the blocks that save the most go first; one that saves nothing never recomputes
+    assert plan_recompute({0: (10.0, 2.0), 1: (20.0, 2.0), 2: (3.0, 3.0)}, 0.0, 20.0).blocks == [1]
+    assert plan_recompute({0: (3.0, 3.0)}, 10.0, 1.0).blocks == []
+    assert plan.record() == {"blocks": [0, 1, 2], "budget_mib": 10.0, "base_mib": 5.0, "kept_mib": 6.0,
+                             "all_kept_mib": 30.0, "fits": False}
+
+
+def test_memory_budget_values():
+    assert [memory_mib(v) for v in ("auto", "6GiB", "6G", "2 gb", "800MiB", "512k", 300, 1.5)] == [
+        None, 6144.0, 6144.0, 2048.0, 800.0, 0.5, 300.0, 1.5]
+    for bad in ("lots", "0GiB", -5, 0, True, "6 GiBs"):
+        with pytest.raises(ConfigError, match="trainer.memory_budget="):
+            memory_mib(bad)
+    with pytest.raises(ConfigError, match="optim.recompute_frozen='sometimes'; valid: auto, true, false"):
+        resolve_config(None, sections={**SSA, "optim": {"recompute_frozen": "sometimes"}})
+
+
+def _auto_module(budget, tuner="apla", options=None):
+    cfg = resolve_config(None, sections={**SSA, "tuner": {"name": tuner, "options": options or {}},
+                                         "trainer": {"memory_budget": budget}})
+    torch.manual_seed(0)
+    backbone = cfg.backbone.build(img_size=32, dynamic_img_size=True)
+    tuners.apply(backbone, tuner, **(options or {}))
+    return SSAModule(cfg, backbone, iters_per_epoch=4)
+
+
+def _recomputing(module):
+    return [i for i, b in enumerate(module.student.backbone.blocks) if "forward" in vars(b)]
+
+
+def test_auto_recomputes_nothing_when_the_budget_is_plentiful_and_every_block_when_it_is_tight():
+    roomy = _auto_module("64GiB")
+    plan = roomy.recompute
+    assert plan.blocks == [] and _recomputing(roomy) == [] and plan.fits
+    assert roomy.stage_resources()["recompute_frozen"] == plan.record()
+    # the student's views of a batch (64 images: 2 x 17 + 2 x 5 tokens each) through the 2 blocks, kept
+    assert plan.all_kept_mib == pytest.approx(
+        sum(k for k, _ in block_costs(roomy.student.backbone, [(128, 17), (128, 5)]).values()))
+    with pytest.warns(UserWarning, match="over the budget of 1 MiB; lower optim.batch_size"):
+        tight = _auto_module("1MiB")
+    assert tight.recompute.blocks == [0, 1] == _recomputing(tight) and not tight.recompute.fits
+    assert _recomputing(_auto_module(plan.base_mib + plan.all_kept_mib - 1)) == [0]  # one block is enough
+    assert all("forward" not in vars(b) for b in tight.teacher.backbone.blocks)  # no autograd: nothing to keep
+
+
+def test_auto_plans_the_same_step_as_recomputing_every_block():
+    batch = _batch()
+    base = _auto_module("64GiB")
+    budget = base.recompute.base_mib + base.recompute.all_kept_mib - 1
+    module = _auto_module(budget)
+    module.loss.chunk_size, module._it = 5, 0
+    assert _recomputing(module) == [0]
+    reference = _ssa_module("apla", {}, recompute=True, chunk=5)
+    loss, grads = _grads(module, module.training_step(batch, 0))
+    loss_ref, grads_ref = _grads(reference, reference.training_step(batch, 0))
+    assert torch.allclose(loss, loss_ref, atol=1e-6, rtol=1e-6)
+    for key in grads_ref:
+        assert _close(grads[key], grads_ref[key]), key
 
 
 def test_release_free_heap_returns_freed_pages():

@@ -31,8 +31,12 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", action="append", metavar="NAME",
                    help="--stage ssa: also measure an SSA preset of essa adapt (its tuner and ssl keys), "
                         "repeatable, e.g. --preset fast")
-    p.add_argument("--no-recompute", action="store_true", help="keep the activations of frozen stretches "
-                                                                 "(optim.recompute_frozen=false)")
+    p.add_argument("--recompute", choices=("auto", "all", "none"), default="auto",
+                   help="dinov2: which blocks recompute their frozen stretches (optim.recompute_frozen): auto, as "
+                        "essa adapt, as few as fit --memory-budget; all (the least memory); none (default auto)")
+    p.add_argument("--no-recompute", action="store_true", help="--recompute none")
+    p.add_argument("--memory-budget", default="auto",
+                   help="trainer.memory_budget for --recompute auto: auto or a size, e.g. 2GiB (default auto)")
     p.add_argument("--steps", type=int, default=3, help="timed steps; the median counts (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over the grid; the best speed is kept (default 1)")
@@ -82,11 +86,12 @@ def run_bench(args) -> int:
     print(f"essa bench: {args.stage} step, {len(models) * len(configs)} configurations, each in a fresh process "
           f"({args.warmup} warm-up + {args.steps} timed steps, the median step counts)", flush=True)
     if args.stage == "ssa":
+        recompute = "none" if args.no_recompute else args.recompute
         rows = bench.measure_objectives(
             args.objectives.split(","), models, configs, repeats=args.repeats, global_size=args.img_size,
             local_size=args.local_size, n_local=args.n_local, batch_size=args.batch_size,
             prototypes=args.prototypes, steps=args.steps, warmup=args.warmup, device=args.device,
-            recompute_frozen=not args.no_recompute)
+            recompute_frozen={"auto": "auto", "all": True, "none": False}[recompute], memory_budget=args.memory_budget)
     else:
         rows = bench.measure_grid("essa.bench:supervised_step", models, configs, repeats=args.repeats,
                                   img_size=args.img_size, batch_size=args.batch_size, steps=args.steps,

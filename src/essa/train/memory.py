@@ -21,6 +21,11 @@ inference) nothing changes. The numbers are the same with and without recomputat
 ``state_dict`` keys are untouched (the block's ``forward`` is replaced on the instance), so checkpoints, tuner
 state and exports are unaffected.
 
+:func:`plan_recompute` chooses the blocks to recompute for a memory budget (``optim.recompute_frozen: auto``, the
+default, with ``trainer.memory_budget``): none when the step's activations fit, else as few as make them fit. It
+measures what one block keeps for the backward pass per image with and without the recomputation
+(:class:`SavedActivations` on one block's forward, for each kind of view) and adds what else the step holds.
+
 :func:`release_free_heap` hands the pages of freed CPU memory back to the operating system (glibc keeps them
 resident otherwise): called between the forward and the backward pass of an SSA step on CPU, it keeps the
 forward's freed transients (the recomputed stretches free nearly everything they compute) out of the resident
@@ -29,6 +34,8 @@ memory of the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from functools import partial
 
 import torch
@@ -38,6 +45,34 @@ from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+class SavedActivations:
+    """Context manager: MiB of the tensors autograd keeps for the backward pass while it is active (distinct
+    storages, parameters excluded; a checkpointed region counts only what it keeps: its inputs)."""
+
+    def __init__(self, parameters):
+        self._params = {p.untyped_storage().data_ptr() for p in parameters}
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._params:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def mib(self) -> float:
+        return sum(self._storages.values()) / 2**20
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
 
 #: The MLPs whose stretch before ``fc2`` is recomputed (their own ``forward``: hidden, drop1, norm, fc2, drop2).
 _MLPS = (Mlp, GluMlp, SwiGLU)
@@ -175,9 +210,25 @@ def _eva_recomputing_forward(block: EvaBlock, x: torch.Tensor, rope=None, **attn
     return x + block.drop_path2(mlp)
 
 
-def recompute_frozen(backbone: nn.Module) -> list[str]:
-    """Make every block of ``backbone.blocks`` recompute its frozen stretches in the backward pass (see the module
-    docstring). Call after the tuner is applied (``essa.tuners.apply``); calling again changes nothing.
+def _eligible_forward(block: nn.Module):
+    """The recomputing forward for ``block``, or None when it does not run timm's own block and MLP forwards."""
+    mlp = getattr(block, "mlp", None)
+    forward = None
+    if isinstance(block, Block) and type(block).forward is Block.forward:
+        forward = _recomputing_forward
+    elif isinstance(block, EvaBlock) and type(block).forward is EvaBlock.forward:
+        forward = _eva_recomputing_forward
+    eligible = (
+        forward is not None and any(isinstance(mlp, c) and type(mlp).forward is c.forward for c in _MLPS)
+        and not (mlp._forward_hooks or mlp._forward_pre_hooks)
+    )
+    return forward if eligible else None
+
+
+def recompute_frozen(backbone: nn.Module, blocks: list[int] | None = None) -> list[str]:
+    """Make every block of ``backbone.blocks`` (or those of index in ``blocks``) recompute its frozen stretches in
+    the backward pass (see the module docstring). Call after the tuner is applied (``essa.tuners.apply``); calling
+    again changes nothing.
 
     Applies to blocks that run timm's own ``Block.forward`` (ViT) or ``EvaBlock.forward`` (DINOv3, EVA-02: its
     ``rope=`` argument and layer scale ``gamma_1``/``gamma_2``) with a timm ``Mlp``, ``GluMlp`` or ``SwiGLU`` that
@@ -189,18 +240,99 @@ def recompute_frozen(backbone: nn.Module) -> list[str]:
     """
     names = []
     for i, block in enumerate(getattr(backbone, "blocks", [])):
-        mlp = getattr(block, "mlp", None)
-        forward = None
-        if isinstance(block, Block) and type(block).forward is Block.forward:
-            forward = _recomputing_forward
-        elif isinstance(block, EvaBlock) and type(block).forward is EvaBlock.forward:
-            forward = _eva_recomputing_forward
-        eligible = (
-            forward is not None and any(isinstance(mlp, c) and type(mlp).forward is c.forward for c in _MLPS)
-            and not (mlp._forward_hooks or mlp._forward_pre_hooks)
-        )
-        if eligible:
+        forward = _eligible_forward(block)
+        if forward is not None and (blocks is None or i in blocks):
             if "forward" not in vars(block):
                 block.forward = partial(forward, block)
             names.append(f"blocks.{i}")
     return names
+
+
+# ----- a memory budget: which blocks to recompute -------------------------------------------------------------
+
+#: The share of the memory free when the run starts that ``trainer.memory_budget: auto`` lets a step use: of the
+#: device's on CUDA; of the machine's available memory on a CPU (data loaders, the page cache and other processes
+#: share it).
+AUTO_SHARE = {"cuda": 0.9, "cpu": 0.5}
+
+
+@dataclasses.dataclass
+class RecomputePlan:
+    """Which blocks recompute their frozen stretches, and why: ``blocks`` (indices), ``budget_mib`` (the memory
+    a step may use), ``base_mib`` (what it holds besides the blocks' activations: weights, gradients, optimizer
+    states, the heads' logits), ``kept_mib`` (the blocks' activations with the plan) and ``all_kept_mib`` (without
+    any recomputation). ``fits``: whether ``base_mib + kept_mib`` is within the budget."""
+
+    blocks: list[int]
+    budget_mib: float
+    base_mib: float
+    kept_mib: float
+    all_kept_mib: float
+
+    @property
+    def fits(self) -> bool:
+        return self.base_mib + self.kept_mib <= self.budget_mib
+
+    def record(self) -> dict:
+        return {"blocks": self.blocks, "budget_mib": round(self.budget_mib, 1), "base_mib": round(self.base_mib, 1),
+                "kept_mib": round(self.kept_mib, 1), "all_kept_mib": round(self.all_kept_mib, 1), "fits": self.fits}
+
+
+def available_mib(device: str) -> float:
+    """The memory free now: on ``cuda``, the current device's (``torch.cuda.mem_get_info``); on ``cpu``, the
+    machine's available memory (``MemAvailable`` of /proc/meminfo; else the physical memory)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] / 2**20
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+def block_costs(backbone: nn.Module, views: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
+    """MiB that each recomputable block (index -> (kept, recomputed)) keeps for the backward pass in one step,
+    without and with the recomputation, for ``views``: (images, tokens per image) of each kind of view the
+    step's student runs (e.g. ``[(2 * batch, 257), (8 * batch, 50)]``). Measured on one image of each kind
+    (activations grow with the batch), once per kind of block (its class and which of its parameters train)."""
+    costs: dict[int, tuple[float, float]] = {}
+    known: dict[tuple, tuple[float, float]] = {}
+    dim = backbone.embed_dim
+    for i, block in enumerate(getattr(backbone, "blocks", [])):
+        forward = _eligible_forward(block)
+        if forward is None:
+            continue
+        kind = (type(block), tuple((n, p.requires_grad, tuple(p.shape)) for n, p in block.named_parameters()))
+        if kind not in known:
+            kept = recomputed = 0.0
+            for images, tokens in views:
+                x = torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(0), requires_grad=True)
+                for plain in (True, False):
+                    with SavedActivations(block.parameters()) as saved:
+                        type(block).forward(block, x) if plain else forward(block, x)
+                    if plain:
+                        kept += images * saved.mib
+                    else:
+                        recomputed += images * saved.mib
+            known[kind] = (kept, recomputed)
+        costs[i] = known[kind]
+    return costs
+
+
+def plan_recompute(costs: dict[int, tuple[float, float]], base_mib: float, budget_mib: float) -> RecomputePlan:
+    """The fewest blocks to recompute for ``base_mib`` plus the blocks' activations (``costs``: index -> MiB
+    (kept, recomputed), :func:`block_costs`) to fit ``budget_mib``: none when all fit kept, else the blocks that
+    save the most first (the first of equals first); every block when even that does not fit
+    (:attr:`RecomputePlan.fits` False)."""
+    all_kept = sum(kept for kept, _ in costs.values())
+    total, chosen = all_kept, []
+    for i in sorted(costs, key=lambda i: (-(costs[i][0] - costs[i][1]), i)):
+        if base_mib + total <= budget_mib:
+            break
+        if costs[i][0] > costs[i][1]:
+            chosen.append(i)
+            total -= costs[i][0] - costs[i][1]
+    return RecomputePlan(sorted(chosen), budget_mib, base_mib, total, all_kept)

@@ -58,7 +58,7 @@ class ReconstructionModule(ObjectiveModule):
                  decoder_weights: str | None = None, decoder_key: str = "decoder_weights"):
         super().__init__()
         self.cfg, self.objective_name = cfg, name
-        if cfg.optim.recompute_frozen:
+        if cfg.optim.recompute_frozen:  # auto: every block (its budget planning is DINOv2's)
             recompute_frozen(model.backbone)
         if decoder_weights:
             load_decoder(model, decoder_weights, decoder_key)

@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from essa.config import ConfigError
+from essa.config import ConfigError, memory_mib
 from essa.ssl import DINOHead, DINOv2Loss, forward_masked, ssa_schedules
 from essa.ssl.heads import HeadInputNorm
 from essa.ssl.collapse import CollapseWatch, head_stats
 from essa.ssl.prefix import tokens_after, tokens_before, unsplittable
 from essa.ssl.teacher import ema_pairs, ema_update, make_teacher
 from essa.ssl.views import local_crop_size, low_resolution_sizes
-from essa.train.memory import recompute_frozen
+from essa.train.memory import (AUTO_SHARE, RecomputePlan, available_mib, block_costs, plan_recompute,
+                               recompute_frozen)
 from essa.train.resources import release_free_heap
 from essa.train.optim import default_lr
 from essa.train.objective import ObjectiveModule
@@ -67,6 +69,39 @@ def effective_rank(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
+def memory_plan(cfg, student: nn.Module, frozen_prefix: int) -> RecomputePlan:
+    """Which of the student's blocks recompute their frozen stretches so that a step fits
+    ``trainer.memory_budget`` (:func:`essa.train.memory.plan_recompute`). The step's activations: per block, one
+    image's at the run's full crop sizes (the low-resolution phase of a curriculum needs less) times the views of a
+    batch (``n_global`` global and ``n_local`` local crops per image, PatchDropout not counted); blocks of a frozen
+    prefix (the truncated backward) keep activations only for the masked global crops. Besides them: the student
+    and teacher weights and buffers, gradients and AdamW's two states of what trains, and the student's and
+    teacher's prototype scores of the crops (the iBOT patch scores are scored in chunks and not counted)."""
+    ssl, batch = cfg.ssl, cfg.optim.batch_size
+    backbone, patch = student.backbone, student.backbone.patch_embed.patch_size[0]
+    (global_size, local_size), _ = crop_sizes(cfg, patch)
+    prefix = getattr(backbone, "num_prefix_tokens", 1)
+    global_view = (ssl.n_global * batch, (global_size // patch) ** 2 + prefix)
+    views = [global_view] + ([(ssl.n_local * batch, (local_size // patch) ** 2 + prefix)] if ssl.n_local else [])
+    costs = block_costs(backbone, views)
+    if frozen_prefix:
+        costs.update({i: c for i, c in block_costs(backbone, [global_view]).items() if i < frozen_prefix})
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    weights = sum(t.numel() for t in [*student.parameters(), *student.buffers()]) + trainable  # the teacher's copies
+    scores = (ssl.n_global + ssl.n_local) * batch + ssl.n_global * batch  # student's views, teacher's globals
+    base = (weights + 3 * trainable + 2 * scores * ssl.prototypes) * 4 / 2**20
+    budget = memory_mib(cfg.trainer.memory_budget)
+    if budget is None:
+        device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        budget = AUTO_SHARE[device] * available_mib(device)
+    plan = plan_recompute(costs, base, budget)
+    if not plan.fits:
+        warnings.warn(f"trainer.memory_budget: a step is estimated at {plan.base_mib + plan.kept_mib:.0f} MiB with "
+                      f"every block recomputing, over the budget of {budget:.0f} MiB; lower optim.batch_size or the "
+                      "crop sizes, or raise trainer.memory_budget", stacklevel=2)
+    return plan
+
+
 def crop_sizes(cfg, patch: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
     """(global, local) crop sizes of the run (``ssl.local_size``, or 7/16 of ``ssl.global_size`` rounded to the
     patch size), and those of the low-resolution phase of ``ssl.curriculum`` (None without one); ConfigError for an
@@ -98,7 +133,7 @@ class SSAModule(ObjectiveModule):
         super().__init__()
         self.cfg = cfg
         ssl = cfg.ssl
-        if cfg.optim.recompute_frozen:  # before the teacher is copied from the student: both run the same blocks
+        if cfg.optim.recompute_frozen is True:  # before the teacher is copied from the student: the same blocks
             recompute_frozen(backbone)
         head = DINOHead(backbone.embed_dim, ssl.prototypes, ssl.head_hidden, ssl.head_bottleneck)
         self.student = Student(backbone, head)
@@ -108,6 +143,12 @@ class SSAModule(ObjectiveModule):
             raise ConfigError(f"ssl.patch_drop={ssl.patch_drop} needs a backbone whose forward the student's dropped "
                               f"views can follow step by step, and {why}; leave ssl.patch_drop at 0")
         self.truncation = truncation.plan(ssl.truncated_backward, backbone, self.teacher.backbone, ssl.patch_drop)
+        # optim.recompute_frozen: auto: the student's blocks that recompute, for trainer.memory_budget (the
+        # teacher runs without autograd: its blocks keep nothing either way)
+        self.recompute = None
+        if cfg.optim.recompute_frozen == "auto":
+            self.recompute = memory_plan(cfg, self.student, self.truncation.frozen_blocks)
+            recompute_frozen(backbone, self.recompute.blocks)
         # standardised head inputs (ssl.head_input: standardize), shared by student and teacher
         self.head_norm = HeadInputNorm(backbone.embed_dim) if ssl.head_input == "standardize" else None
         self.loss = DINOv2Loss(ssl.prototypes, ssl.n_global, ssl.student_temp, ssl.center_momentum,
@@ -176,6 +217,8 @@ class SSAModule(ObjectiveModule):
                 "head": {"prototypes": ssl.prototypes, "hidden": ssl.head_hidden, "bottleneck": ssl.head_bottleneck,
                          "warmup_steps": self.schedules.head_warmup_steps},
                 "truncated_backward": self.truncation.record(),
+                "recompute_frozen": (self.recompute.record() if self.recompute is not None
+                                     else {"blocks": "all" if self.cfg.optim.recompute_frozen else []}),
                 **({"curriculum": self._curriculum_record()} if self.curriculum else {})}
 
     def _curriculum_record(self) -> dict:
