@@ -58,21 +58,22 @@ def test_a_study_killed_midway_resumes_writes_its_report_and_a_rerun_skips_every
     config = _write(tmp_path)
     run = tmp_path / "run" / "breast"
     ssa_export = run / "ssa" / "apla_r16" / "backbone.safetensors"
-    first_finetune = run / "finetune" / "none__full" / "seed_0" / "checkpoints" / "last.ckpt"
+    first_finetune = run / "finetune" / "apla_r16__full" / "seed_0" / "checkpoints" / "last.ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "essa", "run", "--config", str(config)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
-    while not first_finetune.exists():  # SSA and probes finished; the first fine-tuning seed has a checkpoint
+    # the foundation model's cells, the SSA run and its probe finished; its first fine-tuning seed has a checkpoint
+    while not first_finetune.exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the study did not reach its first fine-tuning checkpoint in 300 s"
+        assert time.time() < deadline, "the study did not reach the SSA run's first fine-tuning checkpoint in 300 s"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     stamp = ssa_export.stat().st_mtime_ns
     cells = json.loads((tmp_path / "run" / "cells.json").read_text())
     assert cells[(run / "ssa" / "apla_r16").as_posix()]["status"] == "done"
-    assert not (run / "finetune" / "none__full" / "seed_0" / "classifier.safetensors").exists()
+    assert not (run / "finetune" / "apla_r16__full" / "seed_0" / "classifier.safetensors").exists()
 
     assert main(["run", "--config", str(config)]) == 0
     printed = capsys.readouterr().out
@@ -232,7 +233,9 @@ def test_save_record_refuses_a_place_inside_the_study_and_a_study_not_run(tmp_pa
 def test_cells_and_their_configs(tmp_path):
     study = study_mod.Study(_write(tmp_path, seeds=[0, 1], probes=["knn"]))
     kinds = [c.kind for c in study.cells]
-    assert kinds == ["ssa", "probe", "probe"] + ["finetune"] * 8  # 2 SSA x 2 fine-tuning tuners x 2 seeds
+    # the foundation model's probe and 2 fine-tuning tuners x 2 seeds, then the SSA run and the cells after it
+    assert kinds == ["probe"] + ["finetune"] * 4 + ["ssa", "probe"] + ["finetune"] * 4
+    assert all(c.needs is study.cells[5] for c in study.cells[6:]) and not any(c.needs for c in study.cells[:5])
     ssa = study.adapt_sections(study.datasets[0], study_mod.TunerSpec("apla", {"r": 16}))
     assert ssa["data"]["split"] == "train" and ssa["data"]["val_split"] == "val"
     # the fine-tuning cells' splits, but the whole train split (subsampled by ssa.max_images, not data.max_train)
@@ -249,7 +252,8 @@ def test_cells_and_their_configs(tmp_path):
 
 def test_progress_counts_every_cell_and_estimates_from_the_measured_ones(tmp_path):
     study = study_mod.Study(_write(tmp_path, seeds=[0, 1], probes=["knn"]))
-    cells = study.cells  # ssa, probe, probe, 8 x finetune
+    order = ("ssa", "probe", "finetune")
+    cells = sorted(study.cells, key=lambda c: order.index(c.kind))  # ssa, probe, probe, 8 x finetune
     assert study.progress({}, cells[0]) == ("[study] 0/11 done, running: ssa " + cells[0].id
                                             + ", 10 left after it (no estimate yet)")
     state = {cells[0].id: {"status": "done", "seconds": 60.0}, cells[1].id: {"status": "failed", "seconds": 1.0}}
@@ -300,12 +304,12 @@ def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):
     study = study_mod.Study(_write(tmp_path, datasets=datasets, probes=["linear"], finetune={
         "epochs": 1, "tuners": ["apla"], "label_budgets": [40, "all"]}))
     cells = [(c.kind, c.path.relative_to(tmp_path / "run" / "breast").as_posix()) for c in study.cells]
-    assert cells == [("ssa", "ssa/apla_r16"),
-                     ("probe", "probe/pretrained__40_labels"), ("probe", "probe/ssa_apla_r16__40_labels"),
-                     ("probe", "probe/pretrained__all_labels"), ("probe", "probe/ssa_apla_r16__all_labels"),
+    assert cells == [("probe", "probe/pretrained__40_labels"), ("probe", "probe/pretrained__all_labels"),
                      ("finetune", "finetune/none__apla__40_labels/seed_0"),
-                     ("finetune", "finetune/apla_r16__apla__40_labels/seed_0"),
                      ("finetune", "finetune/none__apla__all_labels/seed_0"),
+                     ("ssa", "ssa/apla_r16"),
+                     ("probe", "probe/ssa_apla_r16__40_labels"), ("probe", "probe/ssa_apla_r16__all_labels"),
+                     ("finetune", "finetune/apla_r16__apla__40_labels/seed_0"),
                      ("finetune", "finetune/apla_r16__apla__all_labels/seed_0")]
     dataset, apla = study.datasets[0], study_mod.TunerSpec("apla", {"r": 16})
     assert study.adapt_sections(dataset, apla)["optim"]["epochs"] == 3  # not ssa.epochs (1)
@@ -313,7 +317,7 @@ def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):
         assert study.finetune_sections(dataset, apla, study_mod.TunerSpec("apla"), budget)["data"]["max_train"] \
             == max_train
         assert study.probe_sections(dataset, apla, budget)["data"]["max_train"] == max_train
-    assert study.cells[-1].needs is study.cells[0] and study.cells[-3].needs is study.cells[0]
+    assert study.cells[-1].needs is study.cells[4] and study.cells[-3].needs is study.cells[4]
     # results: one cell per budget, labelled with it; probes named by method and budget
     for budget in ("40_labels", "all_labels"):
         seed_dir = tmp_path / "run" / "breast" / "finetune" / f"apla_r16__apla__{budget}" / "seed_0"
@@ -339,8 +343,8 @@ def test_label_budgets_are_a_grid_axis_that_shares_the_ssa_runs(tmp_path):
 
 #: The cells of TINY (relative to its dataset's directory), as they were before objectives were an axis: a study
 #: that runs dinov2 only must keep them, so a running study resumes with the code that has the axis.
-TINY_CELLS = ["ssa/apla_r16", "probe/pretrained", "probe/ssa_apla_r16", "finetune/none__full/seed_0",
-              "finetune/none__apla/seed_0", "finetune/apla_r16__full/seed_0", "finetune/apla_r16__apla/seed_0"]
+TINY_CELLS = ["probe/pretrained", "finetune/none__full/seed_0", "finetune/none__apla/seed_0", "ssa/apla_r16",
+              "probe/ssa_apla_r16", "finetune/apla_r16__full/seed_0", "finetune/apla_r16__apla/seed_0"]
 
 
 def _cells(study, root):
@@ -371,14 +375,12 @@ def test_objectives_are_a_grid_axis_of_the_ssa_tuners(tmp_path):
     each SSA run; every cell's resolved config checked."""
     study = study_mod.Study(_write(tmp_path, ssa={**TINY["ssa"], "objectives": ["dinov2", "simmim"]}))
     assert _cells(study, tmp_path / "run") == [
-        "ssa/apla_r16", "ssa/simmim__apla_r16",
-        "probe/pretrained", "probe/ssa_apla_r16", "probe/ssa_simmim__apla_r16",
-        "finetune/none__full/seed_0", "finetune/none__apla/seed_0",
-        "finetune/apla_r16__full/seed_0", "finetune/apla_r16__apla/seed_0",
-        "finetune/simmim__apla_r16__full/seed_0", "finetune/simmim__apla_r16__apla/seed_0"]
-    dinov2, simmim = study.cells[:2]
-    assert [c.needs for c in study.cells[2:5]] == [None, dinov2, simmim]
-    assert [c.needs for c in study.cells[5:]] == [None, None, dinov2, dinov2, simmim, simmim]
+        "probe/pretrained", "finetune/none__full/seed_0", "finetune/none__apla/seed_0",
+        "ssa/apla_r16", "probe/ssa_apla_r16", "finetune/apla_r16__full/seed_0", "finetune/apla_r16__apla/seed_0",
+        "ssa/simmim__apla_r16", "probe/ssa_simmim__apla_r16", "finetune/simmim__apla_r16__full/seed_0",
+        "finetune/simmim__apla_r16__apla/seed_0"]
+    dinov2, simmim = study.cells[3], study.cells[7]
+    assert [c.needs for c in study.cells] == [None] * 4 + [dinov2] * 3 + [None] + [simmim] * 3
     specs = study.cfg.ssa.ssa_specs()
     assert [(s.label, s.objective, s.dir_name) for s in specs] == [
         ("none", None, "none"), ("apla r=16 (dinov2)", "dinov2", "apla_r16"),
@@ -591,7 +593,7 @@ def test_the_command_exits_1_when_a_cell_failed_and_lists_the_failures_last(tmp_
 
 #: Keys of results.json that measure time or memory, which no two runs share.
 _MEASURED = {"seconds", "wall_seconds", "train_seconds", "images_per_s", "peak_memory_mib", "eval_seconds",
-             "environment"}
+             "environment", "budget_mib"}  # budget_mib: the memory free when the SSA run started
 
 
 def _without_measured(value):
@@ -606,20 +608,26 @@ def _without_measured(value):
 def test_a_study_interrupted_or_a_cell_killed_at_a_seeded_step_resumes_to_the_uninterrupted_results(tmp_path):
     small = {"ssa": {**TINY["ssa"], "tuners": [{"name": "apla", "options": {"r": 16}}]},
              "finetune": {**TINY["finetune"], "tuners": ["apla"]}}  # SSA (3 steps), probes, one fine-tuning
+    # every run in a process of one thread: float sums in one order (1 and 2 threads differ in the last bits on
+    # some CPUs), so the runs can be compared exactly
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(config, **extra_env):
+        return subprocess.run([sys.executable, "-m", "essa", "run", "--config", str(config)], cwd=REPO,
+                              env={**env, **extra_env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=600, start_new_session=True)
+
     (tmp_path / "ref").mkdir()
     reference = _write(tmp_path / "ref", **small)
-    assert main(["run", "--config", str(reference)]) == 0
+    assert run(reference).returncode == 0
     written = json.loads((tmp_path / "ref" / "run" / "results.json").read_text())
     assert written["environment"]["session_started"] and written["environment"]["cpu_cores"] >= 1
     assert "## Environment" in (tmp_path / "ref" / "run" / "report.md").read_text()
     expected = _without_measured(written)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for signal_at, code in (("INT:1", 130), ("KILL:1", 1)):  # the SSA cell's step 1 (ssa/apla_r16)
         (tmp_path / signal_at.replace(":", "_")).mkdir()
         config = _write(tmp_path / signal_at.replace(":", "_"), **small)
-        proc = subprocess.run([sys.executable, "-m", "essa", "run", "--config", str(config)], cwd=REPO,
-                              env={**env, "ESSA_SIGNAL_AT": signal_at}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, timeout=600, start_new_session=True)
+        proc = run(config, ESSA_SIGNAL_AT=signal_at)
         assert proc.returncode == code, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         if code == 130:  # Ctrl-C: the cell stopped after its step with a checkpoint, the study with one line
@@ -628,7 +636,8 @@ def test_a_study_interrupted_or_a_cell_killed_at_a_seeded_step_resumes_to_the_un
                                 r"continue \(finished cells are kept, this one resumes\)", last), last
         else:  # a killed cell fails, the cells that need it too, and the study says so
             assert "exit code -9" in proc.stderr
-        assert main(["run", "--config", str(config)]) == 0
+        resumed = run(config)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
         results = (config.parent / "run" / "results.json").read_text().replace(str(config.parent), str(reference.parent))
         got = _without_measured(json.loads(results))
         assert got == expected, signal_at

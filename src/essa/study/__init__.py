@@ -4,7 +4,8 @@
 
 A study is a grid: datasets x SSA tuner (``none``: the foundation model as it is) x SSA objective (optional:
 ``ssa.objectives``, e.g. ``[dinov2, mae]``) x label budget (optional: ``finetune.label_budgets``) x fine-tuning
-tuner x seeds, under one budget (image size, batch size, epochs per stage). Per dataset it runs, in this order:
+tuner x seeds, under one budget (image size, batch size, epochs per stage). Per dataset it runs these cells,
+the foundation model's probes and fine-tuning first, then each SSA run followed by the cells that start from it:
 
 - ``ssa/[<objective>__]<tuner>/``: one ``essa adapt`` per SSA tuner and objective, on the images of the task's
   **train split only** (labels unused; never the val or test images), kNN-monitored on the val split; the

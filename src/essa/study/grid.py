@@ -52,8 +52,10 @@ def probe_backbone(ssa: TunerSpec) -> str:
 
 class Grid:
     """The cells of a study (datasets x SSA tuner x SSA objective x label budget x fine-tuning tuner x seeds), in
-    the order they run: per dataset, its SSA runs, the probes of every backbone per label budget, then its
-    fine-tuning seeds. The SSA arguments of its methods are rows of the SSA axis (:class:`SSASpec`); a plain
+    the order they run: per dataset and row of the SSA axis (the foundation model as it is, then each SSA run), the
+    SSA run, the probes of its backbone per label budget, then its fine-tuning seeds: the cells that need an SSA
+    export follow it, so a study stopped between two SSA runs needs none of the exports before (a record without
+    them, :meth:`essa.study.Study.save_record`, continues without redoing them). The SSA arguments of its methods are rows of the SSA axis (:class:`SSASpec`); a plain
     :class:`TunerSpec` is taken under the grid's first objective.
     ``config``: a StudyConfig, a YAML path or None, then ``sections`` and ``key=value`` overrides (as every essa
     command)."""
@@ -169,21 +171,16 @@ class Grid:
 
     # ----- the cells ------------------------------------------------------------------------------------------
     def _add_cells(self, dataset: DatasetSpec) -> None:
-        ssa_cells = {}
-        for ssa in self.cfg.ssa.ssa_specs():
-            if ssa.name != NO_SSA:
-                ssa_cells[ssa.label] = self._ssa_cell(dataset, ssa)
         budgets = self.cfg.finetune.budgets()
-        if self.cfg.probes:
+        for ssa in self.cfg.ssa.ssa_specs():  # each SSA run, then every cell that starts from its export
+            needs = self._ssa_cell(dataset, ssa) if ssa.name != NO_SSA else None
+            if self.cfg.probes:
+                for budget in budgets:
+                    self.cells.append(self._probe_cell(dataset, ssa, budget, needs))
             for budget in budgets:
-                for ssa in self.cfg.ssa.ssa_specs():
-                    self.cells.append(self._probe_cell(dataset, ssa, budget, ssa_cells.get(ssa.label)))
-        for budget in budgets:
-            for ssa in self.cfg.ssa.ssa_specs():
                 for spec in self.cfg.finetune.specs():
                     for seed in self.cfg.seeds:
-                        self.cells.append(self._finetune_cell(dataset, ssa, spec, budget, seed,
-                                                              ssa_cells.get(ssa.label)))
+                        self.cells.append(self._finetune_cell(dataset, ssa, spec, budget, seed, needs))
 
     def _ssa_cell(self, dataset: DatasetSpec, ssa: TunerSpec) -> Cell:
         path = self.ssa_dir(dataset, ssa)

@@ -114,7 +114,8 @@ class Results(TypedDict):
 def runs(grid: Grid, state: dict) -> Runs:
     """How many of ``grid``'s cells are done and failed (``state``: ``cells.json``), in all and by kind."""
     out: Runs = {"done": 0, "failed": 0, "total": 0, "by_kind": {}}
-    for cell in grid.cells:
+    kinds = ("ssa", "probe", "finetune")  # in this order, whichever runs first
+    for cell in sorted(grid.cells, key=lambda c: kinds.index(c.kind)):
         status = state.get(cell.id, {}).get("status")
         kind = out["by_kind"].setdefault(cell.kind, {"done": 0, "failed": 0, "total": 0})
         for count in (out, kind):
@@ -273,8 +274,9 @@ class WeightChanges:
         weights (there is no fixed starting point to compare with). Recorded beside the export
         (``weight_change.json``) and read from there once the export is gone (a study's record keeps no exports)."""
         record = export.with_name(WEIGHT_CHANGE_FILE)
-        if not export.exists():
-            return (read_json(record) or {}).get("weight_change")
+        if not export.exists():  # what was recorded of this export, if anything
+            recorded = read_json(record) or {}
+            return recorded.get("weight_change") if recorded.get("export") == export.name else None
         key = (export.as_posix(), export.stat().st_mtime_ns)
         if key not in self._known:
             self._known[key] = self._change(export) if self.foundation.weights or self.foundation.pretrained else None
