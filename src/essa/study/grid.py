@@ -55,8 +55,9 @@ class Grid:
     the order they run: per dataset and row of the SSA axis (the foundation model as it is, then each SSA run), the
     SSA run, the probes of its backbone per label budget, then its fine-tuning seeds: the cells that need an SSA
     export follow it, so a study stopped between two SSA runs needs none of the exports before (a record without
-    them, :meth:`essa.study.Study.save_record`, continues without redoing them). The SSA arguments of its methods are rows of the SSA axis (:class:`SSASpec`); a plain
-    :class:`TunerSpec` is taken under the grid's first objective.
+    them, :meth:`essa.study.Study.save_record`, continues without redoing them). The SSA arguments of its methods
+    are rows of the SSA axis (:class:`SSASpec`); a plain :class:`TunerSpec` is taken under the grid's first
+    objective.
     ``config``: a StudyConfig, a YAML path or None, then ``sections`` and ``key=value`` overrides (as every essa
     command)."""
 
