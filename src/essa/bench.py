@@ -172,8 +172,8 @@ def ssa_step(
     learning rates and weight decay, the student on 2 masked global + ``n_local`` local crops, the teacher on the
     global crops, DINO + iBOT + KoLeo, backward, gradient clipping, AdamW, the teacher's momentum update), set up as
     ``essa adapt`` sets it up (``optim.recompute_frozen``, by default ``auto`` for ``memory_budget``
-    (``trainer.memory_budget``), the plan in the result's ``recompute_frozen``; the loss's ``chunk_size`` unless ``loss_chunk`` is an
-    int, or None for no chunking). The step is one of the tuner after the head warm-up and the prototype freeze
+    (``trainer.memory_budget``), the plan in the result's ``recompute_frozen``; the loss's ``chunk_size`` unless
+    ``loss_chunk`` is an int, or None for no chunking). The step is one of the tuner after the head warm-up and the prototype freeze
     (``ssl.head_warmup`` and ``ssl.freeze_prototypes`` 0): every trainable parameter gets its gradient.
     ``ssl_options``: more ``ssl`` keys (``patch_drop``, whose kept patches are drawn into the batch as the
     objective's collate draws them; ``truncated_backward``); a tuner option ``blocks: "last:N"`` is the model's last

@@ -148,7 +148,8 @@ def memory_mib(value) -> float | None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT])(?:i?[bB])?\s*", value) if isinstance(value, str) else None
+    size = r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT])(?:i?[bB])?\s*"  # 6GiB, 6 GB, 6G, 800MiB
+    match = re.fullmatch(size, value) if isinstance(value, str) else None
     if match is None or float(match[1]) <= 0:
         raise ConfigError(f"trainer.memory_budget={value!r}; valid: auto, a size such as 6GiB or 800MiB, or a "
                           "positive number of MiB")
