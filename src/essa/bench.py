@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from essa.train.memory import SavedActivations  # noqa: F401  (essa.bench.SavedActivations, as before)
+from essa.train.memory import SavedActivations
 from essa.train.resources import MemoryMeter
 
 _RESULT_PREFIX = "ESSA_BENCH_RESULT "

@@ -361,10 +361,13 @@ def prediction_shares(task: Task, outputs) -> dict[str, float]:
 
 def test_row(run: RunDir) -> dict | None:
     """The final test row of a finished seed run, else None."""
-    path = run.path / "metrics.json"
-    if not (run.path / CLASSIFIER_FILE).is_file() or not path.is_file():
-        return None
-    rows = json.loads(path.read_text())
+    return recorded_test_row(run.path) if (run.path / CLASSIFIER_FILE).is_file() else None
+
+
+def recorded_test_row(path: Path) -> dict | None:
+    """The final test row in the ``metrics.json`` of the seed run in ``path``, whether or not its classifier is
+    still there (a study's record keeps no exports), else None."""
+    rows = io.read_json(path / "metrics.json")
     return rows[-1] if rows and rows[-1].get("split") == "test" else None
 
 

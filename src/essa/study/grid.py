@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from essa import config as config_mod
-from essa.io import read_json
 from essa.names import DEFAULT_OBJECTIVE, NO_SSA, slug
 from essa.study.config import (ALL_LABELS, DatasetSpec, SSASpec, StageConfig, StudyConfig, TunerSpec,
                                budget_dir_suffix, deep_merge)
@@ -234,8 +233,9 @@ class Grid:
             return test_row(RunDir(out / f"seed_{seed}")) is not None
 
         def recorded():  # its test row, without the classifier it was computed with
-            rows = read_json(out / f"seed_{seed}" / "metrics.json")
-            return bool(rows) and rows[-1].get("split") == "test"
+            from essa.finetuning import recorded_test_row
+
+            return recorded_test_row(out / f"seed_{seed}") is not None
 
         return Cell("finetune", dataset, out / f"seed_{seed}", run, done, needs, args=(dataset, ssa, spec, budget),
                     recorded=recorded)

@@ -46,6 +46,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+
 class SavedActivations:
     """Context manager: MiB of the tensors autograd keeps for the backward pass while it is active (distinct
     storages, parameters excluded; a checkpointed region counts only what it keeps: its inputs)."""
@@ -71,7 +72,6 @@ class SavedActivations:
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
-
 
 
 #: The MLPs whose stretch before ``fc2`` is recomputed (their own ``forward``: hidden, drop1, norm, fc2, drop2).
@@ -310,16 +310,18 @@ def block_costs(backbone: nn.Module, views: list[tuple[int, int]]) -> dict[int, 
             kept = recomputed = 0.0
             for images, tokens in views:
                 x = torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(0), requires_grad=True)
-                for plain in (True, False):
-                    with SavedActivations(block.parameters()) as saved:
-                        type(block).forward(block, x) if plain else forward(block, x)
-                    if plain:
-                        kept += images * saved.mib
-                    else:
-                        recomputed += images * saved.mib
+                kept += images * _saved_mib(block, type(block).forward, x)
+                recomputed += images * _saved_mib(block, forward, x)
             known[kind] = (kept, recomputed)
         costs[i] = known[kind]
     return costs
+
+
+def _saved_mib(block: nn.Module, forward, x: torch.Tensor) -> float:
+    """MiB that ``forward(block, x)`` keeps for the backward pass."""
+    with SavedActivations(block.parameters()) as saved:
+        forward(block, x)
+    return saved.mib
 
 
 def plan_recompute(costs: dict[int, tuple[float, float]], base_mib: float, budget_mib: float) -> RecomputePlan:
